@@ -1,0 +1,247 @@
+//! `jit-agent bpf ...`: attach, detach and inspect the kernel gate.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::{PinArgs, table};
+use crate::datapath::{
+    self, AttachMode, Attachment, Counters, Gate, GateMaps, GrantEntry, LoadOptions, MapFill,
+};
+
+/// Kernel gate commands.
+#[derive(Debug, Subcommand)]
+pub enum BpfCommand {
+    /// Load the gate and attach it to an interface; the link is pinned, so it stays attached
+    /// after this command exits. Attaching where a link is already pinned swaps in the newly
+    /// loaded program without a gap.
+    Attach {
+        /// Interface to gate (its ingress).
+        #[arg(long)]
+        iface: String,
+        /// xdp (native where the driver supports it, generic otherwise), xdp-generic,
+        /// xdp-native or tc.
+        #[arg(long, default_value = "xdp")]
+        mode: AttachMode,
+        /// Capacity of the grants map, used when the map is first created.
+        #[arg(long, default_value_t = 65_536)]
+        max_grants: u32,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Detach the gate from an interface (the only way enforcement stops there).
+    Detach {
+        /// Interface to release.
+        #[arg(long)]
+        iface: String,
+        /// The hook to detach: xdp (any XDP mode) or tc.
+        #[arg(long, default_value = "xdp")]
+        mode: AttachMode,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Show attachments, map fill and counters by reason.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Show the grants the kernel holds now.
+    Grants {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+}
+
+/// Runs one `bpf` command.
+pub(crate) fn run(cmd: BpfCommand) -> anyhow::Result<()> {
+    match cmd {
+        BpfCommand::Attach {
+            iface,
+            mode,
+            max_grants,
+            pin,
+        } => {
+            let mut gate = Gate::load(&LoadOptions {
+                pin_dir: pin.pin_dir.clone(),
+                max_grants,
+            })
+            .with_context(|| format!("loading the gate under {}", pin.pin_dir.display()))?;
+            let path = gate.attach(&iface, mode)?;
+            println!(
+                "attached to {iface} ({mode}); link pinned at {}",
+                path.display()
+            );
+            Ok(())
+        }
+        BpfCommand::Detach { iface, mode, pin } => {
+            datapath::detach(&pin.pin_dir, &iface, mode)?;
+            println!("detached from {iface} ({mode})");
+            Ok(())
+        }
+        BpfCommand::Status { json, pin } => status(&pin, json),
+        BpfCommand::Grants { json, pin } => grants(&pin, json),
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    pin_dir: String,
+    attachments: Vec<Attachment>,
+    maps: Vec<MapFill>,
+    counters: Counters,
+}
+
+fn status(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
+    let maps = GateMaps::open(&pin.pin_dir)?;
+    let status = Status {
+        pin_dir: pin.pin_dir.display().to_string(),
+        attachments: datapath::attachments(&pin.pin_dir)?,
+        maps: maps.fill(),
+        counters: maps.counters()?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("pin directory: {}\n", status.pin_dir);
+    let rows: Vec<Vec<String>> = status
+        .attachments
+        .iter()
+        .map(|a| {
+            vec![
+                a.interface.clone(),
+                a.hook.clone(),
+                opt(a.link_id),
+                opt(a.program_id),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("attachments: none (the gate enforces nothing until attached)\n");
+    } else {
+        print!(
+            "{}\n",
+            table::render(&["INTERFACE", "HOOK", "LINK", "PROGRAM"], &rows)
+        );
+    }
+    let rows: Vec<Vec<String>> = status
+        .maps
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.to_string(),
+                m.entries.to_string(),
+                m.max_entries.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}\n",
+        table::render(&["MAP", "ENTRIES", "CAPACITY"], &rows)
+    );
+    let rows: Vec<Vec<String>> = status
+        .counters
+        .global
+        .iter()
+        .map(|(k, v)| vec![(*k).to_string(), v.to_string()])
+        .collect();
+    print!("{}", table::render(&["COUNTER", "PACKETS"], &rows));
+    if !status.counters.per_service.is_empty() {
+        let rows: Vec<Vec<String>> = status
+            .counters
+            .per_service
+            .iter()
+            .flat_map(|(id, per)| {
+                per.iter()
+                    .map(move |(k, v)| vec![id.to_string(), (*k).to_string(), v.to_string()])
+            })
+            .collect();
+        print!(
+            "\n{}",
+            table::render(&["SERVICE", "VERDICT", "PACKETS"], &rows)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct GrantRow {
+    #[serde(flatten)]
+    grant: GrantEntry,
+    /// Nanoseconds until expiry, 0 when expired.
+    remaining_ns: u64,
+    /// `live`, `expired` or `pending` (not yet valid).
+    state: &'static str,
+}
+
+fn grants(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
+    let maps = GateMaps::open(&pin.pin_dir)?;
+    let now = datapath::boottime_ns()?;
+    let rows: Vec<GrantRow> = maps
+        .grants()?
+        .into_iter()
+        .map(|g| GrantRow {
+            remaining_ns: g.expires_at_ns.saturating_sub(now),
+            state: if now < g.not_before_ns {
+                "pending"
+            } else if now >= g.expires_at_ns {
+                "expired"
+            } else {
+                "live"
+            },
+            grant: g,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no grants in the kernel");
+        return Ok(());
+    }
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.grant.grant_id.to_string(),
+                r.grant.identity_id.to_string(),
+                r.grant.service_id.to_string(),
+                r.state.to_string(),
+                human(Duration::from_nanos(r.remaining_ns)),
+                if r.grant.seen { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &["GRANT", "IDENTITY", "SERVICE", "STATE", "REMAINING", "USED"],
+            &table_rows
+        )
+    );
+    Ok(())
+}
+
+fn opt(v: Option<u32>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}.{:01}s", s, d.subsec_millis() / 100)
+    }
+}

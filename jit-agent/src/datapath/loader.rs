@@ -1,0 +1,407 @@
+//! Loading the kernel program, attaching it to interfaces and detaching it.
+//!
+//! Maps are pinned by name under the pin directory, and each attachment is a BPF link pinned at
+//! `<pin dir>/links/<interface>.<xdp|tc>`: enforcement outlives the agent process, and a restarted
+//! agent swaps its freshly loaded program into the existing link instead of detaching first, so
+//! the gate never opens in between. Only [`detach`] removes an attachment.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
+};
+use jit_common::{map_names, program_names};
+
+use super::{
+    bpffs,
+    error::{DatapathError, Result},
+};
+
+/// The kernel object, built from `jit-ebpf` by build.rs.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-ebpf"));
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/jit";
+
+/// Where and how the gate is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// XDP, native where the driver supports it, generic otherwise.
+    Xdp,
+    /// XDP in generic (skb) mode only.
+    XdpGeneric,
+    /// XDP in native (driver) mode only; fails where the driver has no XDP support.
+    XdpNative,
+    /// TC ingress (TCX on kernels ≥ 6.6).
+    Tc,
+}
+
+impl AttachMode {
+    /// The suffix of the link's pin file: all XDP modes share one, as an interface has one XDP slot.
+    const fn pin_suffix(self) -> &'static str {
+        match self {
+            Self::Xdp | Self::XdpGeneric | Self::XdpNative => "xdp",
+            Self::Tc => "tc",
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Xdp => "xdp",
+            Self::XdpGeneric => "xdp-generic",
+            Self::XdpNative => "xdp-native",
+            Self::Tc => "tc",
+        })
+    }
+}
+
+impl FromStr for AttachMode {
+    type Err = DatapathError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "xdp" => Ok(Self::Xdp),
+            "xdp-generic" => Ok(Self::XdpGeneric),
+            "xdp-native" => Ok(Self::XdpNative),
+            "tc" => Ok(Self::Tc),
+            other => Err(DatapathError::Invalid {
+                field: "attach mode",
+                reason: format!("{other:?}; expected xdp, xdp-generic, xdp-native or tc"),
+            }),
+        }
+    }
+}
+
+/// Capacity choices made at load time.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Directory on bpffs for maps and links.
+    pub pin_dir: PathBuf,
+    /// Capacity of the grants map. Only takes effect when the map is created; an existing pinned
+    /// map keeps its size.
+    pub max_grants: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            max_grants: 65_536,
+        }
+    }
+}
+
+/// The loaded kernel program: its two entry points and its (pinned) maps.
+pub struct Gate {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Gate {
+    /// Loads the program, reusing maps already pinned under the pin directory (so a restart keeps
+    /// every service, identity and grant) and pinning the rest. Mounts bpffs when needed.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        if opts.max_grants == 0 {
+            return Err(DatapathError::Invalid {
+                field: "max_grants",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let pin_dir = bpffs::ensure_pin_dir(&opts.pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries(map_names::GRANTS, opts.max_grants)
+            .load(PROGRAM_OBJECT)?;
+        load_program::<Xdp>(&mut ebpf, program_names::XDP)?;
+        load_program::<SchedClassifier>(&mut ebpf, program_names::TC)?;
+        Ok(Self { ebpf, pin_dir })
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The XDP entry point, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn xdp(&self) -> &Xdp {
+        self.ebpf
+            .program(program_names::XDP)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .expect("the object always has the XDP entry point; load checked it")
+    }
+
+    /// The TC entry point, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn tc(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(program_names::TC)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .expect("the object always has the TC entry point; load checked it")
+    }
+
+    /// Attaches to `iface` (in the caller's network namespace) and pins the link. When a link is
+    /// already pinned for this interface and hook, the loaded program replaces the old one inside
+    /// it atomically.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<PathBuf> {
+        if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
+            return Err(DatapathError::Invalid {
+                field: "interface",
+                reason: format!("{iface:?} is not a valid interface name"),
+            });
+        }
+        let pin_path = link_pin_path(&self.pin_dir, iface, mode);
+        let links_dir = pin_path.parent().unwrap_or(&self.pin_dir).to_path_buf();
+        std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
+            action: "creating",
+            path: links_dir.clone(),
+            source,
+        })?;
+        if pin_path.exists() {
+            match self.replace_in_link(iface, mode, &pin_path) {
+                Ok(()) => return Ok(pin_path),
+                Err(e) => {
+                    // A link whose interface went away cannot be updated and enforces nothing:
+                    // drop its pin and attach afresh.
+                    log::warn!("{e}; attaching a new link instead");
+                    std::fs::remove_file(&pin_path).map_err(|source| DatapathError::Io {
+                        action: "removing the stale link pin",
+                        path: pin_path.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+        let fd_link = match mode {
+            AttachMode::Tc => {
+                let prog = self.program_mut::<SchedClassifier>(program_names::TC)?;
+                let id = prog
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(|e| attach_error(iface, mode, e))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| attach_error(iface, mode, e))?;
+                FdLink::try_from(link).map_err(|e| DatapathError::Link {
+                    action: format!("pinning the tc link on {iface}"),
+                    reason: format!("{e} (TCX links need kernel 6.6 or later)"),
+                })?
+            }
+            AttachMode::Xdp | AttachMode::XdpGeneric | AttachMode::XdpNative => {
+                let xdp_mode = match mode {
+                    AttachMode::XdpGeneric => XdpMode::Skb,
+                    AttachMode::XdpNative => XdpMode::Driver,
+                    _ => XdpMode::Default,
+                };
+                let prog = self.program_mut::<Xdp>(program_names::XDP)?;
+                let id = prog
+                    .attach(iface, xdp_mode)
+                    .map_err(|e| attach_error(iface, mode, e))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| attach_error(iface, mode, e))?;
+                FdLink::try_from(link).map_err(|e| DatapathError::Link {
+                    action: format!("pinning the xdp link on {iface}"),
+                    reason: format!("{e} (XDP links need kernel 5.9 or later)"),
+                })?
+            }
+        };
+        fd_link.pin(&pin_path).map_err(|e| DatapathError::Link {
+            action: format!("pinning {}", pin_path.display()),
+            reason: error_chain(&e),
+        })?;
+        Ok(pin_path)
+    }
+
+    fn replace_in_link(&mut self, iface: &str, mode: AttachMode, pin_path: &Path) -> Result<()> {
+        let link_error = |e: &dyn fmt::Display| DatapathError::Link {
+            action: format!("reusing the pinned link {}", pin_path.display()),
+            reason: e.to_string(),
+        };
+        let fd_link = FdLink::from(PinnedLink::from_pin(pin_path).map_err(|e| link_error(&e))?);
+        match mode {
+            AttachMode::Tc => {
+                let link = SchedClassifierLink::try_from(fd_link).map_err(|e| link_error(&e))?;
+                let prog = self.program_mut::<SchedClassifier>(program_names::TC)?;
+                // The program keeps a handle on the link; dropping it only closes that handle,
+                // the pin keeps the link attached.
+                prog.attach_to_link(link)
+                    .map_err(|e| attach_error(iface, mode, e))?;
+            }
+            _ => {
+                let link = XdpLink::try_from(fd_link).map_err(|e| link_error(&e))?;
+                let prog = self.program_mut::<Xdp>(program_names::XDP)?;
+                prog.attach_to_link(link)
+                    .map_err(|e| attach_error(iface, mode, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn program_mut<P>(&mut self, name: &str) -> Result<&mut P>
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut P>::try_from(p).ok())
+            .ok_or_else(|| DatapathError::Link {
+                action: format!("finding program {name}"),
+                reason: "not in the kernel object".into(),
+            })
+    }
+}
+
+fn load_program<P>(ebpf: &mut Ebpf, name: &str) -> Result<()>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    P: LoadableProgram,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| DatapathError::Link {
+        action: format!("finding program {name}"),
+        reason: "not in the kernel object (was it built with AYA_BUILD_SKIP=1?)".into(),
+    })?;
+    let program: &mut P = program
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            action: format!("program {name} has an unexpected type"),
+            source,
+        })?;
+    program
+        .load_program()
+        .map_err(|source| DatapathError::Program {
+            action: format!("loading program {name} into the kernel"),
+            source,
+        })
+}
+
+/// The `load` method both entry points have.
+trait LoadableProgram {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl LoadableProgram for Xdp {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadableProgram for SchedClassifier {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+fn attach_error(
+    iface: &str,
+    mode: AttachMode,
+    source: aya::programs::ProgramError,
+) -> DatapathError {
+    if let aya::programs::ProgramError::UnknownInterface { name } = &source {
+        return DatapathError::UnknownInterface(name.clone());
+    }
+    DatapathError::Program {
+        action: format!("attaching to {iface} in {mode} mode"),
+        source,
+    }
+}
+
+/// An error with its causes, for errors whose `Display` leaves the OS error out.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Where the link of `iface` and `mode` is pinned: `<pin dir>/links/<xdp|tc>/<iface>`. bpffs
+/// refuses names with a dot, which interface names may have (`eth0.100`); a dot is written as
+/// `:`, which interface names never contain.
+pub fn link_pin_path(pin_dir: &Path, iface: &str, mode: AttachMode) -> PathBuf {
+    pin_dir
+        .join("links")
+        .join(mode.pin_suffix())
+        .join(iface.replace('.', ":"))
+}
+
+/// Detaches the gate from `iface` by removing its pinned link: this is the only way enforcement
+/// stops. Returns an error when nothing is attached there.
+pub fn detach(pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<()> {
+    let path = link_pin_path(pin_dir, iface, mode);
+    if !path.exists() {
+        return Err(DatapathError::NotAttached {
+            iface: iface.to_string(),
+            mode: mode.to_string(),
+            path,
+        });
+    }
+    std::fs::remove_file(&path).map_err(|source| DatapathError::Io {
+        action: "removing",
+        path,
+        source,
+    })
+}
+
+/// One pinned attachment.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attachment {
+    /// Interface name.
+    pub interface: String,
+    /// `xdp` or `tc`.
+    pub hook: String,
+    /// Kernel link id, when the link could be opened.
+    pub link_id: Option<u32>,
+    /// Kernel program id running in the link.
+    pub program_id: Option<u32>,
+    /// Where it is pinned.
+    pub pin: PathBuf,
+}
+
+/// Lists the pinned attachments under `pin_dir`.
+pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
+    let mut out = Vec::new();
+    for hook in ["xdp", "tc"] {
+        let dir = pin_dir.join("links").join(hook);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(DatapathError::Io {
+                    action: "listing",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let iface = entry.file_name().to_string_lossy().replace(':', ".");
+            let info = PinnedLink::from_pin(entry.path())
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok());
+            out.push(Attachment {
+                interface: iface,
+                hook: hook.to_string(),
+                link_id: info.as_ref().map(aya::programs::links::LinkInfo::id),
+                program_id: info
+                    .as_ref()
+                    .map(aya::programs::links::LinkInfo::program_id),
+                pin: entry.path(),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.interface, &a.hook).cmp(&(&b.interface, &b.hook)));
+    Ok(out)
+}

@@ -1,0 +1,22 @@
+//! The kernel gate from userspace: load and pin the program, attach and detach it, and read and
+//! write its maps through the `jit-common` types.
+//!
+//! Ownership: this module writes the maps and never decides what should be in them.
+
+mod bpffs;
+mod clock;
+mod error;
+mod events;
+mod loader;
+mod maps;
+
+pub use bpffs::{DEFAULT_BPFFS, ensure_pin_dir, is_bpffs};
+pub use clock::{boottime_after, boottime_ns};
+pub use error::{DatapathError, Result};
+pub use events::EventReader;
+pub use loader::{
+    AttachMode, Attachment, DEFAULT_PIN_DIR, Gate, LoadOptions, attachments, detach, link_pin_path,
+};
+pub use maps::{
+    Counters, GateMaps, GrantEntry, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
+};
