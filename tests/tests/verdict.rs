@@ -1,0 +1,669 @@
+//! Verdicts of the real kernel program on crafted frames, through `BPF_PROG_TEST_RUN`, for every
+//! parser edge and every map state. Each frame runs through both the XDP and the TC entry point,
+//! which must agree.
+
+use std::{net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
+use jit_agent::datapath::{GrantEntry, Mode, Protocol, ServiceDest, boottime_after, boottime_ns};
+use jit_common::event_kind;
+use jit_tests::{
+    TestGate,
+    frames::{Ext, Packet, TPID_8021AD, TPID_8021Q, arp},
+    require_root,
+};
+
+const SVC4: u32 = 1;
+const SVC6: u32 = 2;
+const SVC_UDP: u32 = 3;
+const ID_PREFIX: u32 = 7;
+const ID_HOST: u32 = 8;
+const ID_V6: u32 = 9;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("test prefix")
+}
+
+/// Protected: 10.0.0.1:443/tcp (1), [fd00::1]:443/tcp (2), 10.0.0.1:53/udp (3).
+/// Identities: 10.1.0.0/16 → 7, 10.2.0.5 → 8, fd00:1::/64 → 9. No grants.
+fn setup(mode: Mode) -> TestGate {
+    let mut g = TestGate::load();
+    let svc = |addr: &str, port, proto| ServiceDest {
+        addr: ip(addr),
+        port,
+        proto,
+    };
+    g.maps
+        .add_service(svc("10.0.0.1", 443, Protocol::Tcp), SVC4, mode)
+        .expect("service");
+    g.maps
+        .add_service(svc("fd00::1", 443, Protocol::Tcp), SVC6, mode)
+        .expect("service");
+    g.maps
+        .add_service(svc("10.0.0.1", 53, Protocol::Udp), SVC_UDP, mode)
+        .expect("service");
+    g.maps
+        .bind_identity(net("10.1.0.0/16"), ID_PREFIX)
+        .expect("identity");
+    g.maps
+        .bind_identity(net("10.2.0.5/32"), ID_HOST)
+        .expect("identity");
+    g.maps
+        .bind_identity(net("fd00:1::/64"), ID_V6)
+        .expect("identity");
+    g
+}
+
+fn grant(g: &mut TestGate, identity_id: u32, service_id: u32) {
+    let now = boottime_ns().expect("clock");
+    g.maps
+        .put_grant(GrantEntry {
+            identity_id,
+            service_id,
+            grant_id: u64::from(identity_id) * 1000 + u64::from(service_id),
+            not_before_ns: now.saturating_sub(1_000_000_000),
+            expires_at_ns: now + 3_600_000_000_000,
+            seen: false,
+        })
+        .expect("grant");
+}
+
+fn to_svc4(src: &str) -> Packet {
+    Packet::tcp(ip(src), ip("10.0.0.1"), 443)
+}
+
+fn to_svc6(src: &str) -> Packet {
+    Packet::tcp(ip(src), ip("fd00::1"), 443)
+}
+
+macro_rules! root_or_skip {
+    () => {
+        if !require_root(module_path!()) {
+            return;
+        }
+    };
+}
+
+// ---------- map states ----------
+
+#[test]
+fn unprotected_traffic_passes_and_is_not_counted() {
+    root_or_skip!();
+    let g = setup(Mode::Enforce);
+    assert!(g.passes(&Packet::tcp(ip("10.9.9.9"), ip("10.0.0.1"), 80).build()));
+    assert!(g.passes(&Packet::tcp(ip("10.9.9.9"), ip("10.0.0.2"), 443).build()));
+    assert!(g.passes(&Packet::udp(ip("10.9.9.9"), ip("10.0.0.1"), 443).build()));
+    assert!(g.passes(&arp()));
+    let c = g.maps.counters().expect("counters");
+    assert!(
+        c.global.values().all(|v| *v == 0),
+        "unprotected traffic counted: {c:?}"
+    );
+}
+
+#[test]
+fn no_identity_drops() {
+    root_or_skip!();
+    let g = setup(Mode::Enforce);
+    assert!(!g.passes(&to_svc4("10.9.9.9").build()));
+    assert_eq!(g.counter("no_identity"), 2, "one per entry point");
+}
+
+#[test]
+fn no_grant_drops_and_grant_passes() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let frame = to_svc4("10.1.2.3").build();
+    assert!(!g.passes(&frame));
+    assert_eq!(g.counter("no_grant"), 2);
+    grant(&mut g, ID_PREFIX, SVC4);
+    assert!(g.passes(&frame));
+    assert_eq!(g.counter("allowed"), 2);
+    // The grant is for one service only.
+    assert!(!g.passes(&Packet::udp(ip("10.1.2.3"), ip("10.0.0.1"), 53).build()));
+}
+
+#[test]
+fn host_identity_wins_over_trie_and_grants_are_per_identity() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    g.maps
+        .bind_identity(net("10.2.0.0/16"), ID_PREFIX)
+        .expect("identity");
+    grant(&mut g, ID_PREFIX, SVC4);
+    // 10.2.0.5 is ID_HOST (exact map), which holds no grant, though its /16 holds one.
+    assert!(!g.passes(&to_svc4("10.2.0.5").build()));
+    assert!(g.passes(&to_svc4("10.2.0.6").build()));
+    grant(&mut g, ID_HOST, SVC4);
+    assert!(g.passes(&to_svc4("10.2.0.5").build()));
+}
+
+#[test]
+fn expired_grant_drops() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let now = boottime_ns().expect("clock");
+    g.maps
+        .put_grant(GrantEntry {
+            identity_id: ID_PREFIX,
+            service_id: SVC4,
+            grant_id: 1,
+            not_before_ns: now - 2_000_000_000,
+            expires_at_ns: now - 1,
+            seen: false,
+        })
+        .expect("grant");
+    assert!(!g.passes(&to_svc4("10.1.0.1").build()));
+    assert_eq!(g.counter("expired"), 2);
+}
+
+#[test]
+fn grant_expires_by_itself_in_the_kernel() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let now = boottime_ns().expect("clock");
+    g.maps
+        .put_grant(GrantEntry {
+            identity_id: ID_PREFIX,
+            service_id: SVC4,
+            grant_id: 1,
+            not_before_ns: now,
+            expires_at_ns: boottime_after(Duration::from_millis(300)).expect("clock"),
+            seen: false,
+        })
+        .expect("grant");
+    let frame = to_svc4("10.1.0.1").build();
+    assert!(g.passes(&frame));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!g.passes(&frame), "the kernel must refuse an expired grant");
+}
+
+#[test]
+fn not_yet_valid_grant_drops() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    g.maps
+        .put_grant(GrantEntry {
+            identity_id: ID_PREFIX,
+            service_id: SVC4,
+            grant_id: 1,
+            not_before_ns: boottime_after(Duration::from_secs(60)).expect("clock"),
+            expires_at_ns: boottime_after(Duration::from_secs(120)).expect("clock"),
+            seen: false,
+        })
+        .expect("grant");
+    assert!(!g.passes(&to_svc4("10.1.0.1").build()));
+    assert_eq!(g.counter("not_yet_valid"), 2);
+}
+
+#[test]
+fn revoked_grant_drops_at_once() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant(&mut g, ID_PREFIX, SVC4);
+    let frame = to_svc4("10.1.0.1").build();
+    assert!(g.passes(&frame));
+    assert!(g.maps.delete_grant(ID_PREFIX, SVC4).expect("delete"));
+    assert!(!g.passes(&frame));
+    assert!(!g.maps.delete_grant(ID_PREFIX, SVC4).expect("delete twice"));
+}
+
+#[test]
+fn audit_mode_passes_and_counts() {
+    root_or_skip!();
+    let g = setup(Mode::Audit);
+    assert!(g.passes(&to_svc4("10.9.9.9").build()));
+    assert!(g.passes(&to_svc4("10.1.0.1").build()));
+    assert_eq!(g.counter("audit_would_drop"), 4);
+    assert_eq!(g.counter("no_identity"), 0, "audit mode drops nothing");
+    assert_eq!(g.counter("no_grant"), 0);
+    let c = g.maps.counters().expect("counters");
+    assert_eq!(c.per_service[&SVC4]["audit_would_drop"], 4);
+}
+
+#[test]
+fn wildcard_service_matches_any_address_of_its_family() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    g.maps
+        .add_service(
+            ServiceDest {
+                addr: ip("0.0.0.0"),
+                port: 8443,
+                proto: Protocol::Tcp,
+            },
+            10,
+            Mode::Enforce,
+        )
+        .expect("wildcard service");
+    for dst in ["10.0.0.1", "192.0.2.7", "10.200.0.1"] {
+        assert!(!g.passes(&Packet::tcp(ip("10.1.0.1"), ip(dst), 8443).build()));
+    }
+    // IPv6 on that port is a different family: not protected.
+    assert!(g.passes(&Packet::tcp(ip("fd00:1::5"), ip("fd00::9"), 8443).build()));
+    grant(&mut g, ID_PREFIX, 10);
+    assert!(g.passes(&Packet::tcp(ip("10.1.0.1"), ip("192.0.2.7"), 8443).build()));
+    // Removing the service opens the port again.
+    assert!(
+        g.maps
+            .remove_service(ServiceDest {
+                addr: ip("0.0.0.0"),
+                port: 8443,
+                proto: Protocol::Tcp
+            })
+            .expect("remove")
+    );
+    assert!(g.passes(&Packet::tcp(ip("10.9.9.9"), ip("192.0.2.7"), 8443).build()));
+}
+
+#[test]
+fn ipv6_service_and_identity() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    assert!(!g.passes(&to_svc6("fd00:1::5").build()));
+    assert!(!g.passes(&to_svc6("fd00:2::5").build()));
+    grant(&mut g, ID_V6, SVC6);
+    assert!(g.passes(&to_svc6("fd00:1::5").build()));
+    assert!(!g.passes(&to_svc6("fd00:2::5").build()), "no identity");
+}
+
+#[test]
+fn udp_service() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let frame = Packet::udp(ip("10.1.0.1"), ip("10.0.0.1"), 53).build();
+    assert!(!g.passes(&frame));
+    grant(&mut g, ID_PREFIX, SVC_UDP);
+    assert!(g.passes(&frame));
+}
+
+// ---------- parser edges ----------
+
+#[test]
+fn vlan_tags_zero_one_two_are_followed() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    for vlans in [
+        vec![],
+        vec![TPID_8021Q],
+        vec![TPID_8021AD, TPID_8021Q],
+        vec![TPID_8021Q, TPID_8021Q],
+    ] {
+        let mut p = to_svc4("10.1.0.1");
+        p.vlans = vlans.clone();
+        assert!(!g.passes(&p.build()), "{vlans:x?}: no grant must drop");
+        let mut other = Packet::tcp(ip("10.1.0.1"), ip("10.0.0.1"), 80);
+        other.vlans = vlans.clone();
+        assert!(
+            g.passes(&other.build()),
+            "{vlans:x?}: unprotected must pass"
+        );
+    }
+    grant(&mut g, ID_PREFIX, SVC4);
+    let mut p = to_svc4("10.1.0.1");
+    p.vlans = vec![TPID_8021AD, TPID_8021Q];
+    assert!(g.passes(&p.build()));
+}
+
+#[test]
+fn three_vlan_tags_drop() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant(&mut g, ID_PREFIX, SVC4);
+    let mut p = Packet::tcp(ip("10.1.0.1"), ip("10.0.0.1"), 80);
+    p.vlans = vec![TPID_8021AD, TPID_8021Q, TPID_8021Q];
+    assert!(!g.passes(&p.build()), "cannot be classified: fail closed");
+    assert_eq!(g.counter("too_many_vlans"), 2);
+}
+
+#[test]
+fn ipv4_options_are_skipped() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    for words in [1, 3, 10] {
+        let mut p = to_svc4("10.1.0.1");
+        p.ipv4_option_words = words;
+        assert!(!g.passes(&p.build()), "{words} option words: must drop");
+        let mut q = Packet::tcp(ip("10.1.0.1"), ip("10.0.0.1"), 80);
+        q.ipv4_option_words = words;
+        assert!(g.passes(&q.build()), "{words} option words: port 80 passes");
+    }
+    grant(&mut g, ID_PREFIX, SVC4);
+    let mut p = to_svc4("10.1.0.1");
+    p.ipv4_option_words = 10;
+    assert!(g.passes(&p.build()));
+}
+
+#[test]
+fn ipv4_bad_header_length_drops() {
+    root_or_skip!();
+    let g = setup(Mode::Enforce);
+    let mut frame = to_svc4("10.1.0.1").build();
+    frame[14] = 0x44; // IHL 4 (< 20 bytes)
+    assert!(!g.passes(&frame));
+    let mut frame = to_svc4("10.1.0.1").build();
+    frame[14] = 0x4f; // IHL 15: 60 bytes, more than the frame holds
+    assert!(!g.passes(&frame));
+    assert_eq!(g.counter("unparseable"), 4);
+}
+
+#[test]
+fn ipv4_fragments() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    // First fragment (MF set, offset 0) carries the ports: judged like any packet.
+    let mut first = to_svc4("10.1.0.1");
+    first.ipv4_frag = 0x2000;
+    assert!(!g.passes(&first.build()));
+    // A later fragment to the protected address and protocol: dropped.
+    let mut later = to_svc4("10.1.0.1");
+    later.ipv4_frag = 0x0010;
+    assert!(!g.passes(&later.build()));
+    assert_eq!(g.counter("fragment"), 2);
+    // A later fragment to an unprotected address, or of another protocol, passes.
+    let mut other = Packet::tcp(ip("10.1.0.1"), ip("10.0.0.99"), 443);
+    other.ipv4_frag = 0x0010;
+    assert!(g.passes(&other.build()));
+    let mut icmp = to_svc4("10.1.0.1");
+    icmp.proto = 1;
+    icmp.ipv4_frag = 0x0010;
+    assert!(g.passes(&icmp.build()));
+    grant(&mut g, ID_PREFIX, SVC4);
+    assert!(g.passes(&first.build()));
+    // Fail closed even with a grant: the ports of a later fragment are unknown.
+    assert!(!g.passes(&later.build()));
+}
+
+#[test]
+fn ipv6_extension_headers_are_followed() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let chains = [
+        vec![Ext::HopByHop(0)],
+        vec![Ext::HopByHop(1), Ext::DestOpts(0), Ext::Routing(2)],
+        vec![Ext::Ah(4)],
+        vec![Ext::Fragment {
+            offset: 0,
+            more: true,
+        }],
+        vec![
+            Ext::HopByHop(0),
+            Ext::DestOpts(0),
+            Ext::Routing(0),
+            Ext::Ah(1),
+            Ext::Fragment {
+                offset: 0,
+                more: false,
+            },
+            Ext::DestOpts(3),
+            Ext::DestOpts(0),
+        ],
+    ];
+    for chain in &chains {
+        let mut p = to_svc6("fd00:1::5");
+        p.ipv6_ext = chain.clone();
+        assert!(!g.passes(&p.build()), "{chain:?}: no grant must drop");
+        let mut q = Packet::tcp(ip("fd00:1::5"), ip("fd00::1"), 80);
+        q.ipv6_ext = chain.clone();
+        assert!(g.passes(&q.build()), "{chain:?}: port 80 passes");
+    }
+    grant(&mut g, ID_V6, SVC6);
+    for chain in &chains {
+        let mut p = to_svc6("fd00:1::5");
+        p.ipv6_ext = chain.clone();
+        assert!(g.passes(&p.build()), "{chain:?}: granted must pass");
+    }
+}
+
+#[test]
+fn ipv6_too_many_extension_headers_or_esp_fail_closed() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant(&mut g, ID_V6, SVC6);
+    let mut long = to_svc6("fd00:1::5");
+    long.ipv6_ext = vec![Ext::DestOpts(0); 9];
+    assert!(!g.passes(&long.build()), "9 extension headers: drop");
+    let mut esp = to_svc6("fd00:1::5");
+    esp.ipv6_ext = vec![Ext::Esp];
+    assert!(!g.passes(&esp.build()), "ESP hides the ports: drop");
+    assert_eq!(g.counter("too_many_ext_headers"), 4);
+    // To an address no service protects, the same frames pass.
+    let mut other = Packet::tcp(ip("fd00:1::5"), ip("fd00::77"), 443);
+    other.ipv6_ext = vec![Ext::DestOpts(0); 9];
+    assert!(g.passes(&other.build()));
+}
+
+#[test]
+fn ipv6_fragments() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant(&mut g, ID_V6, SVC6);
+    let mut later = to_svc6("fd00:1::5");
+    later.ipv6_ext = vec![Ext::Fragment {
+        offset: 10,
+        more: true,
+    }];
+    assert!(!g.passes(&later.build()));
+    assert_eq!(g.counter("fragment"), 2);
+    let mut other = Packet::tcp(ip("fd00:1::5"), ip("fd00::77"), 443);
+    other.ipv6_ext = later.ipv6_ext.clone();
+    assert!(g.passes(&other.build()));
+}
+
+#[test]
+fn non_ip_passes() {
+    root_or_skip!();
+    let g = setup(Mode::Enforce);
+    assert!(g.passes(&arp()));
+    let mut lldp = arp();
+    lldp[12] = 0x88;
+    lldp[13] = 0xcc;
+    assert!(g.passes(&lldp));
+}
+
+/// Every truncation of a frame the gate drops must be dropped too: cutting a packet short never
+/// opens the gate.
+#[test]
+fn every_truncation_of_a_dropped_frame_drops() {
+    root_or_skip!();
+    let g = setup(Mode::Enforce);
+    let mut frames = Vec::new();
+    let mut p = to_svc4("10.1.0.1");
+    p.vlans = vec![TPID_8021AD, TPID_8021Q];
+    p.ipv4_option_words = 2;
+    frames.push(p.build());
+    let mut p = to_svc6("fd00:1::5");
+    p.ipv6_ext = vec![Ext::HopByHop(1), Ext::DestOpts(0)];
+    frames.push(p.build());
+    frames.push(Packet::udp(ip("10.1.0.1"), ip("10.0.0.1"), 53).build());
+    for frame in frames {
+        assert!(!g.passes(&frame));
+        for len in 14..frame.len() {
+            assert!(
+                !g.passes(&frame[..len]),
+                "truncated to {len} of {} bytes it passed: {:02x?}",
+                frame.len(),
+                &frame[..len]
+            );
+        }
+    }
+    assert!(g.counter("unparseable") > 0);
+}
+
+/// Hostile input: random mutations of valid frames never crash the program, XDP and TC always
+/// agree, and a mutation never lets an ungranted source through to the protected service.
+#[test]
+fn mutated_frames_never_open_the_gate() {
+    root_or_skip!();
+    let g = setup(Mode::Enforce);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut bases = Vec::new();
+    let mut p = to_svc4("10.1.0.1");
+    p.vlans = vec![TPID_8021Q];
+    bases.push(p.build());
+    let mut p = to_svc6("fd00:1::5");
+    p.ipv6_ext = vec![
+        Ext::HopByHop(0),
+        Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+    ];
+    bases.push(p.build());
+    for i in 0..3000 {
+        let mut f = bases[i % bases.len()].clone();
+        let flips = 1 + rand() % 4;
+        for _ in 0..flips {
+            let at = (rand() as usize) % f.len();
+            f[at] = rand() as u8;
+        }
+        let passed = g.passes(&f);
+        // If the frame still reads as TCP from an ungranted source to the service, it must drop.
+        if passed {
+            assert!(
+                !still_targets_service(&f),
+                "mutation {i} passed while still addressed to the service: {f:02x?}"
+            );
+        }
+    }
+}
+
+/// Whether `f` (an untagged or single-tagged frame) is still a well-formed TCP packet to
+/// 10.0.0.1:443 or [fd00::1]:443, judged by a simple independent parser.
+fn still_targets_service(f: &[u8]) -> bool {
+    let mut off = 12;
+    let mut et = u16::from_be_bytes([f[off], f[off + 1]]);
+    let mut tags = 0;
+    while et == 0x8100 || et == 0x88a8 {
+        tags += 1;
+        if tags > 2 || f.len() < off + 6 {
+            return false;
+        }
+        off += 4;
+        et = u16::from_be_bytes([f[off], f[off + 1]]);
+    }
+    let l3 = off + 2;
+    match et {
+        0x0800 if f.len() >= l3 + 20 && f[l3] >> 4 == 4 => {
+            let ihl = usize::from(f[l3] & 0xf) * 4;
+            let frag = u16::from_be_bytes([f[l3 + 6], f[l3 + 7]]) & 0x1fff;
+            f[l3 + 9] == 6
+                && ihl >= 20
+                && frag == 0
+                && f[l3 + 16..l3 + 20] == [10, 0, 0, 1]
+                && f.len() >= l3 + ihl + 20
+                && u16::from_be_bytes([f[l3 + ihl + 2], f[l3 + ihl + 3]]) == 443
+        }
+        0x86dd if f.len() >= l3 + 40 => {
+            // Any IPv6 frame to fd00::1 still reaching TCP port 443 after a mutation: check the
+            // destination only (conservative: such a pass is reported).
+            let dst: [u8; 16] = f[l3 + 24..l3 + 40].try_into().unwrap_or([0; 16]);
+            dst == "fd00::1"
+                .parse::<std::net::Ipv6Addr>()
+                .map(|a| a.octets())
+                .unwrap_or([1; 16])
+                && f[l3] >> 4 == 6
+                && ipv6_reaches_443(f, l3)
+        }
+        _ => false,
+    }
+}
+
+fn ipv6_reaches_443(f: &[u8], l3: usize) -> bool {
+    let mut next = f[l3 + 6];
+    let mut off = l3 + 40;
+    for _ in 0..8 {
+        match next {
+            6 => {
+                return f.len() >= off + 20
+                    && f[off + 12] >> 4 >= 5
+                    && u16::from_be_bytes([f[off + 2], f[off + 3]]) == 443;
+            }
+            0 | 43 | 60 if f.len() >= off + 2 => {
+                next = f[off];
+                off += (usize::from(f[off + 1]) + 1) * 8;
+            }
+            44 if f.len() >= off + 8 => {
+                if u16::from_be_bytes([f[off + 2], f[off + 3]]) & 0xfff8 != 0 {
+                    return false;
+                }
+                next = f[off];
+                off += 8;
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+// ---------- counters and events ----------
+
+#[test]
+fn events_report_denies_and_the_first_allowed_packet() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let mut events =
+        jit_agent::datapath::EventReader::open(g.pin_dir()).expect("opening the ring buffer");
+    assert!(!g.passes(&to_svc4("10.1.0.1").build()));
+    let deny = events.drain();
+    assert_eq!(deny.len(), 2, "one deny per entry point: {deny:?}");
+    let e = deny[0];
+    assert_eq!(e.kind, event_kind::DENY);
+    assert_eq!(e.reason, jit_common::counter::NO_GRANT);
+    assert_eq!((e.identity_id, e.service_id), (ID_PREFIX, SVC4));
+    assert_eq!((e.src_port, e.dst_port, e.proto), (40_000, 443, 6));
+    assert_eq!(e.src_addr[..4], [10, 1, 0, 1]);
+    assert_eq!(e.dst_addr[..4], [10, 0, 0, 1]);
+
+    grant(&mut g, ID_PREFIX, SVC4);
+    for _ in 0..5 {
+        assert!(g.passes(&to_svc4("10.1.0.1").build()));
+    }
+    let allowed = events.drain();
+    assert_eq!(allowed.len(), 1, "first allowed packet only: {allowed:?}");
+    assert_eq!(allowed[0].kind, event_kind::FIRST_ALLOWED);
+    assert_eq!(
+        allowed[0].grant_id,
+        u64::from(ID_PREFIX) * 1000 + u64::from(SVC4)
+    );
+    assert!(g.maps.grants().expect("grants")[0].seen);
+}
+
+#[test]
+fn events_are_rate_limited_per_cpu() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    g.maps.set_events_per_sec(5).expect("config");
+    let mut events = jit_agent::datapath::EventReader::open(g.pin_dir()).expect("ring buffer");
+    // One test run with 50 repetitions stays on one CPU (the kernel disables migration), so the
+    // per-CPU limit of 5 events in a second applies exactly.
+    let verdict = g.run_xdp(&to_svc4("10.9.9.9").build(), 50);
+    assert_eq!(verdict, 1, "XDP_DROP");
+    let got = events.drain();
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert_eq!(g.counter("events_rate_limited"), 45);
+    assert_eq!(g.counter("no_identity"), 50, "counting is not rate limited");
+}
+
+#[test]
+fn per_service_counters() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant(&mut g, ID_PREFIX, SVC4);
+    assert!(g.passes(&to_svc4("10.1.0.1").build()));
+    assert!(!g.passes(&Packet::udp(ip("10.1.0.1"), ip("10.0.0.1"), 53).build()));
+    let c = g.maps.counters().expect("counters");
+    assert_eq!(c.per_service[&SVC4]["allowed"], 2);
+    assert_eq!(c.per_service[&SVC_UDP]["no_grant"], 2);
+    assert!(!c.per_service.contains_key(&SVC6));
+}
