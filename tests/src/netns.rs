@@ -68,6 +68,28 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Like [`Netns::run`], on a detached thread: for servers that outlive the call.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            // SAFETY: a valid namespace fd; this thread alone changes namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let out = Command::new("ip")

@@ -337,8 +337,9 @@ pub fn link_pin_path(pin_dir: &Path, iface: &str, mode: AttachMode) -> PathBuf {
         .join(iface.replace('.', ":"))
 }
 
-/// Detaches the gate from `iface` by removing its pinned link: this is the only way enforcement
-/// stops. Returns an error when nothing is attached there.
+/// Detaches the gate from `iface`: the link is detached in the kernel (`BPF_LINK_DETACH`, so it
+/// stops even while a running agent still holds a handle on it) and its pin removed. This is the
+/// only way enforcement stops. Returns an error when nothing is attached there.
 pub fn detach(pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<()> {
     let path = link_pin_path(pin_dir, iface, mode);
     if !path.exists() {
@@ -348,11 +349,88 @@ pub fn detach(pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<()> {
             path,
         });
     }
+    match link_detach(&path) {
+        Ok(()) => {}
+        // A link whose interface is gone is detached already.
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+        Err(source) => {
+            return Err(DatapathError::Io {
+                action: "detaching the link pinned at",
+                path,
+                source,
+            });
+        }
+    }
     std::fs::remove_file(&path).map_err(|source| DatapathError::Io {
         action: "removing",
         path,
         source,
     })
+}
+
+/// `BPF_OBJ_GET` on `path`, then `BPF_LINK_DETACH` on the link. aya 0.14 does not expose the
+/// forced detach, so this speaks the two commands directly.
+fn link_detach(path: &Path) -> std::io::Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+    }
+
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call; the
+    // pathname points at a NUL-terminated string that lives until the end of this function.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|e| std::io::Error::other(e.to_string()))?;
+    // SAFETY: the kernel just returned this fd to us; OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let attr = LinkDetachAttr {
+        link_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .map_err(|e| std::io::Error::other(e.to_string()))?,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_LINK_DETACH.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const attr,
+            size_of::<LinkDetachAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One pinned attachment.

@@ -1,0 +1,246 @@
+//! End to end: the gate attached (XDP, then TC) to the server's end of a veth pair between two
+//! network namespaces, real TCP connections from the client namespace.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use jit_agent::datapath::{
+    self, AttachMode, Gate, GateMaps, GrantEntry, LoadOptions, Mode, Protocol, ServiceDest,
+    boottime_after, boottime_ns,
+};
+use jit_tests::{
+    PinDirGuard,
+    echo::{EchoServer, round_trip},
+    netns::{CLIENT_V4, CLIENT_V6, Link, Netns, SERVER_V4, SERVER_V6},
+    require_root, unique,
+};
+
+const PORT: u16 = 8443;
+const SERVICE: u32 = 1;
+const SERVICE_V6: u32 = 2;
+const CLIENT: u32 = 5;
+const CONNECT: Duration = Duration::from_millis(1500);
+const ECHO: Duration = Duration::from_secs(2);
+const CUT: Duration = Duration::from_millis(1500);
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse::<IpAddr>().expect("address"), port)
+}
+
+fn connect(ns: &Netns, to: SocketAddr) -> Option<TcpStream> {
+    ns.run(move || TcpStream::connect_timeout(&to, CONNECT).ok())
+}
+
+fn grant_for(maps: &mut GateMaps, identity_id: u32, service_id: u32, d: Duration) {
+    maps.put_grant(GrantEntry {
+        identity_id,
+        service_id,
+        grant_id: 42,
+        not_before_ns: boottime_ns().expect("clock"),
+        expires_at_ns: boottime_after(d).expect("clock"),
+        seen: false,
+    })
+    .expect("grant");
+}
+
+fn protect(maps: &mut GateMaps) {
+    maps.add_service(
+        ServiceDest {
+            addr: SERVER_V4.parse().expect("address"),
+            port: PORT,
+            proto: Protocol::Tcp,
+        },
+        SERVICE,
+        Mode::Enforce,
+    )
+    .expect("service");
+    maps.add_service(
+        ServiceDest {
+            addr: SERVER_V6.parse().expect("address"),
+            port: PORT,
+            proto: Protocol::Tcp,
+        },
+        SERVICE_V6,
+        Mode::Enforce,
+    )
+    .expect("service");
+    maps.bind_identity(
+        format!("{CLIENT_V4}/32").parse::<IpNet>().expect("net"),
+        CLIENT,
+    )
+    .expect("identity");
+    maps.bind_identity(
+        format!("{CLIENT_V6}/128").parse::<IpNet>().expect("net"),
+        CLIENT,
+    )
+    .expect("identity");
+}
+
+fn load(pin_dir: &PathBuf) -> Gate {
+    Gate::load(&LoadOptions {
+        pin_dir: pin_dir.clone(),
+        max_grants: 1024,
+    })
+    .expect("loading the gate")
+}
+
+/// The whole story in one attach mode: dropped without a grant, passes with one, an established
+/// connection is cut when the grant is deleted, and an expired grant blocks new connections and
+/// cuts live ones.
+fn story(mode: AttachMode) {
+    let link = Link::new();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-e2e-")));
+    let _pins = PinDirGuard(pin_dir.clone());
+    let mut gate = load(&pin_dir);
+    let iface = link.server_if.clone();
+    link.server
+        .run(|| gate.attach(&iface, mode))
+        .unwrap_or_else(|e| panic!("attaching in {mode} mode: {e}"));
+    let mut maps = GateMaps::open(&pin_dir).expect("maps");
+    protect(&mut maps);
+    let _server4 = EchoServer::start(&link.server, addr(SERVER_V4, PORT));
+    let _server6 = EchoServer::start(&link.server, addr(SERVER_V6, PORT));
+    let to4 = addr(SERVER_V4, PORT);
+    let to6 = addr(SERVER_V6, PORT);
+
+    // No grant: the SYN is dropped, the connection times out.
+    assert!(
+        connect(&link.client, to4).is_none(),
+        "{mode}: connected without a grant"
+    );
+    assert!(
+        connect(&link.client, to6).is_none(),
+        "{mode}: IPv6 connected without a grant"
+    );
+    let counters = maps.counters().expect("counters");
+    assert!(counters.global["no_grant"] > 0, "{counters:?}");
+
+    // A grant opens the service.
+    grant_for(&mut maps, CLIENT, SERVICE, Duration::from_secs(600));
+    let mut conn =
+        connect(&link.client, to4).unwrap_or_else(|| panic!("{mode}: granted, no connection"));
+    assert!(round_trip(&mut conn, b"hello", ECHO), "{mode}: echo failed");
+    assert!(
+        connect(&link.client, to6).is_none(),
+        "{mode}: the v4 grant's service is not the v6 one"
+    );
+
+    // Deleting the grant cuts the established connection at its next packet.
+    assert!(maps.delete_grant(CLIENT, SERVICE).expect("delete"));
+    assert!(
+        !round_trip(&mut conn, b"after revoke", CUT),
+        "{mode}: data still flows after the grant was deleted"
+    );
+    assert!(
+        connect(&link.client, to4).is_none(),
+        "{mode}: reconnected after revoke"
+    );
+
+    // IPv6 with its own grant; then expiry, enforced by the kernel with no one deleting anything.
+    grant_for(&mut maps, CLIENT, SERVICE_V6, Duration::from_secs(3));
+    let mut conn6 =
+        connect(&link.client, to6).unwrap_or_else(|| panic!("{mode}: v6 granted, no connection"));
+    assert!(
+        round_trip(&mut conn6, b"v6", ECHO),
+        "{mode}: v6 echo failed"
+    );
+    std::thread::sleep(Duration::from_millis(3200));
+    assert!(
+        !round_trip(&mut conn6, b"after expiry", CUT),
+        "{mode}: data still flows after the grant expired"
+    );
+    assert!(
+        connect(&link.client, to6).is_none(),
+        "{mode}: connected with an expired grant"
+    );
+    let counters = maps.counters().expect("counters");
+    assert!(counters.global["expired"] > 0, "{counters:?}");
+    assert!(counters.global["allowed"] > 0, "{counters:?}");
+}
+
+#[test]
+fn xdp_end_to_end() {
+    if !require_root("xdp_end_to_end") {
+        return;
+    }
+    story(AttachMode::Xdp);
+}
+
+#[test]
+fn tc_end_to_end() {
+    if !require_root("tc_end_to_end") {
+        return;
+    }
+    story(AttachMode::Tc);
+}
+
+/// The gate outlives the process that loaded it; a reload swaps the program in place and keeps
+/// the grants; only an explicit detach opens the service.
+#[test]
+fn enforcement_survives_the_loader_and_reload() {
+    if !require_root("enforcement_survives_the_loader_and_reload") {
+        return;
+    }
+    let link = Link::new();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-e2e-")));
+    let _pins = PinDirGuard(pin_dir.clone());
+    let to4 = addr(SERVER_V4, PORT);
+    let _server = EchoServer::start(&link.server, to4);
+    let iface = link.server_if.clone();
+
+    let mut first = load(&pin_dir);
+    link.server
+        .run(|| first.attach(&iface, AttachMode::Xdp))
+        .expect("attach");
+    drop(first); // the "agent" exits
+    let mut maps = GateMaps::open(&pin_dir).expect("maps");
+    protect(&mut maps);
+    assert!(
+        connect(&link.client, to4).is_none(),
+        "the gate must enforce with no loader alive"
+    );
+    grant_for(&mut maps, CLIENT, SERVICE, Duration::from_secs(600));
+    let mut conn = connect(&link.client, to4).expect("granted");
+    assert!(round_trip(&mut conn, b"one", ECHO));
+
+    // A new "agent" loads again and re-attaches: same pinned maps, program swapped in the link.
+    let before = datapath::attachments(&pin_dir).expect("attachments");
+    let mut second = load(&pin_dir);
+    link.server
+        .run(|| second.attach(&iface, AttachMode::Xdp))
+        .expect("re-attach");
+    let after = datapath::attachments(&pin_dir).expect("attachments");
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].link_id, after[0].link_id, "the link is reused");
+    assert_ne!(
+        before[0].program_id, after[0].program_id,
+        "the program is replaced"
+    );
+    assert!(
+        round_trip(&mut conn, b"two", ECHO),
+        "the connection survives the reload"
+    );
+    assert_eq!(
+        GateMaps::open(&pin_dir)
+            .expect("maps")
+            .grants()
+            .expect("grants")
+            .len(),
+        1
+    );
+
+    // Detaching is explicit, and opens the port.
+    assert!(maps.delete_grant(CLIENT, SERVICE).expect("delete"));
+    assert!(connect(&link.client, to4).is_none());
+    datapath::detach(&pin_dir, &iface, AttachMode::Xdp).expect("detach");
+    assert!(
+        datapath::attachments(&pin_dir)
+            .expect("attachments")
+            .is_empty()
+    );
+    assert!(connect(&link.client, to4).is_some(), "detached: no gate");
+}
