@@ -20,12 +20,12 @@ pub(crate) fn count(index: u32) {
 #[inline(always)]
 pub(crate) fn count_verdict(service_id: u32, verdict: u32) {
     count(verdict);
-    if service_id < MAX_SERVICES && verdict < counter::SERVICE_SLOTS {
-        if let Some(slot) = JIT_SVC_COUNT.get_ptr_mut(service_id * counter::SERVICE_SLOTS + verdict)
-        {
-            // SAFETY: as in `count`.
-            unsafe { *slot += 1 };
-        }
+    if service_id < MAX_SERVICES
+        && verdict < counter::SERVICE_SLOTS
+        && let Some(slot) = JIT_SVC_COUNT.get_ptr_mut(service_id * counter::SERVICE_SLOTS + verdict)
+    {
+        // SAFETY: as in `count`.
+        unsafe { *slot += 1 };
     }
 }
 

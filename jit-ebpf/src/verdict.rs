@@ -78,12 +78,12 @@ fn dest_protected(family: u8, proto: u8, addr: [u8; 16]) -> bool {
         addr,
     };
     // SAFETY: the value is only tested for presence.
-    if unsafe { JIT_DESTS.get(&key) }.is_some() {
+    if unsafe { JIT_DESTS.get(key) }.is_some() {
         return true;
     }
     key.addr = [0; 16];
     // SAFETY: as above.
-    unsafe { JIT_DESTS.get(&key) }.is_some()
+    unsafe { JIT_DESTS.get(key) }.is_some()
 }
 
 #[inline(always)]
@@ -103,12 +103,12 @@ fn decide_flow(flow: &Flow) -> Verdict {
         addr: flow.dst,
     };
     // SAFETY: map values are read once and copied; the agent replaces, never mutates in place.
-    let service = match unsafe { JIT_SERVICES.get(&key) } {
+    let service = match unsafe { JIT_SERVICES.get(key) } {
         Some(s) => *s,
         None => {
             key.addr = [0; 16];
             // SAFETY: as above.
-            match unsafe { JIT_SERVICES.get(&key) } {
+            match unsafe { JIT_SERVICES.get(key) } {
                 Some(s) => *s,
                 None => return Verdict::Pass,
             }
@@ -133,10 +133,10 @@ fn decide_flow(flow: &Flow) -> Verdict {
     };
 
     // SAFETY: as above.
-    let identity = match unsafe { JIT_ID_HOSTS.get(&flow.src_key) } {
+    let identity = match unsafe { JIT_ID_HOSTS.get(flow.src_key) } {
         Some(v) => Some(v.identity_id),
         None => JIT_ID_PREFIX
-            .get(&Key::new(128, flow.src_key))
+            .get(Key::new(128, flow.src_key))
             .map(|v| v.identity_id),
     };
     let Some(identity_id) = identity else {
@@ -148,7 +148,7 @@ fn decide_flow(flow: &Flow) -> Verdict {
         identity_id,
         service_id: service.service_id,
     };
-    let Some(grant) = JIT_GRANTS.get_ptr_mut(&grant_key) else {
+    let Some(grant) = JIT_GRANTS.get_ptr_mut(grant_key) else {
         event.reason = counter::NO_GRANT;
         return deny(service.mode, &mut event);
     };

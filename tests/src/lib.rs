@@ -170,9 +170,9 @@ impl Drop for PinDirGuard {
 
 /// Removes a pin directory and everything pinned in it; unpinning the links detaches them.
 pub fn remove_pin_dir(dir: &Path) {
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            eprintln!("cleanup: removing {}: {e}", dir.display());
-        }
+    if dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(dir)
+    {
+        eprintln!("cleanup: removing {}: {e}", dir.display());
     }
 }

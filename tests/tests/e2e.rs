@@ -80,9 +80,9 @@ fn protect(maps: &mut GateMaps) {
     .expect("identity");
 }
 
-fn load(pin_dir: &PathBuf) -> Gate {
+fn load(pin_dir: &std::path::Path) -> Gate {
     Gate::load(&LoadOptions {
-        pin_dir: pin_dir.clone(),
+        pin_dir: pin_dir.to_path_buf(),
         max_grants: 1024,
     })
     .expect("loading the gate")

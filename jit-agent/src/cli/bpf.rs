@@ -127,8 +127,8 @@ fn status(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
     if rows.is_empty() {
         println!("attachments: none (the gate enforces nothing until attached)\n");
     } else {
-        print!(
-            "{}\n",
+        println!(
+            "{}",
             table::render(&["INTERFACE", "HOOK", "LINK", "PROGRAM"], &rows)
         );
     }
@@ -143,15 +143,14 @@ fn status(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!(
-        "{}\n",
-        table::render(&["MAP", "ENTRIES", "CAPACITY"], &rows)
-    );
-    let rows: Vec<Vec<String>> = status
-        .counters
-        .global
+    println!("{}", table::render(&["MAP", "ENTRIES", "CAPACITY"], &rows));
+    // In the kernel's order (verdicts first), not alphabetical.
+    let rows: Vec<Vec<String>> = jit_common::counter::NAMES
         .iter()
-        .map(|(k, v)| vec![(*k).to_string(), v.to_string()])
+        .map(|k| {
+            let v = status.counters.global.get(k).copied().unwrap_or(0);
+            vec![(*k).to_string(), v.to_string()]
+        })
         .collect();
     print!("{}", table::render(&["COUNTER", "PACKETS"], &rows));
     if !status.counters.per_service.is_empty() {

@@ -252,13 +252,13 @@ impl GateMaps {
 
     /// Maps an insert error to [`DatapathError::MapFull`] when the kernel says the map is full.
     fn insert_error(&self, map: &'static str, source: MapError) -> DatapathError {
-        if let MapError::SyscallError(e) = &source {
-            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
-                return DatapathError::MapFull {
-                    map,
-                    max_entries: self.capacity(map),
-                };
-            }
+        if let MapError::SyscallError(e) = &source
+            && matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+        {
+            return DatapathError::MapFull {
+                map,
+                max_entries: self.capacity(map),
+            };
         }
         DatapathError::Map { map, source }
     }

@@ -1,0 +1,135 @@
+//! `cargo xtask setup`: everything a fresh Debian machine lacks, installed idempotently.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use crate::{run as run_command, step};
+
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the namespace tests.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+];
+
+/// bpf-linker release built against Debian's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    step("setup: checking the toolchain and system packages");
+    nightly_rust_src()?;
+    debian_packages()?;
+    bpf_linker()?;
+    step("setup: done");
+    Ok(())
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    if !quiet_ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        println!("    installing the nightly toolchain (the eBPF program needs -Z build-std)");
+        run_command(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("installing the nightly toolchain")?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("    ok: rust-src (nightly)");
+        return Ok(());
+    }
+    println!("    installing rust-src for nightly");
+    run_command(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("    ok: Debian packages ({})", DEBIAN_PACKAGES.join(" "));
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing Debian packages: {}; run `cargo xtask setup` as root, or install them with \
+             apt-get",
+            missing.join(" ")
+        );
+    }
+    println!("    installing Debian packages: {}", missing.join(" "));
+    run_command(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update")?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get install")
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
+        println!("    ok: {}", v.trim());
+        return Ok(());
+    }
+    println!("    installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    run_command(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+    .context("cargo install bpf-linker")?;
+    if !quiet_ok(Command::new("bpf-linker").arg("--version")) {
+        bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
