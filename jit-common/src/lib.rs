@@ -4,7 +4,7 @@
 //! spells out its padding as named fields, and has its size checked at compile time, so the two
 //! sides can never disagree about a layout. Enumerations are plain `u32` constants: a value read
 //! from a map is never transmuted into a Rust enum.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::mem::size_of;
 
@@ -305,4 +305,41 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::GateConfig {}
     unsafe impl aya::Pod for super::RateState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_index_separates_protocols_and_rejects_others() {
+        assert_eq!(port_index(PROTO_TCP, 443), Some(443));
+        assert_eq!(port_index(PROTO_UDP, 443), Some(65_536 + 443));
+        assert_eq!(
+            port_index(PROTO_UDP, u16::MAX),
+            Some(PORT_INDEX_ENTRIES - 1)
+        );
+        assert_eq!(port_index(1, 443), None);
+    }
+
+    #[test]
+    fn v4_mapped_is_the_ipv6_mapped_form() {
+        let mapped = v4_mapped([10, 1, 2, 3]);
+        let std_mapped = core::net::Ipv4Addr::new(10, 1, 2, 3)
+            .to_ipv6_mapped()
+            .octets();
+        assert_eq!(mapped, std_mapped);
+    }
+
+    #[test]
+    fn counter_names_cover_every_counter() {
+        assert_eq!(counter::NAMES.len(), counter::COUNT as usize);
+        assert_eq!(counter::NAMES[counter::ALLOWED as usize], "allowed");
+        assert_eq!(counter::NAMES[counter::EVENTS_LOST as usize], "events_lost");
+        assert!(counter::is_drop(counter::NO_GRANT));
+        assert!(!counter::is_drop(counter::ALLOWED));
+        assert!(!counter::is_drop(counter::AUDIT_WOULD_DROP));
+        // Service verdict slots are exactly the verdicts before the parser's reasons.
+        assert_eq!(counter::SERVICE_SLOTS, counter::UNPARSEABLE);
+    }
 }

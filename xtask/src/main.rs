@@ -57,9 +57,53 @@ fn main() -> anyhow::Result<()> {
                 test_args.extend(args.iter().map(String::as_str));
             }
             step("running the tests");
-            cargo(&test_args)
+            test_with_summary(&test_args)
         }
     }
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one line totalling every test binary's
+/// `test result:` line, so a reader (or CI) sees the whole count at the end.
+fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(word), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.trim_start_matches("ok.").trim().parse().unwrap_or(0);
+                    match word {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {

@@ -27,3 +27,18 @@ pub(crate) fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn columns_are_padded_to_the_widest_cell() {
+        let out = super::render(
+            &["A", "B"],
+            &[
+                vec!["long cell".into(), "x".into()],
+                vec!["s".into(), "y".into()],
+            ],
+        );
+        assert_eq!(out, "A          B\nlong cell  x\ns          y\n");
+    }
+}

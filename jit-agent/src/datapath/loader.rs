@@ -483,3 +483,47 @@ pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
     out.sort_by(|a, b| (&a.interface, &a.hook).cmp(&(&b.interface, &b.hook)));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_modes_round_trip_and_reject_unknown() {
+        for mode in [
+            AttachMode::Xdp,
+            AttachMode::XdpGeneric,
+            AttachMode::XdpNative,
+            AttachMode::Tc,
+        ] {
+            assert_eq!(mode.to_string().parse::<AttachMode>().ok(), Some(mode));
+        }
+        let err = "xdp-offload".parse::<AttachMode>().unwrap_err().to_string();
+        assert!(err.contains("xdp-offload") && err.contains("tc"), "{err}");
+    }
+
+    #[test]
+    fn link_pins_avoid_dots_and_share_one_xdp_slot() {
+        let dir = Path::new("/sys/fs/bpf/jit");
+        assert_eq!(
+            link_pin_path(dir, "eth0.100", AttachMode::XdpGeneric),
+            Path::new("/sys/fs/bpf/jit/links/xdp/eth0:100")
+        );
+        assert_eq!(
+            link_pin_path(dir, "eth0", AttachMode::Xdp),
+            link_pin_path(dir, "eth0", AttachMode::XdpNative)
+        );
+        assert_eq!(
+            link_pin_path(dir, "eth0", AttachMode::Tc),
+            Path::new("/sys/fs/bpf/jit/links/tc/eth0")
+        );
+    }
+
+    #[test]
+    fn detach_without_a_link_names_what_is_missing() {
+        let err = detach(Path::new("/nonexistent-jit"), "eth9", AttachMode::Tc)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("eth9") && err.contains("tc"), "{err}");
+    }
+}

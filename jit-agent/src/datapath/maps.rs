@@ -620,3 +620,49 @@ fn net_from_key(prefix_len: u32, addr: [u8; 16]) -> IpNet {
             .unwrap_or_else(|_| IpNet::from(IpAddr::V6(v6))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_keys_round_trip_both_families() {
+        for s in [
+            "10.1.0.0/16",
+            "10.2.0.5/32",
+            "0.0.0.0/0",
+            "fd00:1::/64",
+            "::1/128",
+            "::/0",
+        ] {
+            let net: IpNet = s.parse().unwrap();
+            let (len, addr) = identity_key(net);
+            assert_eq!(net_from_key(len, addr), net, "{s}");
+        }
+        assert_eq!(identity_key("10.0.0.0/8".parse().unwrap()).0, 104);
+    }
+
+    #[test]
+    fn service_keys_refuse_port_zero_and_keep_the_family() {
+        let dest = |addr: &str, port| ServiceDest {
+            addr: addr.parse().unwrap(),
+            port,
+            proto: Protocol::Udp,
+        };
+        assert!(dest("10.0.0.1", 0).key().is_err());
+        let k = dest("10.0.0.1", 53).key().unwrap();
+        assert_eq!((k.family, k.proto, k.port), (FAMILY_V4, PROTO_UDP, 53));
+        assert_eq!(k.addr[..4], [10, 0, 0, 1]);
+        assert!(k.addr[4..].iter().all(|b| *b == 0));
+        let k = dest("::", 53).key().unwrap();
+        assert_eq!((k.family, k.addr), (FAMILY_V6, [0; 16]));
+    }
+
+    #[test]
+    fn protocol_and_mode_parse() {
+        assert_eq!("TCP".parse::<Protocol>().ok(), Some(Protocol::Tcp));
+        assert!("icmp".parse::<Protocol>().is_err());
+        assert_eq!("audit".parse::<Mode>().ok(), Some(Mode::Audit));
+        assert!("permissive".parse::<Mode>().is_err());
+    }
+}
