@@ -54,26 +54,36 @@ fn nightly_rust_src() -> anyhow::Result<()> {
         ]))
         .context("installing the nightly toolchain")?;
     }
+    // rust-src for -Z build-std=core; clippy for linting the eBPF crate; rustfmt and clippy on
+    // the default toolchain for the host crates.
+    components("nightly", &["rust-src", "clippy"])?;
+    components("stable", &["rustfmt", "clippy"])
+}
+
+fn components(toolchain: &str, wanted: &[&str]) -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        "nightly",
+        toolchain,
     ]))
     .unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        println!("    ok: rust-src (nightly)");
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if missing.is_empty() {
+        println!("    ok: {} ({toolchain})", wanted.join(", "));
         return Ok(());
     }
-    println!("    installing rust-src for nightly");
-    run_command(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    println!("    installing {} for {toolchain}", missing.join(", "));
+    run_command(
+        Command::new("rustup")
+            .args(["component", "add", "--toolchain", toolchain])
+            .args(&missing),
+    )
 }
 
 fn debian_packages() -> anyhow::Result<()> {
