@@ -63,7 +63,7 @@ fn pin(dir: &Path) -> String {
 
 #[test]
 fn bpf_commands_end_to_end() {
-    if !require_root("bpf_commands_end_to_end") {
+    if !require_root() {
         return;
     }
     let link = Link::new();

@@ -29,10 +29,12 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Whether the test may touch the kernel. Root is needed; without it the test is skipped with a
-/// message, except under CI (`CI` set), where running without root is a failure.
+/// Whether the calling test may touch the kernel. Root is needed; without it the test is skipped
+/// with a message naming it, except under CI (`CI` set), where running without root is a failure.
 #[must_use]
-pub fn require_root(test: &str) -> bool {
+pub fn require_root() -> bool {
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;

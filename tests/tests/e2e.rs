@@ -164,7 +164,7 @@ fn story(mode: AttachMode) {
 
 #[test]
 fn xdp_end_to_end() {
-    if !require_root("xdp_end_to_end") {
+    if !require_root() {
         return;
     }
     story(AttachMode::Xdp);
@@ -172,7 +172,7 @@ fn xdp_end_to_end() {
 
 #[test]
 fn tc_end_to_end() {
-    if !require_root("tc_end_to_end") {
+    if !require_root() {
         return;
     }
     story(AttachMode::Tc);
@@ -182,7 +182,7 @@ fn tc_end_to_end() {
 /// the grants; only an explicit detach opens the service.
 #[test]
 fn enforcement_survives_the_loader_and_reload() {
-    if !require_root("enforcement_survives_the_loader_and_reload") {
+    if !require_root() {
         return;
     }
     let link = Link::new();

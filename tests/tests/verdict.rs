@@ -82,7 +82,7 @@ fn to_svc6(src: &str) -> Packet {
 
 macro_rules! root_or_skip {
     () => {
-        if !require_root(module_path!()) {
+        if !require_root() {
             return;
         }
     };
@@ -666,4 +666,135 @@ fn per_service_counters() {
     assert_eq!(c.per_service[&SVC4]["allowed"], 2);
     assert_eq!(c.per_service[&SVC_UDP]["no_grant"], 2);
     assert!(!c.per_service.contains_key(&SVC6));
+}
+
+// ---------- map writes ----------
+
+#[test]
+fn a_full_grants_map_is_a_clear_error_and_evicts_nothing() {
+    root_or_skip!();
+    let mut g = TestGate::load_with(4);
+    let now = boottime_ns().expect("clock");
+    let grant = |identity_id| GrantEntry {
+        identity_id,
+        service_id: 1,
+        grant_id: u64::from(identity_id),
+        not_before_ns: now,
+        expires_at_ns: now + 60_000_000_000,
+        seen: false,
+    };
+    for id in 1..=4 {
+        g.maps.put_grant(grant(id)).expect("fits");
+    }
+    let err = g.maps.put_grant(grant(5)).expect_err("the map is full");
+    assert!(
+        matches!(
+            err,
+            jit_agent::datapath::DatapathError::MapFull { max_entries: 4, .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("JIT_GRANTS is full"), "{err}");
+    // Updating an existing grant still works, and all four are intact.
+    g.maps.put_grant(grant(2)).expect("update in place");
+    assert_eq!(g.maps.grants().expect("grants").len(), 4);
+}
+
+#[test]
+fn map_writes_refuse_bad_input() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let err = g
+        .maps
+        .bind_identity(net("10.1.0.0/16"), 99)
+        .expect_err("bound to 7 already");
+    assert!(
+        err.to_string().contains("identity 7") && err.to_string().contains("99"),
+        "{err}"
+    );
+    g.maps
+        .bind_identity(net("10.1.0.0/16"), ID_PREFIX)
+        .expect("same binding again is a no-op");
+    assert!(g.maps.bind_identity(net("10.3.0.0/16"), 0).is_err());
+    let dest = ServiceDest {
+        addr: ip("10.0.0.9"),
+        port: 1,
+        proto: Protocol::Tcp,
+    };
+    assert!(
+        g.maps
+            .add_service(dest, jit_common::MAX_SERVICES, Mode::Enforce)
+            .is_err()
+    );
+    assert!(
+        g.maps
+            .add_service(ServiceDest { port: 0, ..dest }, 5, Mode::Enforce)
+            .is_err()
+    );
+    let now = boottime_ns().expect("clock");
+    assert!(
+        g.maps
+            .put_grant(GrantEntry {
+                identity_id: 1,
+                service_id: 1,
+                grant_id: 1,
+                not_before_ns: now,
+                expires_at_ns: now,
+                seen: false,
+            })
+            .is_err(),
+        "an empty window is refused"
+    );
+    // Nothing of the refused writes reached the kernel.
+    assert_eq!(g.maps.services().expect("services").len(), 3);
+    assert_eq!(g.maps.identities().expect("identities").len(), 3);
+    assert!(g.maps.grants().expect("grants").is_empty());
+}
+
+#[test]
+fn service_indexes_follow_adds_and_removes() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let a = ServiceDest {
+        addr: ip("10.0.0.1"),
+        port: 443,
+        proto: Protocol::Tcp,
+    };
+    let b = ServiceDest {
+        addr: ip("10.0.0.2"),
+        ..a
+    };
+    // A second service on the same port, then re-adding (an update) must not skew the counts.
+    g.maps.add_service(b, 20, Mode::Enforce).expect("add");
+    g.maps.add_service(b, 20, Mode::Audit).expect("update");
+    assert!(g.maps.remove_service(a).expect("remove"));
+    assert!(!g.maps.remove_service(a).expect("remove twice"));
+    // Port 443 is still protected through b, in audit mode now.
+    assert!(g.passes(&Packet::tcp(ip("10.9.9.9"), ip("10.0.0.2"), 443).build()));
+    assert_eq!(g.counter("audit_would_drop"), 2);
+    // a's address is no longer protected for TCP: a later TCP fragment to it passes, a UDP one
+    // (the UDP service on 10.0.0.1 remains) does not.
+    let mut frag = Packet::tcp(ip("10.9.9.9"), ip("10.0.0.1"), 443);
+    frag.ipv4_frag = 0x0010;
+    assert!(
+        g.passes(&frag.build()),
+        "no TCP service on 10.0.0.1 any more"
+    );
+    frag.proto = 17;
+    assert!(
+        !g.passes(&frag.build()),
+        "10.0.0.1 still has the UDP service"
+    );
+    assert!(
+        g.maps
+            .remove_service(ServiceDest {
+                addr: ip("10.0.0.1"),
+                port: 53,
+                proto: Protocol::Udp
+            })
+            .expect("remove")
+    );
+    assert!(g.passes(&frag.build()), "no service on 10.0.0.1 any more");
+    assert!(g.maps.remove_service(b).expect("remove"));
+    assert!(g.passes(&Packet::tcp(ip("10.9.9.9"), ip("10.0.0.2"), 443).build()));
 }
