@@ -20,13 +20,62 @@ const SHORTEST_TC_TEST_FRAME: usize = 14 + 40;
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test of any run on this machine uses at the same time: the process id plus a
-/// per-process counter.
+/// per-process counter. Leftovers of a killed run are recognised by the dead process id and
+/// removed by [`sweep_stale`].
 pub fn unique(prefix: &str) -> String {
+    sweep_stale();
     format!(
         "{prefix}{}x{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A short unique tag (for interface names, at most 15 bytes with a 2-byte prefix).
+pub fn short_tag() -> String {
+    format!(
+        "{}x{}",
         std::process::id() % 100_000,
         UNIQUE.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Prefixes of the pin directories (under /sys/fs/bpf) and namespaces (under /run/netns) the
+/// tests create.
+const TEST_PREFIXES: [&str; 5] = ["jit-test-", "jit-e2e-", "jit-cli-", "jits", "jitc"];
+
+/// Removes pin directories and namespaces left by test processes that no longer run (a test
+/// binary killed before its guards could clean up). Runs once per process.
+pub fn sweep_stale() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let stale = |name: &str| {
+            TEST_PREFIXES.iter().find_map(|p| {
+                let pid = name.strip_prefix(p)?.split('x').next()?;
+                let pid: u32 = pid.parse().ok()?;
+                (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+            })
+        };
+        if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+            for e in entries.flatten() {
+                if stale(&e.file_name().to_string_lossy()).is_some() {
+                    eprintln!("cleanup: removing stale {}", e.path().display());
+                    remove_pin_dir(&e.path());
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if stale(&name).is_some() {
+                    eprintln!("cleanup: deleting stale namespace {name}");
+                    let _ = std::process::Command::new("ip")
+                        .args(["netns", "del", &name])
+                        .status();
+                }
+            }
+        }
+    });
 }
 
 /// Whether the calling test may touch the kernel. Root is needed; without it the test is skipped

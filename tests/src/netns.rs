@@ -128,7 +128,7 @@ impl Link {
     pub fn new() -> Self {
         let server = Netns::new("jits");
         let client = Netns::new("jitc");
-        let tag = crate::unique("");
+        let tag = crate::short_tag();
         let server_if = format!("js{tag}");
         let client_if = format!("jc{tag}");
         // Create the pair inside the server namespace and move one end out, so nothing is ever

@@ -69,6 +69,8 @@ pub(crate) fn run(cmd: BpfCommand) -> anyhow::Result<()> {
             max_grants,
             pin,
         } => {
+            // Refuse a bad interface before anything is loaded or pinned.
+            datapath::check_interface(&iface)?;
             let mut gate = Gate::load(&LoadOptions {
                 pin_dir: pin.pin_dir.clone(),
                 max_grants,

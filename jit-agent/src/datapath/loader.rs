@@ -154,12 +154,7 @@ impl Gate {
     /// already pinned for this interface and hook, the loaded program replaces the old one inside
     /// it atomically.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<PathBuf> {
-        if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
-            return Err(DatapathError::Invalid {
-                field: "interface",
-                reason: format!("{iface:?} is not a valid interface name"),
-            });
-        }
+        check_interface(iface)?;
         let pin_path = link_pin_path(&self.pin_dir, iface, mode);
         let links_dir = pin_path.parent().unwrap_or(&self.pin_dir).to_path_buf();
         std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
@@ -315,6 +310,39 @@ fn attach_error(
     }
 }
 
+/// Checks that `iface` is a valid interface name that exists in the caller's network namespace.
+pub fn check_interface(iface: &str) -> Result<()> {
+    check_interface_name(iface)?;
+    let c = std::ffi::CString::new(iface).map_err(|_| DatapathError::Invalid {
+        field: "interface",
+        reason: format!("{iface:?} contains a NUL byte"),
+    })?;
+    // SAFETY: a valid C string.
+    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+        return Err(DatapathError::UnknownInterface(iface.to_string()));
+    }
+    Ok(())
+}
+
+/// Checks that `iface` is a well-formed interface name (it may no longer exist). Besides matching
+/// the kernel, this keeps link pin paths inside the pin directory.
+pub fn check_interface_name(iface: &str) -> Result<()> {
+    // The kernel's rules (dev_valid_name): 1-15 bytes, not "." or "..", no '/', ':' or space.
+    if iface.is_empty()
+        || iface.len() > 15
+        || iface == "."
+        || iface == ".."
+        || iface.contains(['/', ':'])
+        || iface.chars().any(char::is_whitespace)
+    {
+        return Err(DatapathError::Invalid {
+            field: "interface",
+            reason: format!("{iface:?} is not a valid interface name"),
+        });
+    }
+    Ok(())
+}
+
 /// An error with its causes, for errors whose `Display` leaves the OS error out.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -341,6 +369,7 @@ pub fn link_pin_path(pin_dir: &Path, iface: &str, mode: AttachMode) -> PathBuf {
 /// stops even while a running agent still holds a handle on it) and its pin removed. This is the
 /// only way enforcement stops. Returns an error when nothing is attached there.
 pub fn detach(pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<()> {
+    check_interface_name(iface)?;
     let path = link_pin_path(pin_dir, iface, mode);
     if !path.exists() {
         return Err(DatapathError::NotAttached {
@@ -517,6 +546,25 @@ mod tests {
             link_pin_path(dir, "eth0", AttachMode::Tc),
             Path::new("/sys/fs/bpf/jit/links/tc/eth0")
         );
+    }
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../JIT_GRANTS",
+            "a:b",
+            "a b",
+            "sixteen-chars-xx",
+        ] {
+            assert!(check_interface_name(bad).is_err(), "{bad:?}");
+            assert!(detach(Path::new("/sys/fs/bpf/jit"), bad, AttachMode::Xdp).is_err());
+        }
+        for good in ["eth0", "eth0.100", "veth-a_b", "fifteen-chars-x"] {
+            assert!(check_interface_name(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub use clock::{boottime_after, boottime_ns};
 pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
-    AttachMode, Attachment, DEFAULT_PIN_DIR, Gate, LoadOptions, attachments, detach, link_pin_path,
+    AttachMode, Attachment, DEFAULT_PIN_DIR, Gate, LoadOptions, attachments, check_interface,
+    detach, link_pin_path,
 };
 pub use maps::{
     Counters, GateMaps, GrantEntry, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
