@@ -109,7 +109,7 @@ impl FromStr for Mode {
 
 /// A protected destination. An unspecified address (`0.0.0.0` or `::`) matches every destination
 /// address of that family arriving on an attached interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ServiceDest {
     /// Destination address, or unspecified for any.
     pub addr: IpAddr,

@@ -1,0 +1,563 @@
+//! The agent's configuration: one TOML file (every field below), with command-line flags that
+//! override it. A bad file is refused as a whole, with the file, the field and what is wrong;
+//! nothing is attached until it is valid.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::{
+    datapath::{AttachMode, Mode, Protocol, ServiceDest},
+    duration::parse_duration,
+};
+
+/// A configuration error: which file, which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// The field, e.g. `services[1].max_duration`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[agent]`.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// `[tls]`.
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// `[[services]]`.
+    #[serde(default)]
+    pub services: Vec<ServiceSection>,
+    /// `[[identities]]`.
+    #[serde(default)]
+    pub identities: Vec<IdentitySection>,
+    /// Identities that may revoke any grant and see every request (SPIFFE IDs or prefixes
+    /// ending in `*`). The local root user on the Unix socket always may.
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+/// `[agent]`: where the agent listens, keeps state and attaches the gate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// mTLS gRPC listen address. Default `127.0.0.1:7443`.
+    pub listen: Option<String>,
+    /// Unix socket for node-local administration (root only). Default
+    /// `/run/jit-agent/agent.sock`.
+    pub unix_socket: Option<PathBuf>,
+    /// Directory for the embedded store. Default `/var/lib/jit-agent`.
+    pub state_dir: Option<PathBuf>,
+    /// bpffs pin directory. Default `/sys/fs/bpf/jit`.
+    pub pin_dir: Option<PathBuf>,
+    /// Interfaces to gate: `"eth0"` (XDP) or `"eth0:tc"`, `"eth0:xdp-generic"` ...
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    /// How long a request may wait for approval. Default `1h`.
+    pub request_ttl: Option<String>,
+    /// Capacity of the kernel grants map. Default 65536.
+    pub max_grants: Option<u32>,
+}
+
+/// `[tls]`: the agent's certificate and the trust bundle for client certificates. Files are
+/// re-read when they change.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM bundle of CAs whose client certificates are accepted.
+    pub ca: Option<PathBuf>,
+    /// The agent's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// The agent's private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+/// `[[services]]`: a protected service.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Name used in requests.
+    pub name: String,
+    /// Destinations, `"10.0.0.5:5432/tcp"`, `"[fd00::5]:443/tcp"`, `"0.0.0.0:22/tcp"` (any
+    /// local address).
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    /// `enforce` (default) or `audit`.
+    pub mode: Option<String>,
+    /// Longest grant; longer requests are clamped. Default `1h`.
+    pub max_duration: Option<String>,
+    /// Approvals needed; 0 grants at once whoever may request. Default 1.
+    pub approvals_required: Option<u32>,
+    /// Whether a request must give a reason. Default true.
+    pub require_reason: Option<bool>,
+    /// Who may request (SPIFFE IDs, or prefixes ending in `*`).
+    #[serde(default)]
+    pub requesters: Vec<String>,
+    /// Who may approve or deny.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// Also let the requester's own address through for the life of its grant.
+    #[serde(default)]
+    pub bind_requester_address: bool,
+}
+
+/// `[[identities]]`: static source bindings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    /// The identity (a SPIFFE ID).
+    pub spiffe_id: String,
+    /// Source prefixes that carry it, e.g. a CI runner subnet.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--unix-socket`.
+    pub unix_socket: Option<PathBuf>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--pin-dir`.
+    pub pin_dir: Option<PathBuf>,
+    /// `--interface` (replaces the file's list when given).
+    pub interfaces: Vec<String>,
+}
+
+/// A validated service.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Destinations.
+    pub destinations: Vec<ServiceDest>,
+    /// Mode.
+    pub mode: Mode,
+    /// Longest grant.
+    pub max_duration: Duration,
+    /// Approvals needed.
+    pub approvals_required: u32,
+    /// Reason required.
+    pub require_reason: bool,
+    /// Requester patterns.
+    pub requesters: Vec<String>,
+    /// Approver patterns.
+    pub approvers: Vec<String>,
+    /// Bind the requester's address for the grant's life.
+    pub bind_requester_address: bool,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where it came from.
+    pub file: PathBuf,
+    /// mTLS listen address.
+    pub listen: SocketAddr,
+    /// Unix socket path.
+    pub unix_socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Pin directory.
+    pub pin_dir: PathBuf,
+    /// Interfaces and modes.
+    pub interfaces: Vec<(String, AttachMode)>,
+    /// Pending request TTL.
+    pub request_ttl: Duration,
+    /// Kernel grants capacity.
+    pub max_grants: u32,
+    /// CA bundle.
+    pub tls_ca: PathBuf,
+    /// Agent certificate.
+    pub tls_cert: PathBuf,
+    /// Agent key.
+    pub tls_key: PathBuf,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Static bindings: identity → prefixes.
+    pub identities: BTreeMap<String, Vec<IpNet>>,
+    /// Admin patterns.
+    pub admins: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates `file`, then applies `overrides`.
+    pub fn load(file: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let name = file.display().to_string();
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: name.clone(),
+            field: "(file)".into(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError {
+            file: name.clone(),
+            field: "(syntax)".into(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        Self::validate(file, parsed, overrides)
+    }
+
+    /// Validates a parsed file.
+    pub fn validate(
+        file: &Path,
+        f: FileConfig,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let name = file.display().to_string();
+        let err = |field: &str, message: String| ConfigError {
+            file: name.clone(),
+            field: field.to_string(),
+            message,
+        };
+        let listen_s = overrides
+            .listen
+            .clone()
+            .or(f.agent.listen)
+            .unwrap_or_else(|| "127.0.0.1:7443".into());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            err(
+                "agent.listen",
+                format!("{listen_s:?} is not an address:port such as 0.0.0.0:7443"),
+            )
+        })?;
+        let iface_list = if overrides.interfaces.is_empty() {
+            f.agent.interfaces
+        } else {
+            overrides.interfaces.clone()
+        };
+        let mut interfaces = Vec::new();
+        for (i, spec) in iface_list.iter().enumerate() {
+            let (iface, mode) = spec.split_once(':').unwrap_or((spec.as_str(), "xdp"));
+            let field = format!("agent.interfaces[{i}]");
+            crate::datapath::check_interface_name(iface).map_err(|e| err(&field, e.to_string()))?;
+            let mode: AttachMode = mode
+                .parse()
+                .map_err(|e: crate::datapath::DatapathError| err(&field, e.to_string()))?;
+            interfaces.push((iface.to_string(), mode));
+        }
+        let request_ttl = match f.agent.request_ttl {
+            Some(s) => parse_duration(&s).map_err(|e| err("agent.request_ttl", e.to_string()))?,
+            None => Duration::from_secs(3600),
+        };
+        let max_grants = f.agent.max_grants.unwrap_or(65_536);
+        if max_grants == 0 {
+            return Err(err("agent.max_grants", "must be at least 1".into()));
+        }
+        let need = |v: Option<PathBuf>, field: &str| {
+            v.ok_or_else(|| {
+                err(
+                    field,
+                    "is required (make a development set with `jit-agent certs init`)".into(),
+                )
+            })
+        };
+        let tls_ca = need(f.tls.ca, "tls.ca")?;
+        let tls_cert = need(f.tls.cert, "tls.cert")?;
+        let tls_key = need(f.tls.key, "tls.key")?;
+
+        let mut services = BTreeMap::new();
+        let mut seen_dests = BTreeMap::new();
+        for (i, s) in f.services.into_iter().enumerate() {
+            let at = |k: &str| format!("services[{i}].{k}");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(err(
+                    &at("name"),
+                    format!("{:?}: use letters, digits, '-', '_' or '.'", s.name),
+                ));
+            }
+            if s.destinations.is_empty() {
+                return Err(err(
+                    &at("destinations"),
+                    "needs at least one address:port/proto".into(),
+                ));
+            }
+            let mut destinations = Vec::new();
+            for (j, d) in s.destinations.iter().enumerate() {
+                let dest = parse_destination(d)
+                    .map_err(|m| err(&format!("services[{i}].destinations[{j}]"), m))?;
+                if let Some(other) = seen_dests.insert(dest, s.name.clone()) {
+                    return Err(err(
+                        &format!("services[{i}].destinations[{j}]"),
+                        format!("{d} is already a destination of service {other:?}"),
+                    ));
+                }
+                destinations.push(dest);
+            }
+            let mode = match s.mode.as_deref() {
+                None => Mode::Enforce,
+                Some(m) => m
+                    .parse()
+                    .map_err(|e: crate::datapath::DatapathError| err(&at("mode"), e.to_string()))?,
+            };
+            let max_duration = match s.max_duration {
+                Some(d) => {
+                    parse_duration(&d).map_err(|e| err(&at("max_duration"), e.to_string()))?
+                }
+                None => Duration::from_secs(3600),
+            };
+            for (k, p) in s.requesters.iter().chain(&s.approvers).enumerate() {
+                check_pattern(p).map_err(|m| err(&at(&format!("requesters/approvers[{k}]")), m))?;
+            }
+            let approvals_required = s.approvals_required.unwrap_or(1);
+            if approvals_required > 0 && s.approvers.is_empty() {
+                return Err(err(
+                    &at("approvers"),
+                    format!(
+                        "is empty but approvals_required is {approvals_required}: nobody could approve"
+                    ),
+                ));
+            }
+            if services.contains_key(&s.name) {
+                return Err(err(&at("name"), format!("{:?} is defined twice", s.name)));
+            }
+            services.insert(
+                s.name.clone(),
+                Service {
+                    name: s.name,
+                    destinations,
+                    mode,
+                    max_duration,
+                    approvals_required,
+                    require_reason: s.require_reason.unwrap_or(true),
+                    requesters: s.requesters,
+                    approvers: s.approvers,
+                    bind_requester_address: s.bind_requester_address,
+                },
+            );
+        }
+
+        let mut identities: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+        let mut owner: BTreeMap<IpNet, String> = BTreeMap::new();
+        for (i, id) in f.identities.into_iter().enumerate() {
+            crate::identity::check_spiffe_id(&id.spiffe_id)
+                .map_err(|m| err(&format!("identities[{i}].spiffe_id"), m))?;
+            for (j, src) in id.sources.iter().enumerate() {
+                let field = format!("identities[{i}].sources[{j}]");
+                let net: IpNet = src.parse().map_err(|_| {
+                    err(
+                        &field,
+                        format!("{src:?} is not a CIDR such as 10.1.0.0/24 or fd00::/64"),
+                    )
+                })?;
+                let net = net.trunc();
+                if let Some(other) = owner.insert(net, id.spiffe_id.clone())
+                    && other != id.spiffe_id
+                {
+                    return Err(err(
+                        &field,
+                        format!("{net} is bound to both {other} and {}", id.spiffe_id),
+                    ));
+                }
+                identities
+                    .entry(id.spiffe_id.clone())
+                    .or_default()
+                    .push(net);
+            }
+        }
+        for (i, p) in f.admins.iter().enumerate() {
+            check_pattern(p).map_err(|m| err(&format!("admins[{i}]"), m))?;
+        }
+
+        Ok(Self {
+            file: file.to_path_buf(),
+            listen,
+            unix_socket: overrides
+                .unix_socket
+                .clone()
+                .or(f.agent.unix_socket)
+                .unwrap_or_else(|| "/run/jit-agent/agent.sock".into()),
+            state_dir: overrides
+                .state_dir
+                .clone()
+                .or(f.agent.state_dir)
+                .unwrap_or_else(|| "/var/lib/jit-agent".into()),
+            pin_dir: overrides
+                .pin_dir
+                .clone()
+                .or(f.agent.pin_dir)
+                .unwrap_or_else(|| crate::datapath::DEFAULT_PIN_DIR.into()),
+            interfaces,
+            request_ttl,
+            max_grants,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            services,
+            identities,
+            admins: f.admins,
+        })
+    }
+
+    /// Every configured identity binding (prefix, identity), and the prefix's owner check.
+    #[must_use]
+    pub fn static_owner(&self, net: &IpNet) -> Option<&str> {
+        self.identities
+            .iter()
+            .find(|(_, nets)| nets.contains(net))
+            .map(|(id, _)| id.as_str())
+    }
+}
+
+/// Parses `"addr:port/proto"`; `[v6]:port/proto` for IPv6.
+pub fn parse_destination(s: &str) -> Result<ServiceDest, String> {
+    let (hostport, proto) = s
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{s:?}: expected address:port/proto, e.g. 10.0.0.5:5432/tcp"))?;
+    let proto: Protocol = proto
+        .parse()
+        .map_err(|e: crate::datapath::DatapathError| format!("{s:?}: {e}"))?;
+    let sa: SocketAddr = hostport
+        .parse()
+        .map_err(|_| format!("{s:?}: {hostport:?} is not address:port ([addr]:port for IPv6)"))?;
+    if sa.port() == 0 {
+        return Err(format!("{s:?}: port 0 is not a destination port"));
+    }
+    let addr: IpAddr = sa.ip();
+    Ok(ServiceDest {
+        addr,
+        port: sa.port(),
+        proto,
+    })
+}
+
+fn check_pattern(p: &str) -> Result<(), String> {
+    if p == "*" {
+        return Ok(());
+    }
+    let base = p.strip_suffix('*').unwrap_or(p);
+    if !base.starts_with("spiffe://") {
+        return Err(format!(
+            "{p:?}: expected a SPIFFE ID (spiffe://...), a prefix ending in '*', or '*'"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `identity` matches any of `patterns` (exact, prefix ending in `*`, or `*`).
+#[must_use]
+pub fn matches_any(patterns: &[String], identity: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => identity.starts_with(prefix),
+        None => p == identity,
+    })
+}
+
+/// Names of services, for error messages.
+#[must_use]
+pub fn service_names(cfg: &Config) -> String {
+    let names: BTreeSet<&str> = cfg.services.keys().map(String::as_str).collect();
+    names.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: "t.toml".into(),
+            field: "(syntax)".into(),
+            message: e.to_string(),
+        })?;
+        Config::validate(Path::new("t.toml"), f, &Overrides::default())
+    }
+
+    const TLS: &str = "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n";
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let c = load(&format!(
+            "{TLS}[[services]]\nname='db'\ndestinations=['10.0.0.5:5432/tcp','[fd00::5]:5432/tcp']\napprovers=['spiffe://ex.org/sre/*']\n[[identities]]\nspiffe_id='spiffe://ex.org/ci'\nsources=['10.1.0.0/24']\n"
+        ))
+        .unwrap();
+        let db = &c.services["db"];
+        assert_eq!(db.destinations.len(), 2);
+        assert_eq!(db.max_duration, Duration::from_secs(3600));
+        assert_eq!(db.approvals_required, 1);
+        assert_eq!(c.listen, "127.0.0.1:7443".parse().unwrap());
+        assert_eq!(c.identities["spiffe://ex.org/ci"].len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                "[[services]]\nname='db'\ndestinations=['10.0.0.5/tcp']\napprovals_required=0\n",
+                "services[0].destinations[0]",
+            ),
+            (
+                "[[services]]\nname='db'\ndestinations=['10.0.0.5:1/tcp']\nmax_duration='0s'\napprovals_required=0\n",
+                "services[0].max_duration",
+            ),
+            (
+                "[[services]]\nname='db'\ndestinations=['10.0.0.5:1/tcp']\n",
+                "services[0].approvers",
+            ),
+            (
+                "[[identities]]\nspiffe_id='spiffe://ex.org/a'\nsources=['10.0.0.300/24']\n",
+                "identities[0].sources[0]",
+            ),
+            (
+                "[[identities]]\nspiffe_id='bob'\n",
+                "identities[0].spiffe_id",
+            ),
+            (
+                "[[identities]]\nspiffe_id='spiffe://ex.org/a'\nsources=['10.0.0.0/24']\n[[identities]]\nspiffe_id='spiffe://ex.org/b'\nsources=['10.0.0.7/24']\n",
+                "identities[1].sources[0]",
+            ),
+            ("[agent]\nlisten='nowhere'\n", "agent.listen"),
+            ("[agent]\ninterfaces=['eth0:fast']\n", "agent.interfaces[0]"),
+        ];
+        for (text, field) in cases {
+            let e = load(&format!("{TLS}{text}")).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        let e = load("[agent]\nlisten='1.2.3.4:5'\n").unwrap_err();
+        assert_eq!(e.field, "tls.ca");
+        let e = load(&format!("{TLS}[agent]\nbogus=1\n")).unwrap_err();
+        assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn conflicting_bindings_name_both_identities() {
+        let e = load(&format!("{TLS}[[identities]]\nspiffe_id='spiffe://ex.org/a'\nsources=['10.0.0.0/24']\n[[identities]]\nspiffe_id='spiffe://ex.org/b'\nsources=['10.0.0.0/24']\n")).unwrap_err();
+        assert!(
+            e.message.contains("spiffe://ex.org/a") && e.message.contains("spiffe://ex.org/b"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn patterns_match() {
+        let p = vec![
+            "spiffe://ex.org/sre/*".to_string(),
+            "spiffe://ex.org/bob".to_string(),
+        ];
+        assert!(matches_any(&p, "spiffe://ex.org/sre/alice"));
+        assert!(matches_any(&p, "spiffe://ex.org/bob"));
+        assert!(!matches_any(&p, "spiffe://ex.org/bobby"));
+        assert!(matches_any(&["*".to_string()], "anything"));
+    }
+}

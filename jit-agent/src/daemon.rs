@@ -1,0 +1,181 @@
+//! `jit-agent run`: load the config, open the store, reconcile the kernel with it, attach the
+//! gate, then serve the API over mTLS (TCP) and a root-only Unix socket. On SIGTERM or SIGINT
+//! the API stops and the gate stays attached and enforcing (its links are pinned).
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+
+use crate::{
+    api::{Api, tls::ReloadingConfig},
+    config::Config,
+    datapath::{Gate, GateMaps, LoadOptions},
+    engine::Engine,
+    kernel_sync::KernelSync,
+    node::Node,
+    proto::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer},
+    store::RedbStore,
+};
+
+/// How often expired grants and requests are swept.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How often certificate files are checked for changes.
+const TLS_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    let store_path = cfg.state_dir.join("state.redb");
+    let store = Arc::new(
+        RedbStore::open(&store_path)
+            .with_context(|| format!("opening the store {}", store_path.display()))?,
+    );
+    let tls = Arc::new(
+        ReloadingConfig::new(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)
+            .context("loading the TLS files")?,
+    );
+
+    let mut gate = Gate::load(&LoadOptions {
+        pin_dir: cfg.pin_dir.clone(),
+        max_grants: cfg.max_grants,
+    })
+    .context("loading the kernel gate")?;
+    let maps = GateMaps::open(&cfg.pin_dir)?;
+    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    // Reconcile before attaching: the kernel holds exactly the live grants of the store.
+    sync.resync()
+        .context("reconciling the kernel maps with the store")?;
+    for (iface, mode) in &cfg.interfaces {
+        let pin = gate
+            .attach(iface, *mode)
+            .with_context(|| format!("attaching the gate to {iface} ({mode})"))?;
+        log::info!(
+            "gate attached to {iface} ({mode}), link pinned at {}",
+            pin.display()
+        );
+    }
+
+    let engine = Engine::new(
+        Arc::clone(&store),
+        Arc::clone(&cfg),
+        Arc::new(crate::model::now_ms),
+    );
+    let node = Arc::new(Node {
+        engine,
+        sync: Arc::clone(&sync),
+    });
+
+    tokio::spawn(Arc::clone(&sync).run());
+    tokio::spawn(Arc::clone(&tls).watch(TLS_CHECK_EVERY));
+    {
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                let n = Arc::clone(&node);
+                match tokio::task::spawn_blocking(move || n.engine.sweep()).await {
+                    Ok(Ok((g, r))) if g + r > 0 => {
+                        log::info!("expired {g} grant(s) and {r} pending request(s)");
+                    }
+                    Ok(Err(e)) => log::error!("sweep failed: {e}"),
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let service = JitGateServer::new(Api::new(Arc::clone(&node)));
+
+    // mTLS over TCP.
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    {
+        let tls = Arc::clone(&tls);
+        tokio::spawn(async move {
+            loop {
+                let (sock, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
+                        }
+                        Ok(Err(e)) => log::info!("TLS handshake from {peer} refused: {e}"),
+                        Err(_) => log::info!("TLS handshake from {peer} timed out"),
+                    }
+                });
+            }
+        });
+    }
+
+    // The node-local Unix socket.
+    if let Some(dir) = cfg.unix_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if cfg.unix_socket.exists() {
+        std::fs::remove_file(&cfg.unix_socket)
+            .with_context(|| format!("removing the stale socket {}", cfg.unix_socket.display()))?;
+    }
+    let uds = UnixListener::bind(&cfg.unix_socket)
+        .with_context(|| format!("binding {}", cfg.unix_socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&cfg.unix_socket, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", cfg.unix_socket.display()))?;
+    }
+
+    log::info!(
+        "serving jit.v1.JitGate on {} (mTLS) and {} (local)",
+        cfg.listen,
+        cfg.unix_socket.display()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp_server = tonic::transport::Server::builder()
+        .add_service(reflection.clone())
+        .add_service(service.clone())
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), stopped(stop_rx.clone()));
+    let uds_server = tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx));
+    let tcp = tokio::spawn(tcp_server);
+    let local = tokio::spawn(uds_server);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM: stopping the API; the gate stays attached"),
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping the API; the gate stays attached"),
+        r = tcp => bail!("the mTLS server stopped: {r:?}"),
+        r = local => bail!("the local server stopped: {r:?}"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = std::fs::remove_file(&cfg.unix_socket);
+    // `gate` drops here: its handles close, the pinned links keep enforcing.
+    drop(gate);
+    Ok(())
+}

@@ -1,0 +1,680 @@
+//! The request and grant state machine. Every transition reads, checks, and commits with a
+//! compare on what it read, so concurrent calls (two approvals, an approval racing a revoke, the
+//! sweeper racing either) serialise in the store: a revoked grant is never brought back, and no
+//! grant exists without the approvals its service requires.
+//!
+//! Ownership: the engine decides transitions; the store keeps them; the kernel sync turns them
+//! into map entries after they are durable.
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use ipnet::IpNet;
+
+use crate::{
+    config::{Config, Service, matches_any, service_names},
+    duration::parse_duration,
+    identity::Caller,
+    model::{Approval, Grant, GrantState, Request, RequestState},
+    store::{Record, RecordKey, Store, StoreError, Txn, Versioned},
+};
+
+/// How often a transition is retried after losing a race.
+const RETRIES: usize = 8;
+
+/// Why a call was refused. Each maps to one gRPC status code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Bad input; names the field.
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// No such request, grant or service.
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request or grant is not in a state that allows this.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Already done (e.g. the same approver approving twice).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Lost too many races in a row.
+    #[error("too much contention on {0}; retry")]
+    Aborted(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What to revoke.
+#[derive(Clone, Debug)]
+pub enum RevokeTarget {
+    /// One grant.
+    Grant(String),
+    /// Every live grant of an identity.
+    Identity(String),
+    /// Every live grant for a service.
+    Service(String),
+}
+
+/// The clock, injectable for tests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The state machine.
+pub struct Engine<S: Store> {
+    store: Arc<S>,
+    cfg: Arc<Config>,
+    clock: Clock,
+}
+
+fn short_id(prefix: &str) -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &u[..12])
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl<S: Store> Engine<S> {
+    /// An engine over `store` with `cfg`'s services and rules.
+    pub fn new(store: Arc<S>, cfg: Arc<Config>, clock: Clock) -> Self {
+        Self { store, cfg, clock }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn service(&self, name: &str) -> Result<&Service, EngineError> {
+        self.cfg.services.get(name).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "service {name:?} is not configured on this agent (known: {})",
+                service_names(&self.cfg)
+            ))
+        })
+    }
+
+    /// Whether `caller` is an administrator (configured admins, or root on the Unix socket).
+    pub fn is_admin(&self, caller: &Caller) -> bool {
+        match caller {
+            Caller::Local { uid } => *uid == 0,
+            Caller::Spiffe(id) => matches_any(&self.cfg.admins, id),
+        }
+    }
+
+    /// Whether `caller` may approve or deny requests for `service`.
+    pub fn may_approve(&self, caller: &Caller, service: &Service) -> bool {
+        matches!(caller, Caller::Spiffe(id) if matches_any(&service.approvers, id))
+    }
+
+    /// Whether `caller` may request `service`.
+    pub fn may_request(&self, caller: &Caller, service: &Service) -> bool {
+        matches!(caller, Caller::Spiffe(id) if matches_any(&service.requesters, id))
+    }
+
+    /// Asks for access.
+    pub fn request_access(
+        &self,
+        caller: &Caller,
+        service_name: &str,
+        duration: &str,
+        reason: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Request, EngineError> {
+        if service_name.is_empty() {
+            return Err(EngineError::InvalidArgument {
+                field: "service",
+                message: "is empty; name a configured service".into(),
+            });
+        }
+        let wanted = parse_duration(duration).map_err(|e| EngineError::InvalidArgument {
+            field: "duration",
+            message: e.to_string(),
+        })?;
+        let service = self.service(service_name)?;
+        let Caller::Spiffe(requester) = caller else {
+            return Err(EngineError::PermissionDenied(
+                "the local socket is for administration; request access with a client certificate"
+                    .into(),
+            ));
+        };
+        if service.require_reason && reason.trim().is_empty() {
+            return Err(EngineError::InvalidArgument {
+                field: "reason",
+                message: format!("service {service_name:?} requires a reason"),
+            });
+        }
+        if reason.len() > 1024 {
+            return Err(EngineError::InvalidArgument {
+                field: "reason",
+                message: "is longer than 1024 bytes".into(),
+            });
+        }
+        if !self.may_request(caller, service) {
+            return Err(EngineError::PermissionDenied(format!(
+                "{requester} may not request access to {service_name:?}"
+            )));
+        }
+        let extra_sources = self.requester_sources(requester, service, peer)?;
+        let clamped = wanted > service.max_duration;
+        let granted = wanted.min(service.max_duration);
+        let now = self.now();
+        let mut req = Request {
+            id: short_id("req"),
+            requester: requester.clone(),
+            service: service_name.to_string(),
+            duration_s: granted.as_secs().max(1),
+            clamped,
+            reason: reason.trim().to_string(),
+            state: RequestState::Pending,
+            created_ms: now,
+            pending_until_ms: now.saturating_add(ms(self.cfg.request_ttl)),
+            approvals: Vec::new(),
+            approvals_required: service.approvals_required,
+            denied_by: String::new(),
+            denial_reason: String::new(),
+            grant_id: String::new(),
+            peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
+        };
+        let mut txn = Txn {
+            compares: vec![(RecordKey::Request(req.id.clone()), 0)],
+            puts: Vec::new(),
+        };
+        if service.approvals_required == 0 {
+            let grant = self.new_grant(&req, now, extra_sources);
+            txn.compares.push((RecordKey::Grant(grant.id.clone()), 0));
+            req.state = RequestState::Granted;
+            req.grant_id.clone_from(&grant.id);
+            txn.puts.push(Record::Grant(grant));
+        } else {
+            // Remember the address to bind until the request is decided.
+            req.peer_address = extra_sources
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or(req.peer_address);
+        }
+        txn.puts.push(Record::Request(req.clone()));
+        self.store.commit(txn)?;
+        Ok(req)
+    }
+
+    /// The source prefixes a grant for `requester` adds (its own address when the service binds
+    /// it), refusing when the identity would have no source at all or when the address belongs
+    /// to someone else.
+    fn requester_sources(
+        &self,
+        requester: &str,
+        service: &Service,
+        peer: Option<IpAddr>,
+    ) -> Result<Vec<IpNet>, EngineError> {
+        let static_sources = self.cfg.identities.get(requester).map_or(0, Vec::len);
+        if !service.bind_requester_address {
+            if static_sources == 0 {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "{requester} has no source addresses bound (add it under [[identities]]) and \
+                     service {:?} does not bind the requester's address: a grant would let nothing through",
+                    service.name
+                )));
+            }
+            return Ok(Vec::new());
+        }
+        let Some(peer) = peer else {
+            return Err(EngineError::FailedPrecondition(
+                "the requester's address is unknown, so it cannot be bound".into(),
+            ));
+        };
+        let net = IpNet::from(peer);
+        if let Some(owner) = self.cfg.static_owner(&net)
+            && owner != requester
+        {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{net} is bound to {owner}; refusing to bind it to {requester}"
+            )));
+        }
+        let now = self.now();
+        for g in self.store.grants()? {
+            let g = g.value;
+            if g.is_live(now)
+                && g.identity != requester
+                && g.extra_sources.contains(&net.to_string())
+            {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "{net} is bound to {} by grant {}; refusing to bind it to {requester}",
+                    g.identity, g.id
+                )));
+            }
+        }
+        Ok(vec![net])
+    }
+
+    fn new_grant(&self, req: &Request, now: i64, extra_sources: Vec<IpNet>) -> Grant {
+        Grant {
+            id: short_id("grant"),
+            request_id: req.id.clone(),
+            identity: req.requester.clone(),
+            service: req.service.clone(),
+            not_before_ms: now,
+            expires_ms: now.saturating_add(
+                i64::try_from(req.duration_s)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000),
+            ),
+            state: GrantState::Active,
+            revoked_by: String::new(),
+            revoke_reason: String::new(),
+            ended_ms: 0,
+            extra_sources: extra_sources.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn load_request(&self, id: &str) -> Result<Versioned<Request>, EngineError> {
+        if id.is_empty() {
+            return Err(EngineError::InvalidArgument {
+                field: "request_id",
+                message: "is empty".into(),
+            });
+        }
+        self.store
+            .request(id)?
+            .ok_or_else(|| EngineError::NotFound(format!("no request with id {id:?}")))
+    }
+
+    /// Expires `req` (read at `revision`) if its TTL has passed; returns whether it did.
+    fn expire_if_due(&self, req: &Versioned<Request>, now: i64) -> Result<bool, EngineError> {
+        if req.value.state != RequestState::Pending || now < req.value.pending_until_ms {
+            return Ok(false);
+        }
+        let mut r = req.value.clone();
+        r.state = RequestState::Expired;
+        match self.store.commit(Txn {
+            compares: vec![(RecordKey::Request(r.id.clone()), req.revision)],
+            puts: vec![Record::Request(r)],
+        }) {
+            Ok(_) | Err(StoreError::Conflict(_)) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn check_pending(&self, req: &Versioned<Request>) -> Result<(), EngineError> {
+        let now = self.now();
+        if self.expire_if_due(req, now)? {
+            return Err(EngineError::FailedPrecondition(format!(
+                "request {} expired undecided",
+                req.value.id
+            )));
+        }
+        match req.value.state {
+            RequestState::Pending => Ok(()),
+            s => Err(EngineError::FailedPrecondition(format!(
+                "request {} is already {}",
+                req.value.id,
+                state_word(s)
+            ))),
+        }
+    }
+
+    /// Approves a pending request; grants it once it has enough approvals.
+    pub fn approve(
+        &self,
+        caller: &Caller,
+        id: &str,
+        comment: &str,
+    ) -> Result<Request, EngineError> {
+        for _ in 0..RETRIES {
+            let req = self.load_request(id)?;
+            self.check_pending(&req)?;
+            let service = self.service(&req.value.service)?;
+            let Caller::Spiffe(approver) = caller else {
+                return Err(EngineError::PermissionDenied(
+                    "approvals need an approver's client certificate, not the local socket".into(),
+                ));
+            };
+            if *approver == req.value.requester {
+                return Err(EngineError::PermissionDenied(
+                    "a requester can never approve its own request".into(),
+                ));
+            }
+            if !self.may_approve(caller, service) {
+                return Err(EngineError::PermissionDenied(format!(
+                    "{approver} may not approve requests for {:?}",
+                    service.name
+                )));
+            }
+            if req.value.approvals.iter().any(|a| a.approver == *approver) {
+                return Err(EngineError::AlreadyExists(format!(
+                    "{approver} has already approved request {id}"
+                )));
+            }
+            let now = self.now();
+            let mut r = req.value.clone();
+            r.approvals.push(Approval {
+                approver: approver.clone(),
+                comment: comment.to_string(),
+                at_ms: now,
+            });
+            let mut txn = Txn {
+                compares: vec![(RecordKey::Request(r.id.clone()), req.revision)],
+                puts: Vec::new(),
+            };
+            if u32::try_from(r.approvals.len()).unwrap_or(u32::MAX) >= r.approvals_required {
+                let extra = r
+                    .peer_address
+                    .parse::<IpNet>()
+                    .ok()
+                    .filter(|_| service.bind_requester_address)
+                    .into_iter()
+                    .collect();
+                let grant = self.new_grant(&r, now, extra);
+                r.state = RequestState::Granted;
+                r.grant_id.clone_from(&grant.id);
+                txn.compares.push((RecordKey::Grant(grant.id.clone()), 0));
+                txn.puts.push(Record::Grant(grant));
+            }
+            txn.puts.push(Record::Request(r.clone()));
+            match self.store.commit(txn) {
+                Ok(_) => return Ok(r),
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Aborted(format!("request {id}")))
+    }
+
+    /// Denies a pending request.
+    pub fn deny(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, EngineError> {
+        for _ in 0..RETRIES {
+            let req = self.load_request(id)?;
+            self.check_pending(&req)?;
+            let service = self.service(&req.value.service)?;
+            if !self.may_approve(caller, service) {
+                return Err(EngineError::PermissionDenied(format!(
+                    "{} may not deny requests for {:?}",
+                    caller.name(),
+                    service.name
+                )));
+            }
+            let mut r = req.value.clone();
+            r.state = RequestState::Denied;
+            r.denied_by = caller.name();
+            r.denial_reason = comment.to_string();
+            match self.store.commit(Txn {
+                compares: vec![(RecordKey::Request(r.id.clone()), req.revision)],
+                puts: vec![Record::Request(r.clone())],
+            }) {
+                Ok(_) => return Ok(r),
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Aborted(format!("request {id}")))
+    }
+
+    /// Whether `caller` may revoke `grant`: admins, the service's approvers, and the holder
+    /// itself (releasing its own access early).
+    fn may_revoke(&self, caller: &Caller, grant: &Grant) -> bool {
+        self.is_admin(caller)
+            || matches!(caller, Caller::Spiffe(id) if *id == grant.identity)
+            || self
+                .cfg
+                .services
+                .get(&grant.service)
+                .is_some_and(|s| self.may_approve(caller, s))
+    }
+
+    /// Revokes grants. One grant by id must exist and be active; by identity or service, every
+    /// live grant the caller may revoke is revoked (none is not an error).
+    pub fn revoke(
+        &self,
+        caller: &Caller,
+        target: &RevokeTarget,
+        reason: &str,
+    ) -> Result<Vec<Grant>, EngineError> {
+        let candidates: Vec<String> = match target {
+            RevokeTarget::Grant(id) => {
+                if id.is_empty() {
+                    return Err(EngineError::InvalidArgument {
+                        field: "grant_id",
+                        message: "is empty".into(),
+                    });
+                }
+                let g = self
+                    .store
+                    .grant(id)?
+                    .ok_or_else(|| EngineError::NotFound(format!("no grant with id {id:?}")))?;
+                if !self.may_revoke(caller, &g.value) {
+                    return Err(EngineError::PermissionDenied(format!(
+                        "{} may not revoke grant {id}",
+                        caller.name()
+                    )));
+                }
+                if g.value.state != GrantState::Active {
+                    return Err(EngineError::FailedPrecondition(format!(
+                        "grant {id} is already {}",
+                        grant_word(g.value.state)
+                    )));
+                }
+                vec![id.clone()]
+            }
+            RevokeTarget::Identity(who) | RevokeTarget::Service(who) if who.is_empty() => {
+                return Err(EngineError::InvalidArgument {
+                    field: if matches!(target, RevokeTarget::Identity(_)) {
+                        "identity"
+                    } else {
+                        "service"
+                    },
+                    message: "is empty".into(),
+                });
+            }
+            RevokeTarget::Identity(who) => self.matching_active(caller, |g| g.identity == *who)?,
+            RevokeTarget::Service(name) => {
+                self.service(name)?;
+                self.matching_active(caller, |g| g.service == *name)?
+            }
+        };
+        let mut revoked = Vec::new();
+        for id in candidates {
+            if let Some(g) = self.revoke_one(caller, &id, reason)? {
+                revoked.push(g);
+            }
+        }
+        Ok(revoked)
+    }
+
+    fn matching_active(
+        &self,
+        caller: &Caller,
+        pred: impl Fn(&Grant) -> bool,
+    ) -> Result<Vec<String>, EngineError> {
+        let all: Vec<Grant> = self
+            .store
+            .grants()?
+            .into_iter()
+            .map(|g| g.value)
+            .filter(|g| g.state == GrantState::Active && pred(g))
+            .collect();
+        if let Some(g) = all.iter().find(|g| !self.may_revoke(caller, g)) {
+            return Err(EngineError::PermissionDenied(format!(
+                "{} may not revoke grant {} ({} on {:?})",
+                caller.name(),
+                g.id,
+                g.identity,
+                g.service
+            )));
+        }
+        Ok(all.into_iter().map(|g| g.id).collect())
+    }
+
+    /// Revokes one grant if still active; `None` if someone else ended it first.
+    fn revoke_one(
+        &self,
+        caller: &Caller,
+        id: &str,
+        reason: &str,
+    ) -> Result<Option<Grant>, EngineError> {
+        for _ in 0..RETRIES {
+            let Some(g) = self.store.grant(id)? else {
+                return Ok(None);
+            };
+            if g.value.state != GrantState::Active {
+                return Ok(None);
+            }
+            let mut ng = g.value.clone();
+            ng.state = GrantState::Revoked;
+            ng.revoked_by = caller.name();
+            ng.revoke_reason = reason.to_string();
+            ng.ended_ms = self.now();
+            match self.store.commit(Txn {
+                compares: vec![(RecordKey::Grant(id.to_string()), g.revision)],
+                puts: vec![Record::Grant(ng.clone())],
+            }) {
+                Ok(_) => return Ok(Some(ng)),
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Aborted(format!("grant {id}")))
+    }
+
+    /// Ends what time has ended: active grants past their expiry, pending requests past their
+    /// TTL. Returns how many of each it ended.
+    pub fn sweep(&self) -> Result<(usize, usize), EngineError> {
+        let now = self.now();
+        let mut grants = 0;
+        for g in self.store.grants()? {
+            if g.value.state == GrantState::Active && g.value.expires_ms <= now {
+                let mut ng = g.value.clone();
+                ng.state = GrantState::Expired;
+                ng.ended_ms = now;
+                match self.store.commit(Txn {
+                    compares: vec![(RecordKey::Grant(ng.id.clone()), g.revision)],
+                    puts: vec![Record::Grant(ng)],
+                }) {
+                    Ok(_) => grants += 1,
+                    Err(StoreError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let mut requests = 0;
+        for r in self.store.requests()? {
+            if self.expire_if_due(&r, now)? {
+                requests += 1;
+            }
+        }
+        Ok((grants, requests))
+    }
+
+    /// Whether `caller` may see `req`.
+    pub fn may_see_request(&self, caller: &Caller, req: &Request) -> bool {
+        self.is_admin(caller)
+            || matches!(caller, Caller::Spiffe(id) if *id == req.requester)
+            || self
+                .cfg
+                .services
+                .get(&req.service)
+                .is_some_and(|s| self.may_approve(caller, s))
+    }
+
+    /// Whether `caller` may see `grant`.
+    pub fn may_see_grant(&self, caller: &Caller, grant: &Grant) -> bool {
+        self.may_revoke(caller, grant)
+    }
+
+    /// One request the caller may see.
+    pub fn get_request(&self, caller: &Caller, id: &str) -> Result<Request, EngineError> {
+        let r = self.load_request(id)?.value;
+        if !self.may_see_request(caller, &r) {
+            return Err(EngineError::NotFound(format!("no request with id {id:?}")));
+        }
+        Ok(r)
+    }
+
+    /// Requests the caller may see, newest first.
+    pub fn list_requests(
+        &self,
+        caller: &Caller,
+        pending_only: bool,
+    ) -> Result<Vec<Request>, EngineError> {
+        let now = self.now();
+        let mut out: Vec<Request> = self
+            .store
+            .requests()?
+            .into_iter()
+            .map(|r| r.value)
+            .filter(|r| self.may_see_request(caller, r))
+            .filter(|r| {
+                !pending_only || (r.state == RequestState::Pending && now < r.pending_until_ms)
+            })
+            .collect();
+        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(b.id.cmp(&a.id)));
+        Ok(out)
+    }
+
+    /// One grant the caller may see.
+    pub fn get_grant(&self, caller: &Caller, id: &str) -> Result<Grant, EngineError> {
+        let g = self
+            .store
+            .grant(id)?
+            .map(|g| g.value)
+            .filter(|g| self.may_see_grant(caller, g))
+            .ok_or_else(|| EngineError::NotFound(format!("no grant with id {id:?}")))?;
+        Ok(g)
+    }
+
+    /// Grants the caller may see, newest first.
+    pub fn list_grants(
+        &self,
+        caller: &Caller,
+        active_only: bool,
+    ) -> Result<Vec<Grant>, EngineError> {
+        let now = self.now();
+        let mut out: Vec<Grant> = self
+            .store
+            .grants()?
+            .into_iter()
+            .map(|g| g.value)
+            .filter(|g| self.may_see_grant(caller, g))
+            .filter(|g| !active_only || g.is_live(now))
+            .collect();
+        out.sort_by(|a, b| b.not_before_ms.cmp(&a.not_before_ms).then(b.id.cmp(&a.id)));
+        Ok(out)
+    }
+}
+
+/// A request state in words.
+#[must_use]
+pub const fn state_word(s: RequestState) -> &'static str {
+    match s {
+        RequestState::Pending => "pending",
+        RequestState::Granted => "granted",
+        RequestState::Denied => "denied",
+        RequestState::Expired => "expired",
+    }
+}
+
+/// A grant state in words.
+#[must_use]
+pub const fn grant_word(s: GrantState) -> &'static str {
+    match s {
+        GrantState::Active => "active",
+        GrantState::Revoked => "revoked",
+        GrantState::Expired => "expired",
+    }
+}

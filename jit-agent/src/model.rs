@@ -1,0 +1,119 @@
+//! The records the agent keeps: requests, grants and their states. Times are Unix milliseconds.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// Waiting for approvals.
+    Pending,
+    /// Approved; a grant exists.
+    Granted,
+    /// Denied by policy or an approver.
+    Denied,
+    /// Not decided within the request TTL.
+    Expired,
+}
+
+/// Where a grant stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    /// In force until it expires.
+    Active,
+    /// Taken away early.
+    Revoked,
+    /// Ran out.
+    Expired,
+}
+
+/// One approval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Who approved.
+    pub approver: String,
+    /// Their comment.
+    pub comment: String,
+    /// When.
+    pub at_ms: i64,
+}
+
+/// A request for access.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Id.
+    pub id: String,
+    /// Requester identity (SPIFFE ID).
+    pub requester: String,
+    /// Service name.
+    pub service: String,
+    /// Duration after clamping, seconds.
+    pub duration_s: u64,
+    /// Whether the duration was clamped.
+    pub clamped: bool,
+    /// Reason given.
+    pub reason: String,
+    /// State.
+    pub state: RequestState,
+    /// Created at.
+    pub created_ms: i64,
+    /// A pending request expires at.
+    pub pending_until_ms: i64,
+    /// Approvals so far, one per approver.
+    pub approvals: Vec<Approval>,
+    /// Approvals needed.
+    pub approvals_required: u32,
+    /// Who denied it, empty for policy.
+    pub denied_by: String,
+    /// Why it was denied.
+    pub denial_reason: String,
+    /// The grant, once granted.
+    pub grant_id: String,
+    /// Requester's address as seen by the agent.
+    pub peer_address: String,
+}
+
+/// A grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Id.
+    pub id: String,
+    /// Request it came from.
+    pub request_id: String,
+    /// Identity holding it.
+    pub identity: String,
+    /// Service it opens.
+    pub service: String,
+    /// Opens at.
+    pub not_before_ms: i64,
+    /// Closes at.
+    pub expires_ms: i64,
+    /// State.
+    pub state: GrantState,
+    /// Who revoked it.
+    pub revoked_by: String,
+    /// Why.
+    pub revoke_reason: String,
+    /// When it ended (0 while active).
+    pub ended_ms: i64,
+    /// Source prefixes bound to the identity for this grant only (the requester's own address),
+    /// on top of the identity's static bindings.
+    pub extra_sources: Vec<String>,
+}
+
+impl Grant {
+    /// Whether the grant is in force at `now_ms`.
+    #[must_use]
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.state == GrantState::Active && self.not_before_ms <= now_ms && now_ms < self.expires_ms
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+#[must_use]
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,100 @@
+//! The node: the state machine plus the kernel sync, joined at the one place where a decision
+//! becomes enforcement: "make it durable, then enforce". A grant reaches the kernel only after the
+//! store has committed it; if the kernel refuses it (its grants map is full), the grant is revoked
+//! again and the caller learns why. Revocation and expiry never depend on this path: the kernel
+//! sync applies them from the change stream, and the kernel expires grants by itself.
+
+use std::sync::Arc;
+
+use crate::{
+    datapath::DatapathError,
+    engine::{Engine, EngineError, RevokeTarget},
+    identity::Caller,
+    kernel_sync::{KernelSync, SyncError},
+    model::{Request, RequestState},
+    store::Store,
+};
+
+/// Errors of node operations.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Refused by the state machine.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The kernel's grants map is full: the grant was recorded, then revoked.
+    #[error("the kernel cannot hold more grants ({0}); the grant was revoked again")]
+    KernelFull(String),
+    /// The kernel write failed otherwise (the grant was revoked again).
+    #[error("writing the grant to the kernel failed ({0}); the grant was revoked again")]
+    Kernel(String),
+}
+
+/// Engine and kernel sync of one node.
+pub struct Node<S: Store> {
+    /// The state machine.
+    pub engine: Engine<S>,
+    /// The kernel writer.
+    pub sync: Arc<KernelSync<S>>,
+}
+
+impl<S: Store> Node<S> {
+    /// Asks for access; enforces at once when granted.
+    pub fn request_access(
+        &self,
+        caller: &Caller,
+        service: &str,
+        duration: &str,
+        reason: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Request, NodeError> {
+        let req = self
+            .engine
+            .request_access(caller, service, duration, reason, peer)?;
+        self.enforce(req)
+    }
+
+    /// Approves; enforces at once when this approval completes the request.
+    pub fn approve(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
+        let req = self.engine.approve(caller, id, comment)?;
+        self.enforce(req)
+    }
+
+    /// The durable-then-enforce step for a request the store now holds.
+    fn enforce(&self, req: Request) -> Result<Request, NodeError> {
+        if req.state != RequestState::Granted {
+            return Ok(req);
+        }
+        let result = (|| -> Result<(), SyncError> {
+            let grant = self.engine.store().grant(&req.grant_id)?.map(|g| g.value);
+            if let Some(g) = grant {
+                if !g.extra_sources.is_empty() {
+                    self.sync.sync_identities()?;
+                }
+                self.sync.sync_pair(&g.identity, &g.service)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(req),
+            Err(e) => {
+                let full = matches!(e, SyncError::Datapath(DatapathError::MapFull { .. }));
+                let system = Caller::Local { uid: 0 };
+                if let Err(re) = self.engine.revoke(
+                    &system,
+                    &RevokeTarget::Grant(req.grant_id.clone()),
+                    &format!("kernel refused the grant: {e}"),
+                ) {
+                    log::error!(
+                        "revoking grant {} after a kernel failure: {re}",
+                        req.grant_id
+                    );
+                }
+                Err(if full {
+                    NodeError::KernelFull(e.to_string())
+                } else {
+                    NodeError::Kernel(e.to_string())
+                })
+            }
+        }
+    }
+}

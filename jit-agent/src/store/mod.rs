@@ -1,0 +1,108 @@
+//! Durable state behind one trait, shaped for more than one backend: every state transition is a
+//! transaction that compares revisions and then writes, and every committed write is published
+//! on a change stream. The embedded backend is redb; an etcd backend can implement the same
+//! trait with etcd transactions and watches.
+//!
+//! Ownership: the store keeps records; it never writes kernel maps and never evaluates policy.
+
+mod redb_store;
+
+pub use redb_store::RedbStore;
+use tokio::sync::broadcast;
+
+use crate::model::{Grant, Request};
+
+/// A record and its revision (the store-wide revision of its last write).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Versioned<T> {
+    /// The record.
+    pub value: T,
+    /// Revision of its last write; never 0.
+    pub revision: u64,
+}
+
+/// Any record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A request.
+    Request(Request),
+    /// A grant.
+    Grant(Grant),
+}
+
+/// The key of a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordKey {
+    /// A request id.
+    Request(String),
+    /// A grant id.
+    Grant(String),
+}
+
+/// A committed write, as the change stream carries it.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// Revision of the commit.
+    pub revision: u64,
+    /// The record as written.
+    pub record: Record,
+}
+
+/// Compare-then-write: every compare must hold or nothing is written.
+#[derive(Clone, Debug, Default)]
+pub struct Txn {
+    /// Keys with the revision they must still have; 0 means "must not exist".
+    pub compares: Vec<(RecordKey, u64)>,
+    /// Records to write.
+    pub puts: Vec<Record>,
+}
+
+/// Kinds of numeric ids the kernel needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdKind {
+    /// Service ids (below `jit_common::MAX_SERVICES`).
+    Service,
+    /// Identity ids (from 1).
+    Identity,
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare failed: someone else changed the record first. Re-read and retry.
+    #[error("conflict on {0:?}: it changed since it was read")]
+    Conflict(RecordKey),
+    /// The id space is used up.
+    #[error("no {0:?} ids left")]
+    IdsExhausted(IdKind),
+    /// The backend failed.
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// Its key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Durable state of requests, grants and numeric ids.
+pub trait Store: Send + Sync + 'static {
+    /// One request.
+    fn request(&self, id: &str) -> Result<Option<Versioned<Request>>, StoreError>;
+    /// All requests.
+    fn requests(&self) -> Result<Vec<Versioned<Request>>, StoreError>;
+    /// One grant.
+    fn grant(&self, id: &str) -> Result<Option<Versioned<Grant>>, StoreError>;
+    /// All grants.
+    fn grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError>;
+    /// Applies `txn` atomically and durably; returns the new revision.
+    fn commit(&self, txn: Txn) -> Result<u64, StoreError>;
+    /// The numeric id of `name`, allocated on first use and stable forever after.
+    fn numeric_id(&self, kind: IdKind, name: &str) -> Result<u32, StoreError>;
+    /// The stream of committed changes from now on. A receiver that lags must re-read
+    /// everything (it gets `RecvError::Lagged`).
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
+}

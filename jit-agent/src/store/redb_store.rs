@@ -1,0 +1,221 @@
+//! The embedded store: one redb file in the state directory. Each commit is one redb write
+//! transaction, durable when it returns (it survives `kill -9` and power loss).
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use tokio::sync::broadcast;
+
+use super::{Change, IdKind, Record, RecordKey, Store, StoreError, Txn, Versioned};
+use crate::model::{Grant, Request};
+
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+const IDS: TableDefinition<&str, u32> = TableDefinition::new("ids");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const REVISION: &str = "revision";
+const NEXT_SERVICE_ID: &str = "next_service_id";
+const NEXT_IDENTITY_ID: &str = "next_identity_id";
+
+/// redb-backed [`Store`].
+pub struct RedbStore {
+    db: Database,
+    changes: broadcast::Sender<Change>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+        // Create the tables so readers never meet a missing one.
+        let tx = db.begin_write().map_err(backend)?;
+        tx.open_table(REQUESTS).map_err(backend)?;
+        tx.open_table(GRANTS).map_err(backend)?;
+        tx.open_table(IDS).map_err(backend)?;
+        tx.open_table(META).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        let (changes, _) = broadcast::channel(4096);
+        Ok(Self { db, changes })
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        id: &str,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let t = tx.open_table(table).map_err(backend)?;
+        let Some(v) = t.get(id).map_err(backend)? else {
+            return Ok(None);
+        };
+        decode(id, v.value()).map(Some)
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<Versioned<T>>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let t = tx.open_table(table).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(backend)? {
+            let (k, v) = item.map_err(backend)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<Versioned<T>, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T, revision: u64) -> Result<Vec<u8>, StoreError> {
+    #[derive(serde::Serialize)]
+    struct V<'a, T> {
+        value: &'a T,
+        revision: u64,
+    }
+    serde_json::to_vec(&V { value, revision }).map_err(backend)
+}
+
+fn revision_of(bytes: Option<&[u8]>) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct R {
+        revision: u64,
+    }
+    bytes
+        .and_then(|b| serde_json::from_slice::<R>(b).ok())
+        .map_or(0, |r| r.revision)
+}
+
+impl Store for RedbStore {
+    fn request(&self, id: &str) -> Result<Option<Versioned<Request>>, StoreError> {
+        self.get(REQUESTS, id)
+    }
+
+    fn requests(&self) -> Result<Vec<Versioned<Request>>, StoreError> {
+        self.all(REQUESTS)
+    }
+
+    fn grant(&self, id: &str) -> Result<Option<Versioned<Grant>>, StoreError> {
+        self.get(GRANTS, id)
+    }
+
+    fn grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        self.all(GRANTS)
+    }
+
+    fn commit(&self, txn: Txn) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        let revision;
+        {
+            let mut requests = tx.open_table(REQUESTS).map_err(backend)?;
+            let mut grants = tx.open_table(GRANTS).map_err(backend)?;
+            let mut meta = tx.open_table(META).map_err(backend)?;
+            for (key, expected) in &txn.compares {
+                let current = match key {
+                    RecordKey::Request(id) => revision_of(
+                        requests
+                            .get(id.as_str())
+                            .map_err(backend)?
+                            .as_ref()
+                            .map(|v| v.value()),
+                    ),
+                    RecordKey::Grant(id) => revision_of(
+                        grants
+                            .get(id.as_str())
+                            .map_err(backend)?
+                            .as_ref()
+                            .map(|v| v.value()),
+                    ),
+                };
+                if current != *expected {
+                    // Dropping the transaction without commit writes nothing.
+                    return Err(StoreError::Conflict(key.clone()));
+                }
+            }
+            revision = meta
+                .get(REVISION)
+                .map_err(backend)?
+                .map_or(0, |v| v.value())
+                + 1;
+            for record in &txn.puts {
+                match record {
+                    Record::Request(r) => {
+                        requests
+                            .insert(r.id.as_str(), encode(r, revision)?.as_slice())
+                            .map_err(backend)?;
+                    }
+                    Record::Grant(g) => {
+                        grants
+                            .insert(g.id.as_str(), encode(g, revision)?.as_slice())
+                            .map_err(backend)?;
+                    }
+                }
+            }
+            meta.insert(REVISION, revision).map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        for record in txn.puts {
+            // No receiver is fine: nobody is watching.
+            let _ = self.changes.send(Change { revision, record });
+        }
+        Ok(revision)
+    }
+
+    fn numeric_id(&self, kind: IdKind, name: &str) -> Result<u32, StoreError> {
+        let key = match kind {
+            IdKind::Service => format!("service:{name}"),
+            IdKind::Identity => format!("identity:{name}"),
+        };
+        {
+            let tx = self.db.begin_read().map_err(backend)?;
+            let t = tx.open_table(IDS).map_err(backend)?;
+            if let Some(v) = t.get(key.as_str()).map_err(backend)? {
+                return Ok(v.value());
+            }
+        }
+        let tx = self.db.begin_write().map_err(backend)?;
+        let id;
+        {
+            let mut ids = tx.open_table(IDS).map_err(backend)?;
+            if let Some(v) = ids.get(key.as_str()).map_err(backend)? {
+                return Ok(v.value());
+            }
+            let mut meta = tx.open_table(META).map_err(backend)?;
+            let (counter, first, limit) = match kind {
+                IdKind::Service => (NEXT_SERVICE_ID, 0u64, u64::from(jit_common::MAX_SERVICES)),
+                IdKind::Identity => (NEXT_IDENTITY_ID, 1u64, u64::from(u32::MAX)),
+            };
+            let next = meta
+                .get(counter)
+                .map_err(backend)?
+                .map_or(first, |v| v.value());
+            if next >= limit {
+                return Err(StoreError::IdsExhausted(kind));
+            }
+            id = u32::try_from(next).map_err(|_| StoreError::IdsExhausted(kind))?;
+            meta.insert(counter, next + 1).map_err(backend)?;
+            ids.insert(key.as_str(), id).map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(id)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
