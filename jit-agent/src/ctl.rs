@@ -60,7 +60,7 @@ pub enum Command {
         /// Service name.
         service: String,
         /// How long, e.g. 15m (clamped to the service's maximum).
-        #[arg(long = "for", value_name = "DURATION")]
+        #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true)]
         duration: String,
         /// Why.
         #[arg(long, default_value = "")]
@@ -69,7 +69,12 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
         /// How long --wait waits.
-        #[arg(long, default_value = "15m", value_name = "DURATION")]
+        #[arg(
+            long,
+            default_value = "15m",
+            value_name = "DURATION",
+            allow_hyphen_values = true
+        )]
         timeout: String,
     },
     /// Approve a pending request.
@@ -136,13 +141,18 @@ pub enum Command {
         /// Service name.
         service: String,
         /// Longest the access may last.
-        #[arg(long = "for", value_name = "DURATION")]
+        #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true)]
         duration: String,
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
         /// How long to wait for approval.
-        #[arg(long, default_value = "15m", value_name = "DURATION")]
+        #[arg(
+            long,
+            default_value = "15m",
+            value_name = "DURATION",
+            allow_hyphen_values = true
+        )]
         timeout: String,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
@@ -417,6 +427,17 @@ async fn wait_decided(
 
 /// Runs jitctl; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Check what can be checked here before talking to the agent.
+    if let Command::Request {
+        duration, timeout, ..
+    }
+    | Command::Exec {
+        duration, timeout, ..
+    } = &cli.command
+    {
+        parse_duration(duration).map_err(|e| anyhow!("--for {e}"))?;
+        parse_duration(timeout).map_err(|e| anyhow!("--timeout {e}"))?;
+    }
     let s = settings(&cli)?;
     let mut c = connect(&s).await?;
     match cli.command {
@@ -428,7 +449,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             timeout,
         } => {
             let timeout = parse_duration(&timeout).map_err(|e| anyhow!("--timeout {e}"))?;
-            parse_duration(&duration).map_err(|e| anyhow!("--for {e}"))?;
             let r = c
                 .request_access(pb::RequestAccessRequest {
                     service,
@@ -575,7 +595,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                                 grant_state_name(g.state).into(),
                                 g.identity.clone(),
                                 g.service.clone(),
-                                left(g.expires_unix_ms),
+                                if g.state == pb::GrantState::Active as i32 {
+                                    left(g.expires_unix_ms)
+                                } else {
+                                    "-".into()
+                                },
                                 g.sources.join(","),
                             ]
                         })
@@ -700,7 +724,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             command,
         } => {
             let timeout = parse_duration(&timeout).map_err(|e| anyhow!("--timeout {e}"))?;
-            parse_duration(&duration).map_err(|e| anyhow!("--for {e}"))?;
             let r = c
                 .request_access(pb::RequestAccessRequest {
                     service,

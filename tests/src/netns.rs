@@ -90,6 +90,31 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// A command that runs inside this namespace (network only, like `nsenter --net`): the
+    /// mount namespace, and so bpffs, stays the caller's.
+    #[must_use]
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt as _;
+        let path = format!("/run/netns/{}", self.name);
+        let mut cmd = Command::new(program);
+        // SAFETY: between fork and exec only open and setns run, both async-signal-safe; the
+        // path is prepared before the fork.
+        let c_path = std::ffi::CString::new(path).expect("namespace path");
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let out = Command::new("ip")

@@ -3,11 +3,6 @@
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts, so output
-    // piped into `head` ends quietly.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = jit_agent::ctl::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,0 +1,711 @@
+//! The agent end to end, through the real binaries: `jit-agent run` in a server namespace with
+//! the gate on its veth, `jitctl` in a client namespace, real TCP traffic between them.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use jit_tests::{
+    PinDirGuard,
+    echo::{EchoServer, round_trip},
+    netns::{CLIENT_V4, Link, SERVER_V4},
+    remove_pin_dir, require_root, unique,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_jit-agent");
+const JITCTL: &str = env!("CARGO_BIN_EXE_jitctl");
+const ECHO_PORT: u16 = 8443;
+const DEPLOY_PORT: u16 = 9443;
+const SHORT_PORT: u16 = 9444;
+/// A second client address, statically bound to the CI identity.
+const CI_V4: &str = "10.213.0.3";
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(unique("jit-agent-e2e-"));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Everything one test needs: namespaces, certificates, config, pin dir, the agent process.
+struct World {
+    link: Link,
+    dir: TempDir,
+    pin_dir: PathBuf,
+    _pins: PinDirGuard,
+    config: PathBuf,
+    agent: Option<Child>,
+}
+
+fn config_text(dir: &Path, pin_dir: &Path, iface: &str, request_ttl: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"admins = ["spiffe://jit.test/sre/*"]
+
+[agent]
+listen = "{SERVER_V4}:7443"
+unix_socket = "{d}/agent.sock"
+state_dir = "{d}/state"
+pin_dir = "{pin}"
+interfaces = ["{iface}"]
+request_ttl = "{request_ttl}"
+
+[tls]
+ca = "{d}/certs/ca.pem"
+cert = "{d}/certs/agent.pem"
+key = "{d}/certs/agent.key"
+
+[[services]]
+name = "echo"
+destinations = ["{SERVER_V4}:{ECHO_PORT}/tcp"]
+max_duration = "30m"
+approvals_required = 1
+requesters = ["spiffe://jit.test/*"]
+approvers = ["spiffe://jit.test/sre/*", "spiffe://jit.test/bob"]
+bind_requester_address = true
+
+[[services]]
+name = "short"
+destinations = ["{SERVER_V4}:{SHORT_PORT}/tcp"]
+max_duration = "2s"
+approvals_required = 0
+requesters = ["spiffe://jit.test/alice"]
+bind_requester_address = true
+
+[[services]]
+name = "deploy"
+destinations = ["{SERVER_V4}:{DEPLOY_PORT}/tcp"]
+max_duration = "10m"
+approvals_required = 0
+require_reason = false
+requesters = ["spiffe://jit.test/ci/deployer"]
+
+[[identities]]
+spiffe_id = "spiffe://jit.test/ci/deployer"
+sources = ["{CI_V4}/32"]
+"#,
+        pin = pin_dir.display()
+    )
+}
+
+impl World {
+    fn new(request_ttl: &str) -> Self {
+        let link = Link::new();
+        link.client.exec_ip(&[
+            "addr",
+            "add",
+            &format!("{CI_V4}/24"),
+            "dev",
+            &link.client_if,
+        ]);
+        let dir = TempDir::new();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-cli-")));
+        let out = Command::new(AGENT)
+            .args([
+                "certs",
+                "init",
+                "--trust-domain",
+                "jit.test",
+                "--host",
+                SERVER_V4,
+            ])
+            .args([
+                "--identity",
+                "alice",
+                "--identity",
+                "bob",
+                "--identity",
+                "sre/carol",
+            ])
+            .args(["--identity", "ci/deployer", "--dir"])
+            .arg(dir.0.join("certs"))
+            .output()
+            .expect("certs init");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = dir.0.join("agent.toml");
+        std::fs::write(
+            &config,
+            config_text(&dir.0, &pin_dir, &link.server_if, request_ttl),
+        )
+        .expect("config");
+        Self {
+            _pins: PinDirGuard(pin_dir.clone()),
+            link,
+            dir,
+            pin_dir,
+            config,
+            agent: None,
+        }
+    }
+
+    /// Starts `jit-agent run` in the server namespace and waits until it answers.
+    fn start_agent(&mut self) {
+        let log = std::fs::File::create(self.dir.0.join("agent.log")).expect("log");
+        let child = self
+            .link
+            .server
+            .command(AGENT)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting jit-agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.local(&["status"]);
+            if out.status.success() {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.agent.as_mut().map(Child::try_wait) {
+                panic!("jit-agent exited ({st}):\n{}", self.agent_log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "jit-agent did not come up:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs jitctl as `who` (a certificate stem) from the client namespace.
+    fn ctl(&self, who: &str, args: &[&str]) -> Output {
+        let certs = self.dir.0.join("certs");
+        self.link
+            .client
+            .command(JITCTL)
+            .args(args)
+            .env("HOME", &self.dir.0)
+            .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
+            .env("JIT_CA", certs.join("ca.pem"))
+            .env("JIT_CERT", certs.join(format!("{who}.pem")))
+            .env("JIT_KEY", certs.join(format!("{who}.key")))
+            .output()
+            .expect("running jitctl")
+    }
+
+    /// Runs jitctl on the agent's local socket (as root).
+    fn local(&self, args: &[&str]) -> Output {
+        Command::new(JITCTL)
+            .arg("--socket")
+            .arg(self.dir.0.join("agent.sock"))
+            .args(args)
+            .env("HOME", &self.dir.0)
+            .output()
+            .expect("running jitctl")
+    }
+
+    fn json(&self, who: &str, args: &[&str]) -> serde_json::Value {
+        let out = self.ctl(who, args);
+        serde_json::from_str(&ok(&out)).expect("JSON")
+    }
+
+    fn connect(&self, from: &str, port: u16) -> Option<TcpStream> {
+        let from: std::net::IpAddr = from.parse().expect("addr");
+        let to: SocketAddr = format!("{SERVER_V4}:{port}").parse().expect("addr");
+        self.link.client.run(move || {
+            let sock = socket2_connect(from, to);
+            sock.ok()
+        })
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill9();
+        remove_pin_dir(&self.pin_dir);
+    }
+}
+
+/// Connects from a chosen source address, with a bounded timeout.
+fn socket2_connect(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    // Bind the source through a raw socket: std's TcpStream cannot bind before connect.
+    // SAFETY: plain socket calls on a fresh descriptor that the TcpStream then owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let std::net::IpAddr::V4(v4) = from else {
+            return Err(std::io::Error::other("IPv4 only"));
+        };
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        stream.set_nonblocking(true)?;
+        let std::net::SocketAddr::V4(t) = to else {
+            return Err(std::io::Error::other("IPv4 only"));
+        };
+        let ta = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: t.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(t.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&raw const ta).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        if libc::poll(&raw mut pfd, 1, 1500) != 1 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ));
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
+}
+
+#[track_caller]
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[track_caller]
+fn fails(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
+}
+
+fn request_id(out: &str) -> String {
+    out.split_whitespace()
+        .find(|w| w.starts_with("req-"))
+        .unwrap_or_else(|| panic!("no request id in {out:?}"))
+        .to_string()
+}
+
+#[test]
+fn request_approve_revoke_expire_restart() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    w.start_agent();
+    let _echo = EchoServer::start(
+        &w.link.server,
+        format!("{SERVER_V4}:{ECHO_PORT}").parse().expect("addr"),
+    );
+    let _short = EchoServer::start(
+        &w.link.server,
+        format!("{SERVER_V4}:{SHORT_PORT}").parse().expect("addr"),
+    );
+
+    // Dropped without a grant.
+    assert!(
+        w.connect(CLIENT_V4, ECHO_PORT).is_none(),
+        "connected without a grant"
+    );
+
+    // Request → pending → self-approval refused → approval → granted.
+    let out = ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "10m", "--reason", "ticket 1"],
+    ));
+    assert!(out.contains("pending"), "{out}");
+    let id = request_id(&out);
+    fails(
+        &w.ctl("alice", &["approve", &id]),
+        1,
+        "never approve its own request",
+    );
+    fails(
+        &w.ctl("sre_carol", &["approve", "req-000000000000"]),
+        1,
+        "no request with id",
+    );
+    let out = ok(&w.ctl("bob", &["approve", &id, "--comment", "ok"]));
+    assert!(out.contains("granted"), "{out}");
+    fails(&w.ctl("sre_carol", &["approve", &id]), 1, "already granted");
+
+    // Traffic passes; revoking cuts the established connection.
+    let mut conn = w.connect(CLIENT_V4, ECHO_PORT).expect("granted connection");
+    assert!(round_trip(&mut conn, b"hello", Duration::from_secs(2)));
+    let grants = w.json("alice", &["ls", "grants", "--active", "--json"]);
+    let grant_id = grants[0]["id"].as_str().expect("grant id").to_string();
+    assert_eq!(grants[0]["sources"][0], format!("{CLIENT_V4}/32"));
+    ok(&w.ctl("sre_carol", &["revoke", &grant_id, "--reason", "done"]));
+    assert!(
+        !round_trip(&mut conn, b"again", Duration::from_millis(1500)),
+        "data flowed after revoke"
+    );
+    assert!(w.connect(CLIENT_V4, ECHO_PORT).is_none());
+    fails(
+        &w.ctl("sre_carol", &["revoke", &grant_id]),
+        1,
+        "already revoked",
+    );
+
+    // Clamped to 2 s, granted at once; the kernel and the sweeper end it.
+    let out = ok(&w.ctl(
+        "alice",
+        &["request", "short", "--for", "1h", "--reason", "quick look"],
+    ));
+    assert!(out.contains("granted") && out.contains("clamped"), "{out}");
+    let mut conn = w
+        .connect(CLIENT_V4, SHORT_PORT)
+        .expect("granted connection");
+    assert!(round_trip(&mut conn, b"short", Duration::from_secs(1)));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !round_trip(&mut conn, b"late", Duration::from_millis(1000)),
+        "data flowed after expiry"
+    );
+    assert!(w.connect(CLIENT_V4, SHORT_PORT).is_none());
+    let expired = w.json("alice", &["ls", "grants", "--json"]);
+    assert!(
+        expired
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|g| g["service"] == "short" && g["state"] == "expired"),
+        "{expired}"
+    );
+
+    // A live grant survives kill -9 of the agent, and the revoked one stays revoked.
+    let out = ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "10m", "--reason", "ticket 2"],
+    ));
+    let id2 = request_id(&out);
+    ok(&w.ctl("sre_carol", &["approve", &id2]));
+    let mut conn = w.connect(CLIENT_V4, ECHO_PORT).expect("granted connection");
+    w.kill9();
+    assert!(
+        round_trip(&mut conn, b"agent down", Duration::from_secs(2)),
+        "enforcement changed while the agent is down"
+    );
+    w.start_agent();
+    assert!(round_trip(&mut conn, b"agent back", Duration::from_secs(2)));
+    let grants = w.json("sre_carol", &["ls", "grants", "--json"]);
+    let states: Vec<(String, String)> = grants
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|g| g["service"] == "echo")
+        .map(|g| {
+            (
+                g["id"].as_str().unwrap_or("").to_string(),
+                g["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&(grant_id.clone(), "revoked".into())),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.iter().filter(|(_, s)| s == "active").count(),
+        1,
+        "{states:?}"
+    );
+    let kernel = Command::new(AGENT)
+        .args(["bpf", "grants", "--json", "--pin-dir"])
+        .arg(&w.pin_dir)
+        .output()
+        .expect("bpf grants");
+    let kernel: serde_json::Value = serde_json::from_str(&ok(&kernel)).expect("JSON");
+    assert_eq!(
+        kernel.as_array().map(Vec::len),
+        Some(1),
+        "kernel holds exactly the live grant: {kernel}"
+    );
+}
+
+#[test]
+fn exec_holds_access_for_the_length_of_the_command() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    w.start_agent();
+    let to: SocketAddr = format!("{SERVER_V4}:{DEPLOY_PORT}").parse().expect("addr");
+    let _deploy = EchoServer::start(&w.link.server, to);
+    assert!(w.connect(CI_V4, DEPLOY_PORT).is_none());
+
+    // The grant is released when the command exits, and its exit code passes through.
+    let script = w.dir.0.join("deploy.sh");
+    std::fs::write(&script, "#!/bin/sh\nsleep 0.2\nexit 7\n").expect("script");
+    let out = w.ctl(
+        "ci_deployer",
+        &[
+            "exec",
+            "deploy",
+            "--for",
+            "5m",
+            "--",
+            "sh",
+            script.to_str().unwrap_or(""),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("released grant"));
+    let grants = w.json("ci_deployer", &["ls", "grants", "--json"]);
+    assert_eq!(grants[0]["state"], "revoked", "{grants}");
+    assert!(
+        w.connect(CI_V4, DEPLOY_PORT).is_none(),
+        "access outlived the command"
+    );
+
+    // During the command, access is there: hold it open with a long command and probe meanwhile.
+    let mut child = w
+        .link
+        .client
+        .command(JITCTL)
+        .args(["exec", "deploy", "--for", "5m", "--", "sleep", "3"])
+        .env("HOME", &w.dir.0)
+        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
+        .env("JIT_CA", w.dir.0.join("certs/ca.pem"))
+        .env("JIT_CERT", w.dir.0.join("certs/ci_deployer.pem"))
+        .env("JIT_KEY", w.dir.0.join("certs/ci_deployer.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("jitctl exec");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut conn = w
+        .connect(CI_V4, DEPLOY_PORT)
+        .expect("access during the command");
+    assert!(round_trip(&mut conn, b"mid-deploy", Duration::from_secs(1)));
+    let st = child.wait().expect("jitctl exec");
+    assert!(st.success());
+    assert!(!round_trip(
+        &mut conn,
+        b"after",
+        Duration::from_millis(1000)
+    ));
+
+    // A pipeline identity may not request what it is not allowed to.
+    fails(
+        &w.ctl(
+            "ci_deployer",
+            &["request", "short", "--for", "5m", "--reason", "x"],
+        ),
+        1,
+        "may not request",
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("2s");
+    w.start_agent();
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["request", "nosuch", "--for", "5m", "--reason", "x"],
+            "not configured",
+        ),
+        (&["request", "echo", "--for", "0s", "--reason", "x"], "zero"),
+        (
+            &["request", "echo", "--for", "-5m", "--reason", "x"],
+            "negative",
+        ),
+        (
+            &["request", "echo", "--for", "soon", "--reason", "x"],
+            "not a duration",
+        ),
+        (&["request", "echo", "--for", "5m"], "requires a reason"),
+        (&["approve", "req-ffffffffffff"], "no request with id"),
+        (&["revoke", "grant-ffffffffffff"], "no grant with id"),
+        (&["deny", ""], "request_id"),
+    ];
+    for (args, needle) in cases {
+        let out = w.ctl("alice", args);
+        assert_ne!(out.status.code(), Some(0), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err:?} lacks {needle:?}\nagent log:\n{}",
+            w.agent_log()
+        );
+    }
+    // None of the refused calls left a trace.
+    let listed = w.json("sre_carol", &["ls", "requests", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+
+    // Approving twice; approving an expired request.
+    let id = request_id(&ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "5m", "--reason", "r"],
+    )));
+    std::thread::sleep(Duration::from_millis(2300));
+    fails(&w.ctl("bob", &["approve", &id]), 1, "expired");
+    let listed = w.json("alice", &["ls", "requests", "--json"]);
+    assert_eq!(listed[0]["state"], "expired", "{listed}");
+
+    // A certificate without a SPIFFE ID, and one from another CA, are refused at the handshake.
+    let other = w.dir.0.join("other");
+    let out = Command::new(AGENT)
+        .args([
+            "certs",
+            "init",
+            "--trust-domain",
+            "jit.test",
+            "--identity",
+            "alice",
+            "--dir",
+        ])
+        .arg(&other)
+        .output()
+        .expect("certs init");
+    assert!(out.status.success());
+    let out = w
+        .link
+        .client
+        .command(JITCTL)
+        .args(["whoami"])
+        .env("HOME", &w.dir.0)
+        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
+        .env("JIT_CA", w.dir.0.join("certs/ca.pem"))
+        .env("JIT_CERT", other.join("alice.pem"))
+        .env("JIT_KEY", other.join("alice.key"))
+        .output()
+        .expect("jitctl");
+    assert!(
+        !out.status.success(),
+        "a certificate from another CA was accepted"
+    );
+    // The agent's own certificate has a SPIFFE ID; a plain server certificate without one is
+    // made here with rcgen from the test CA.
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(w.dir.0.join("certs/ca.key")).expect("ca key"),
+    )
+    .expect("key");
+    let ca_pem = std::fs::read_to_string(w.dir.0.join("certs/ca.pem")).expect("ca");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(vec!["nobody.example".to_string()]).expect("params");
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(w.dir.0.join("nosan.pem"), cert.pem()).expect("write");
+    std::fs::write(w.dir.0.join("nosan.key"), key.serialize_pem()).expect("write");
+    let out = w
+        .link
+        .client
+        .command(JITCTL)
+        .args(["whoami"])
+        .env("HOME", &w.dir.0)
+        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
+        .env("JIT_CA", w.dir.0.join("certs/ca.pem"))
+        .env("JIT_CERT", w.dir.0.join("nosan.pem"))
+        .env("JIT_KEY", w.dir.0.join("nosan.key"))
+        .output()
+        .expect("jitctl");
+    assert!(
+        !out.status.success(),
+        "a certificate without a SPIFFE ID was accepted"
+    );
+    assert!(w.agent_log().contains("refused"), "{}", w.agent_log());
+
+    // No certificate at all: a clear message, before any connection.
+    let out = w
+        .link
+        .client
+        .command(JITCTL)
+        .args(["whoami"])
+        .env("HOME", &w.dir.0)
+        .env_remove("JIT_CERT")
+        .env_remove("JIT_KEY")
+        .output()
+        .expect("jitctl");
+    fails(&out, 1, "no client certificate found");
+
+    // A bad config is refused at start, naming the field, and nothing is attached.
+    w.kill9();
+    let text = std::fs::read_to_string(&w.config).expect("config");
+    std::fs::write(
+        &w.config,
+        text.replace(&format!("{CI_V4}/32"), "10.213.0.300/32"),
+    )
+    .expect("config");
+    let out = w
+        .link
+        .server
+        .command(AGENT)
+        .args(["run", "--config"])
+        .arg(&w.config)
+        .output()
+        .expect("jit-agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("identities[0].sources[0]") && err.contains("10.213.0.300"),
+        "{err}"
+    );
+}
