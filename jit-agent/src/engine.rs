@@ -446,6 +446,7 @@ impl<S: Store> Engine<S> {
         target: &RevokeTarget,
         reason: &str,
     ) -> Result<Vec<Grant>, EngineError> {
+        let mut revoked_by_requests = Vec::new();
         let candidates: Vec<String> = match target {
             RevokeTarget::Grant(id) => {
                 if id.is_empty() {
@@ -482,16 +483,88 @@ impl<S: Store> Engine<S> {
                     message: "is empty".into(),
                 });
             }
-            RevokeTarget::Identity(who) => self.matching_active(caller, |g| g.identity == *who)?,
+            RevokeTarget::Identity(who) => {
+                let grants = self.matching_active(caller, |g| g.identity == *who)?;
+                revoked_by_requests = self.end_pending(caller, |r| r.requester == *who, reason)?;
+                grants
+            }
             RevokeTarget::Service(name) => {
                 self.service(name)?;
-                self.matching_active(caller, |g| g.service == *name)?
+                let grants = self.matching_active(caller, |g| g.service == *name)?;
+                revoked_by_requests = self.end_pending(caller, |r| r.service == *name, reason)?;
+                grants
             }
         };
-        let mut revoked = Vec::new();
+        let mut revoked = revoked_by_requests;
         for id in candidates {
             if let Some(g) = self.revoke_one(caller, &id, reason)? {
                 revoked.push(g);
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Ends the pending requests matching `pred`, so that an approval racing a revoke cannot
+    /// open access a moment after it was taken away: each is denied, or, if an approval won the
+    /// race and granted it, its grant is revoked. Returns the grants revoked that way.
+    fn end_pending(
+        &self,
+        caller: &Caller,
+        pred: impl Fn(&Request) -> bool,
+        reason: &str,
+    ) -> Result<Vec<Grant>, EngineError> {
+        let mut revoked = Vec::new();
+        let ids: Vec<String> = self
+            .store
+            .requests()?
+            .into_iter()
+            .filter(|r| {
+                r.value.state == RequestState::Pending
+                    && pred(&r.value)
+                    && self.may_see_request(caller, &r.value)
+            })
+            .map(|r| r.value.id)
+            .collect();
+        for id in ids {
+            let mut done = false;
+            for _ in 0..RETRIES {
+                let Some(r) = self.store.request(&id)? else {
+                    done = true;
+                    break;
+                };
+                match r.value.state {
+                    RequestState::Pending => {
+                        let mut nr = r.value.clone();
+                        nr.state = RequestState::Denied;
+                        nr.denied_by = caller.name();
+                        nr.denial_reason = format!("access revoked: {reason}");
+                        match self.store.commit(Txn {
+                            compares: vec![(RecordKey::Request(id.clone()), r.revision)],
+                            puts: vec![Record::Request(nr)],
+                        }) {
+                            Ok(_) => {
+                                done = true;
+                                break;
+                            }
+                            Err(StoreError::Conflict(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    RequestState::Granted => {
+                        if let Some(g) = self.revoke_one(caller, &r.value.grant_id, reason)? {
+                            revoked.push(g);
+                        }
+                        done = true;
+                        break;
+                    }
+                    RequestState::Denied | RequestState::Expired => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            if !done {
+                return Err(EngineError::Aborted(format!("request {id}")));
             }
         }
         Ok(revoked)

@@ -1,0 +1,368 @@
+//! The request and grant state machine over the real embedded store, with a controlled clock:
+//! property tests of its invariants, races between approvals and revokes, and the server-side
+//! answers to bad input.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use jit_agent::{
+    config::{Config, FileConfig, Overrides},
+    engine::{Engine, EngineError, RevokeTarget},
+    identity::Caller,
+    model::{GrantState, RequestState},
+    store::{RedbStore, Store},
+};
+use proptest::prelude::*;
+
+const CONFIG: &str = r#"
+admins = ["spiffe://t.test/admin"]
+[tls]
+ca = "x"
+cert = "x"
+key = "x"
+[[services]]
+name = "two"
+destinations = ["10.0.0.1:1/tcp"]
+max_duration = "10m"
+approvals_required = 2
+requesters = ["spiffe://t.test/*"]
+approvers = ["spiffe://t.test/sre/*"]
+[[services]]
+name = "auto"
+destinations = ["10.0.0.1:2/tcp"]
+max_duration = "5m"
+approvals_required = 0
+require_reason = false
+requesters = ["spiffe://t.test/u*"]
+[[identities]]
+spiffe_id = "spiffe://t.test/u1"
+sources = ["10.1.0.1/32"]
+[[identities]]
+spiffe_id = "spiffe://t.test/u2"
+sources = ["10.1.0.2/32"]
+[[identities]]
+spiffe_id = "spiffe://t.test/sre/x"
+sources = ["10.1.0.3/32"]
+[[identities]]
+spiffe_id = "spiffe://t.test/sre/y"
+sources = ["10.1.0.4/32"]
+"#;
+
+const USERS: [&str; 5] = [
+    "spiffe://t.test/u1",
+    "spiffe://t.test/u2",
+    "spiffe://t.test/sre/x",
+    "spiffe://t.test/sre/y",
+    "spiffe://t.test/admin",
+];
+
+struct Fixture {
+    engine: Engine<RedbStore>,
+    clock: Arc<AtomicI64>,
+    dir: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = std::env::temp_dir().join(jit_tests::unique("jit-sm-"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file: FileConfig = toml::from_str(CONFIG).expect("config");
+    let cfg = Config::validate(std::path::Path::new("t.toml"), file, &Overrides::default())
+        .expect("valid");
+    let store = Arc::new(RedbStore::open(&dir.join("s.redb")).expect("store"));
+    let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
+    let c = Arc::clone(&clock);
+    let engine = Engine::new(
+        store,
+        Arc::new(cfg),
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    );
+    Fixture { engine, clock, dir }
+}
+
+fn who(i: usize) -> Caller {
+    Caller::Spiffe(USERS[i % USERS.len()].to_string())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Request { user: usize, auto: bool, secs: u64 },
+    Approve { user: usize, req: usize },
+    Deny { user: usize, req: usize },
+    RevokeGrant { user: usize, grant: usize },
+    RevokeIdentity { user: usize, target: usize },
+    Advance { secs: i64 },
+    Sweep,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..5usize, any::<bool>(), 1..3600u64).prop_map(|(user, auto, secs)| Op::Request { user, auto, secs }),
+        4 => (0..5usize, 0..8usize).prop_map(|(user, req)| Op::Approve { user, req }),
+        1 => (0..5usize, 0..8usize).prop_map(|(user, req)| Op::Deny { user, req }),
+        1 => (0..5usize, 0..8usize).prop_map(|(user, grant)| Op::RevokeGrant { user, grant }),
+        1 => (0..5usize, 0..5usize).prop_map(|(user, target)| Op::RevokeIdentity { user, target }),
+        2 => (1..900i64).prop_map(|secs| Op::Advance { secs }),
+        1 => Just(Op::Sweep),
+    ]
+}
+
+/// Checks every invariant over the whole store; `ended` remembers grants seen ended.
+fn check(f: &Fixture, ended: &mut HashMap<String, GrantState>) {
+    let store = f.engine.store();
+    let requests: HashMap<String, _> = store
+        .requests()
+        .expect("requests")
+        .into_iter()
+        .map(|r| (r.value.id.clone(), r.value))
+        .collect();
+    let cfg = f.engine.config();
+    let mut grants_per_request: HashMap<String, usize> = HashMap::new();
+    for g in store.grants().expect("grants") {
+        let g = g.value;
+        let r = &requests[&g.request_id];
+        *grants_per_request.entry(r.id.clone()).or_default() += 1;
+        let svc = &cfg.services[&g.service];
+        // No grant without the approvals required, never from the requester, each counted once.
+        assert_eq!(
+            r.state,
+            RequestState::Granted,
+            "grant {} for a {:?} request",
+            g.id,
+            r.state
+        );
+        assert_eq!(r.grant_id, g.id);
+        let mut approvers: Vec<&str> = r.approvals.iter().map(|a| a.approver.as_str()).collect();
+        approvers.sort_unstable();
+        approvers.dedup();
+        assert_eq!(
+            approvers.len(),
+            r.approvals.len(),
+            "an approver counted twice"
+        );
+        assert!(!approvers.contains(&r.requester.as_str()), "self-approval");
+        assert!(
+            u32::try_from(approvers.len()).unwrap_or(0) >= svc.approvals_required,
+            "grant {} with {} of {} approvals",
+            g.id,
+            approvers.len(),
+            svc.approvals_required
+        );
+        // No grant outlives its clamp.
+        let max_ms = i64::try_from(svc.max_duration.as_millis()).unwrap_or(i64::MAX);
+        assert!(
+            g.expires_ms - g.not_before_ms <= max_ms,
+            "grant {} exceeds the clamp",
+            g.id
+        );
+        // Nothing revoked or expired comes back.
+        if let Some(prev) = ended.get(&g.id) {
+            assert_eq!(g.state, *prev, "grant {} came back from {prev:?}", g.id);
+        }
+        if g.state != GrantState::Active {
+            ended.insert(g.id.clone(), g.state);
+        }
+    }
+    assert!(
+        grants_per_request.values().all(|n| *n == 1),
+        "a request with two grants"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_under_any_sequence(ops in proptest::collection::vec(op(), 1..40)) {
+        let f = fixture();
+        let mut ended = HashMap::new();
+        let mut req_ids: Vec<String> = Vec::new();
+        let mut grant_ids: Vec<String> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Request { user, auto, secs } => {
+                    let svc = if auto { "auto" } else { "two" };
+                    if let Ok(r) = f.engine.request_access(&who(user), svc, &format!("{secs}s"), "why", None) {
+                        if !r.grant_id.is_empty() { grant_ids.push(r.grant_id.clone()); }
+                        req_ids.push(r.id);
+                    }
+                }
+                Op::Approve { user, req } => {
+                    if let Some(id) = req_ids.get(req)
+                        && let Ok(r) = f.engine.approve(&who(user), id, "")
+                        && !r.grant_id.is_empty()
+                        && !grant_ids.contains(&r.grant_id)
+                    {
+                        grant_ids.push(r.grant_id);
+                    }
+                }
+                Op::Deny { user, req } => {
+                    if let Some(id) = req_ids.get(req) {
+                        let _ = f.engine.deny(&who(user), id, "no");
+                    }
+                }
+                Op::RevokeGrant { user, grant } => {
+                    if let Some(id) = grant_ids.get(grant) {
+                        let _ = f.engine.revoke(&who(user), &RevokeTarget::Grant(id.clone()), "r");
+                    }
+                }
+                Op::RevokeIdentity { user, target } => {
+                    let _ = f.engine.revoke(&who(user), &RevokeTarget::Identity(USERS[target].into()), "r");
+                }
+                Op::Advance { secs } => {
+                    f.clock.fetch_add(secs * 1000, Ordering::SeqCst);
+                }
+                Op::Sweep => {
+                    f.engine.sweep().expect("sweep");
+                }
+            }
+            check(&f, &mut ended);
+        }
+    }
+}
+
+#[test]
+fn bad_input_gets_precise_errors_from_the_server_side() {
+    let f = fixture();
+    let u1 = who(0);
+    let cases: [(&str, &str, &str, &str); 6] = [
+        ("", "5m", "r", "service"),
+        ("two", "0s", "r", "duration"),
+        ("two", "-5m", "r", "duration"),
+        ("two", "soon", "r", "duration"),
+        ("two", "", "r", "duration"),
+        ("two", "5m", " ", "reason"),
+    ];
+    for (svc, dur, reason, field) in cases {
+        match f.engine.request_access(&u1, svc, dur, reason, None) {
+            Err(EngineError::InvalidArgument { field: got, .. }) => assert_eq!(got, field),
+            other => panic!("{svc} {dur} {reason:?}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        f.engine.request_access(&u1, "nope", "5m", "r", None),
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.engine
+            .request_access(&Caller::Local { uid: 0 }, "two", "5m", "r", None),
+        Err(EngineError::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        f.engine.approve(&who(2), "req-000000000000", ""),
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(
+        f.engine.store().requests().expect("requests").is_empty(),
+        "nothing was recorded"
+    );
+}
+
+#[test]
+fn approvals_self_duplicates_expiry_and_clamp() {
+    let f = fixture();
+    let r = f
+        .engine
+        .request_access(&who(0), "two", "1h", "r", None)
+        .expect("request");
+    assert!(r.clamped && r.duration_s == 600, "{r:?}");
+    assert!(matches!(
+        f.engine.approve(&who(0), &r.id, ""),
+        Err(EngineError::PermissionDenied(_))
+    ));
+    assert!(
+        matches!(
+            f.engine.approve(&who(1), &r.id, ""),
+            Err(EngineError::PermissionDenied(_))
+        ),
+        "not an approver"
+    );
+    let r1 = f
+        .engine
+        .approve(&who(2), &r.id, "")
+        .expect("first approval");
+    assert_eq!(r1.state, RequestState::Pending);
+    assert!(matches!(
+        f.engine.approve(&who(2), &r.id, ""),
+        Err(EngineError::AlreadyExists(_))
+    ));
+    let r2 = f
+        .engine
+        .approve(&who(3), &r.id, "")
+        .expect("second approval");
+    assert_eq!(r2.state, RequestState::Granted);
+    assert!(matches!(
+        f.engine.approve(&who(3), &r.id, ""),
+        Err(EngineError::FailedPrecondition(_))
+    ));
+
+    // A request left pending past its TTL (1h by default) can no longer be approved.
+    let late = f
+        .engine
+        .request_access(&who(1), "two", "5m", "r", None)
+        .expect("request");
+    f.clock.fetch_add(3_600_001, Ordering::SeqCst);
+    match f.engine.approve(&who(2), &late.id, "") {
+        Err(EngineError::FailedPrecondition(m)) => assert!(m.contains("expired"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.engine
+            .store()
+            .request(&late.id)
+            .expect("get")
+            .expect("some")
+            .value
+            .state,
+        RequestState::Expired
+    );
+}
+
+/// An approval racing a revoke of the identity never leaves access open: either the request is
+/// denied before it is granted, or its grant is revoked.
+#[test]
+fn revoke_racing_approve_ends_revoked() {
+    for _ in 0..20 {
+        let f = Arc::new(fixture());
+        let r = f
+            .engine
+            .request_access(&who(0), "two", "5m", "r", None)
+            .expect("request");
+        f.engine
+            .approve(&who(2), &r.id, "")
+            .expect("first approval");
+        let (fa, fb) = (Arc::clone(&f), Arc::clone(&f));
+        let id = r.id.clone();
+        let a = std::thread::spawn(move || fa.engine.approve(&who(3), &id, ""));
+        let b = std::thread::spawn(move || {
+            fb.engine.revoke(
+                &who(4),
+                &RevokeTarget::Identity(USERS[0].into()),
+                "incident",
+            )
+        });
+        let _ = a.join().expect("approve thread");
+        b.join().expect("revoke thread").expect("revoke");
+        let now = f.clock.load(Ordering::SeqCst);
+        let live = f
+            .engine
+            .store()
+            .grants()
+            .expect("grants")
+            .into_iter()
+            .filter(|g| g.value.is_live(now))
+            .count();
+        assert_eq!(live, 0, "access survived the revoke");
+    }
+}
