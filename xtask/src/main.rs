@@ -25,6 +25,10 @@ enum Task {
     /// rustfmt check, then clippy with warnings denied: host crates, then the eBPF crate on its
     /// own for the BPF target.
     Lint,
+    /// Set up, build, and show the whole story in two network namespaces: a connection dropped,
+    /// a request, an approval, the connection passing, a revoke cutting it, a grant expiring.
+    /// Needs root; cleans up on exit and on Ctrl-C.
+    Demo,
     /// Set up, lint, then run every test. Kernel tests need root; without root they are skipped
     /// with a message, unless CI is set, where they fail instead.
     Test {
@@ -42,6 +46,33 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--workspace", "--exclude", "jit-ebpf"])
         }
         Task::Lint => lint(),
+        Task::Demo => {
+            setup::run()?;
+            step("building jit-agent, jitctl and the demo");
+            cargo(&[
+                "build",
+                "--quiet",
+                "--package",
+                "jit-agent",
+                "--bins",
+                "--package",
+                "jit-tests",
+                "--bin",
+                "jit-demo",
+            ])?;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the demo needs root (it loads BPF and creates network namespaces)");
+            }
+            cargo(&[
+                "run",
+                "--quiet",
+                "--package",
+                "jit-tests",
+                "--bin",
+                "jit-demo",
+            ])
+        }
         Task::Test { args } => {
             setup::run()?;
             lint()?;
