@@ -561,3 +561,27 @@ mod tests {
         assert!(matches_any(&["*".to_string()], "anything"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The example shipped in the repository is valid and means what its comments say.
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agent.toml");
+        let c = Config::load(&path, &Overrides::default()).unwrap();
+        assert_eq!(c.services["payments-db"].approvals_required, 2);
+        assert_eq!(c.services["payments-db"].destinations.len(), 2);
+        assert_eq!(c.interfaces, vec![("eth0".to_string(), AttachMode::Xdp)]);
+        assert!(c.identities.contains_key("spiffe://example.org/ci/deployer"));
+        let o = Overrides {
+            interfaces: vec!["veth0:tc".into()],
+            listen: Some("127.0.0.1:9000".into()),
+            ..Overrides::default()
+        };
+        let c = Config::load(&path, &o).unwrap();
+        assert_eq!(c.interfaces, vec![("veth0".to_string(), AttachMode::Tc)]);
+        assert_eq!(c.listen.port(), 9000);
+    }
+}
