@@ -574,7 +574,10 @@ mod example_tests {
         assert_eq!(c.services["payments-db"].approvals_required, 2);
         assert_eq!(c.services["payments-db"].destinations.len(), 2);
         assert_eq!(c.interfaces, vec![("eth0".to_string(), AttachMode::Xdp)]);
-        assert!(c.identities.contains_key("spiffe://example.org/ci/deployer"));
+        assert!(
+            c.identities
+                .contains_key("spiffe://example.org/ci/deployer")
+        );
         let o = Overrides {
             interfaces: vec!["veth0:tc".into()],
             listen: Some("127.0.0.1:9000".into()),

@@ -709,3 +709,168 @@ fn bad_input_is_refused_and_changes_nothing() {
         "{err}"
     );
 }
+
+fn ctl_with(w: &World, certs: &Path, who: &str, args: &[&str]) -> Output {
+    w.link
+        .client
+        .command(JITCTL)
+        .args(args)
+        .env("HOME", &w.dir.0)
+        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
+        .env("JIT_CA", certs.join("ca.pem"))
+        .env("JIT_CERT", certs.join(format!("{who}.pem")))
+        .env("JIT_KEY", certs.join(format!("{who}.key")))
+        .output()
+        .expect("running jitctl")
+}
+
+#[test]
+fn wait_exit_codes_expired_certificates_and_rotation() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    w.start_agent();
+
+    // --wait: timed out (3), denied (2), granted (0).
+    let out = w.ctl(
+        "alice",
+        &[
+            "request",
+            "echo",
+            "--for",
+            "5m",
+            "--reason",
+            "r",
+            "--wait",
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let timed_out = request_id(&String::from_utf8_lossy(&out.stdout));
+    ok(&w.ctl("bob", &["deny", &timed_out, "--comment", "too slow"]));
+    for (decision, code) in [("deny", 2), ("approve", 0)] {
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                w.ctl(
+                    "alice",
+                    &[
+                        "request",
+                        "echo",
+                        "--for",
+                        "5m",
+                        "--reason",
+                        "r",
+                        "--wait",
+                        "--timeout",
+                        "20s",
+                    ],
+                )
+            });
+            // Decide the newest pending request once it shows up.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let id = loop {
+                let pending = w.json("bob", &["ls", "requests", "--pending", "--json"]);
+                if let Some(id) = pending[0]["id"].as_str() {
+                    break id.to_string();
+                }
+                assert!(Instant::now() < deadline, "the request never showed up");
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            ok(&w.ctl("bob", &[decision, &id]));
+            let out = waiter.join().expect("waiter");
+            assert_eq!(
+                out.status.code(),
+                Some(code),
+                "{decision}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        });
+    }
+
+    // An expired client certificate (signed by the right CA) is refused at the handshake.
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(w.dir.0.join("certs/ca.key")).expect("ca key"),
+    )
+    .expect("key");
+    let ca_pem = std::fs::read_to_string(w.dir.0.join("certs/ca.pem")).expect("ca");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://jit.test/alice".try_into().expect("uri"),
+    ));
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = p.signed_by(&key, &issuer).expect("sign");
+    let stale = w.dir.0.join("stale");
+    std::fs::create_dir_all(&stale).expect("dir");
+    std::fs::copy(w.dir.0.join("certs/ca.pem"), stale.join("ca.pem")).expect("copy");
+    std::fs::write(stale.join("alice.pem"), cert.pem()).expect("write");
+    std::fs::write(stale.join("alice.key"), key.serialize_pem()).expect("write");
+    let out = ctl_with(&w, &stale, "alice", &["whoami"]);
+    assert!(!out.status.success(), "an expired certificate was accepted");
+
+    // Rotation: a new CA and agent certificate replace the old files in place; the agent picks
+    // them up without a restart. New clients work, clients of the old CA no longer do.
+    let fresh = w.dir.0.join("fresh");
+    let out = Command::new(AGENT)
+        .args([
+            "certs",
+            "init",
+            "--trust-domain",
+            "jit.test",
+            "--host",
+            SERVER_V4,
+        ])
+        .args(["--identity", "alice", "--dir"])
+        .arg(&fresh)
+        .output()
+        .expect("certs init");
+    assert!(out.status.success());
+    ok(&w.ctl("alice", &["whoami"]));
+    for f in ["ca.pem", "agent.pem", "agent.key"] {
+        // Write to a temporary name and rename, as a certificate manager would.
+        let tmp = w.dir.0.join("certs").join(format!(".{f}.new"));
+        std::fs::copy(fresh.join(f), &tmp).expect("copy");
+        std::fs::rename(&tmp, w.dir.0.join("certs").join(f)).expect("rename");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = ctl_with(&w, &fresh, "alice", &["whoami"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never picked up the new certificates:\n{}",
+            w.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The old CA's alice no longer gets in (the agent now trusts only the new CA).
+    let out = w
+        .link
+        .client
+        .command(JITCTL)
+        .args(["whoami"])
+        .env("HOME", &w.dir.0)
+        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
+        .env("JIT_CA", fresh.join("ca.pem"))
+        .env("JIT_CERT", w.dir.0.join("certs/alice.pem"))
+        .env("JIT_KEY", w.dir.0.join("certs/alice.key"))
+        .output()
+        .expect("jitctl");
+    assert!(
+        !out.status.success(),
+        "a client of the replaced CA still got in"
+    );
+    assert!(w.agent_log().contains("TLS certificates reloaded"));
+}
