@@ -59,6 +59,30 @@ impl<S: Store> Node<S> {
         self.enforce(req)
     }
 
+    /// Revokes grants and deletes their kernel entries before returning (the change stream
+    /// would do it a moment later; a revoke should not wait for it).
+    pub fn revoke(
+        &self,
+        caller: &Caller,
+        target: &RevokeTarget,
+        reason: &str,
+    ) -> Result<Vec<crate::model::Grant>, NodeError> {
+        let revoked = self.engine.revoke(caller, target, reason)?;
+        for g in &revoked {
+            let result = if g.extra_sources.is_empty() {
+                Ok(())
+            } else {
+                self.sync.sync_identities()
+            }
+            .and_then(|()| self.sync.sync_pair(&g.identity, &g.service));
+            if let Err(e) = result {
+                // The store says revoked; the change stream applies the same change too.
+                log::error!("deleting the kernel entry of revoked grant {}: {e}", g.id);
+            }
+        }
+        Ok(revoked)
+    }
+
     /// The durable-then-enforce step for a request the store now holds.
     fn enforce(&self, req: Request) -> Result<Request, NodeError> {
         if req.state != RequestState::Granted {

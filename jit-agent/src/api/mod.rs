@@ -246,7 +246,7 @@ impl<S: Store> JitGate for Api<S> {
             }
         };
         let revoked = self
-            .blocking(move |n| n.engine.revoke(&who, &target, &m.reason).map_err(status))
+            .blocking(move |n| n.revoke(&who, &target, &m.reason).map_err(node_status))
             .await?;
         Ok(Response::new(pb::RevokeResponse {
             revoked: revoked.iter().map(|g| self.grant_out(g)).collect(),
