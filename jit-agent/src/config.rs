@@ -45,10 +45,56 @@ pub struct FileConfig {
     /// `[[identities]]`.
     #[serde(default)]
     pub identities: Vec<IdentitySection>,
-    /// Identities that may revoke any grant and see every request (SPIFFE IDs or prefixes
-    /// ending in `*`). The local root user on the Unix socket always may.
+    /// `[policy]`.
     #[serde(default)]
-    pub admins: Vec<String>,
+    pub policy: PolicySection,
+    /// `[[groups]]`.
+    #[serde(default)]
+    pub groups: Vec<GroupSection>,
+    /// `[[webhooks]]`.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSection>,
+}
+
+/// `[policy]`: the Cedar policy set that decides who may request, approve, deny, revoke and
+/// break the glass, and what is granted at once.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Cedar policy file. Re-read when it changes; a set that does not validate is refused and
+    /// the previous one stays in force.
+    pub file: Option<PathBuf>,
+    /// Cedar schema file. Default: the schema built into the agent
+    /// (examples/policies/jit.cedarschema).
+    pub schema: Option<PathBuf>,
+}
+
+/// `[[groups]]`: named groups of identities, for policies (`principal in Jit::Group::"sre"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// Group name.
+    pub name: String,
+    /// Members: SPIFFE IDs, or prefixes ending in `*`.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// `[[webhooks]]`: where notifications go.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    /// `http://` or `https://` URL to POST to.
+    pub url: String,
+    /// `json` (the documented schema, default) or `slack` (`{"text": ...}`).
+    pub format: Option<String>,
+    /// Events to send: `request.pending`, `request.granted`, `request.denied`,
+    /// `grant.break_glass`, `grant.revoked`. Default: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Only for these services. Default: all.
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 /// `[agent]`: where the agent listens, keeps state and attaches the gate.
@@ -100,16 +146,15 @@ pub struct ServiceSection {
     pub mode: Option<String>,
     /// Longest grant; longer requests are clamped. Default `1h`.
     pub max_duration: Option<String>,
-    /// Approvals needed; 0 grants at once whoever may request. Default 1.
+    /// Distinct approvals a request needs when policy does not grant it at once (at least 1;
+    /// a permitting `request` policy may raise it with `@approvals("N")`). Default 1.
     pub approvals_required: Option<u32>,
     /// Whether a request must give a reason. Default true.
     pub require_reason: Option<bool>,
-    /// Who may request (SPIFFE IDs, or prefixes ending in `*`).
-    #[serde(default)]
-    pub requesters: Vec<String>,
-    /// Who may approve or deny.
-    #[serde(default)]
-    pub approvers: Vec<String>,
+    /// Environment label, `resource.environment` in policies. Default `production`.
+    pub environment: Option<String>,
+    /// Hard cap of a break-glass grant. Default `15m`.
+    pub break_glass_max: Option<String>,
     /// Also let the requester's own address through for the life of its grant.
     #[serde(default)]
     pub bind_requester_address: bool,
@@ -156,13 +201,35 @@ pub struct Service {
     pub approvals_required: u32,
     /// Reason required.
     pub require_reason: bool,
-    /// Requester patterns.
-    pub requesters: Vec<String>,
-    /// Approver patterns.
-    pub approvers: Vec<String>,
+    /// Environment label.
+    pub environment: String,
+    /// Break-glass cap.
+    pub break_glass_max: Duration,
     /// Bind the requester's address for the grant's life.
     pub bind_requester_address: bool,
 }
+
+/// A validated webhook.
+#[derive(Clone, Debug)]
+pub struct Webhook {
+    /// URL.
+    pub url: String,
+    /// Slack-compatible body instead of the JSON schema.
+    pub slack: bool,
+    /// Events (empty: all).
+    pub events: Vec<String>,
+    /// Services (empty: all).
+    pub services: Vec<String>,
+}
+
+/// Notification event names, as webhooks receive them.
+pub const EVENTS: [&str; 5] = [
+    "request.pending",
+    "request.granted",
+    "request.denied",
+    "grant.break_glass",
+    "grant.revoked",
+];
 
 /// A validated configuration.
 #[derive(Clone, Debug)]
@@ -193,8 +260,14 @@ pub struct Config {
     pub services: BTreeMap<String, Service>,
     /// Static bindings: identity → prefixes.
     pub identities: BTreeMap<String, Vec<IpNet>>,
-    /// Admin patterns.
-    pub admins: Vec<String>,
+    /// Policy file.
+    pub policy_file: PathBuf,
+    /// Schema file (None: built in).
+    pub policy_schema: Option<PathBuf>,
+    /// Groups: name → member patterns.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Webhooks.
+    pub webhooks: Vec<Webhook>,
 }
 
 impl Config {
@@ -317,18 +390,19 @@ impl Config {
                 }
                 None => Duration::from_secs(3600),
             };
-            for (k, p) in s.requesters.iter().chain(&s.approvers).enumerate() {
-                check_pattern(p).map_err(|m| err(&at(&format!("requesters/approvers[{k}]")), m))?;
-            }
             let approvals_required = s.approvals_required.unwrap_or(1);
-            if approvals_required > 0 && s.approvers.is_empty() {
+            if approvals_required == 0 {
                 return Err(err(
-                    &at("approvers"),
-                    format!(
-                        "is empty but approvals_required is {approvals_required}: nobody could approve"
-                    ),
+                    &at("approvals_required"),
+                    "must be at least 1; grant at once with an auto_approve policy".into(),
                 ));
             }
+            let break_glass_max = match s.break_glass_max {
+                Some(d) => {
+                    parse_duration(&d).map_err(|e| err(&at("break_glass_max"), e.to_string()))?
+                }
+                None => Duration::from_secs(900),
+            };
             if services.contains_key(&s.name) {
                 return Err(err(&at("name"), format!("{:?} is defined twice", s.name)));
             }
@@ -341,8 +415,8 @@ impl Config {
                     max_duration,
                     approvals_required,
                     require_reason: s.require_reason.unwrap_or(true),
-                    requesters: s.requesters,
-                    approvers: s.approvers,
+                    environment: s.environment.unwrap_or_else(|| "production".into()),
+                    break_glass_max,
                     bind_requester_address: s.bind_requester_address,
                 },
             );
@@ -376,8 +450,71 @@ impl Config {
                     .push(net);
             }
         }
-        for (i, p) in f.admins.iter().enumerate() {
-            check_pattern(p).map_err(|m| err(&format!("admins[{i}]"), m))?;
+        let policy_file = f.policy.file.ok_or_else(|| {
+            err(
+                "policy.file",
+                "is required: a Cedar policy file (see examples/policies/policies.cedar)".into(),
+            )
+        })?;
+        let mut groups = BTreeMap::new();
+        for (i, g) in f.groups.into_iter().enumerate() {
+            if g.name.is_empty() || g.name.contains('"') {
+                return Err(err(
+                    &format!("groups[{i}].name"),
+                    format!("{:?} is not a group name", g.name),
+                ));
+            }
+            for (j, m) in g.members.iter().enumerate() {
+                check_pattern(m).map_err(|e| err(&format!("groups[{i}].members[{j}]"), e))?;
+            }
+            if groups.insert(g.name.clone(), g.members).is_some() {
+                return Err(err(
+                    &format!("groups[{i}].name"),
+                    format!("{:?} is defined twice", g.name),
+                ));
+            }
+        }
+        let mut webhooks = Vec::new();
+        for (i, w) in f.webhooks.into_iter().enumerate() {
+            let at = |k: &str| format!("webhooks[{i}].{k}");
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(err(
+                    &at("url"),
+                    format!("{:?} is not an http(s) URL", w.url),
+                ));
+            }
+            let slack = match w.format.as_deref() {
+                None | Some("json") => false,
+                Some("slack") => true,
+                Some(other) => {
+                    return Err(err(
+                        &at("format"),
+                        format!("{other:?}; expected json or slack"),
+                    ));
+                }
+            };
+            for (j, e) in w.events.iter().enumerate() {
+                if !EVENTS.contains(&e.as_str()) {
+                    return Err(err(
+                        &format!("webhooks[{i}].events[{j}]"),
+                        format!("{e:?}; expected one of {}", EVENTS.join(", ")),
+                    ));
+                }
+            }
+            for (j, sv) in w.services.iter().enumerate() {
+                if !services.contains_key(sv) {
+                    return Err(err(
+                        &format!("webhooks[{i}].services[{j}]"),
+                        format!("{sv:?} is not a configured service"),
+                    ));
+                }
+            }
+            webhooks.push(Webhook {
+                url: w.url,
+                slack,
+                events: w.events,
+                services: w.services,
+            });
         }
 
         Ok(Self {
@@ -406,8 +543,21 @@ impl Config {
             tls_key,
             services,
             identities,
-            admins: f.admins,
+            policy_file: resolve(file, policy_file),
+            policy_schema: f.policy.schema.map(|p| resolve(file, p)),
+            groups,
+            webhooks,
         })
+    }
+
+    /// The groups `identity` belongs to.
+    #[must_use]
+    pub fn groups_of(&self, identity: &str) -> Vec<String> {
+        self.groups
+            .iter()
+            .filter(|(_, members)| matches_any(members, identity))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Every configured identity binding (prefix, identity), and the prefix's owner check.
@@ -417,6 +567,15 @@ impl Config {
             .iter()
             .find(|(_, nets)| nets.contains(net))
             .map(|(id, _)| id.as_str())
+    }
+}
+
+/// A path from the config file, relative to the file's directory when not absolute.
+fn resolve(config_file: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        config_file.parent().unwrap_or(Path::new(".")).join(p)
     }
 }
 
@@ -484,12 +643,12 @@ mod tests {
         Config::validate(Path::new("t.toml"), f, &Overrides::default())
     }
 
-    const TLS: &str = "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n";
+    const TLS: &str = "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n[policy]\nfile='p.cedar'\n";
 
     #[test]
     fn a_good_file_loads_with_defaults() {
         let c = load(&format!(
-            "{TLS}[[services]]\nname='db'\ndestinations=['10.0.0.5:5432/tcp','[fd00::5]:5432/tcp']\napprovers=['spiffe://ex.org/sre/*']\n[[identities]]\nspiffe_id='spiffe://ex.org/ci'\nsources=['10.1.0.0/24']\n"
+            "{TLS}[[services]]\nname='db'\ndestinations=['10.0.0.5:5432/tcp','[fd00::5]:5432/tcp']\n[[identities]]\nspiffe_id='spiffe://ex.org/ci'\nsources=['10.1.0.0/24']\n"
         ))
         .unwrap();
         let db = &c.services["db"];
@@ -504,16 +663,25 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (
-                "[[services]]\nname='db'\ndestinations=['10.0.0.5/tcp']\napprovals_required=0\n",
+                "[[services]]\nname='db'\ndestinations=['10.0.0.5/tcp']\n",
                 "services[0].destinations[0]",
             ),
             (
-                "[[services]]\nname='db'\ndestinations=['10.0.0.5:1/tcp']\nmax_duration='0s'\napprovals_required=0\n",
+                "[[services]]\nname='db'\ndestinations=['10.0.0.5:1/tcp']\nmax_duration='0s'\n",
                 "services[0].max_duration",
             ),
             (
-                "[[services]]\nname='db'\ndestinations=['10.0.0.5:1/tcp']\n",
-                "services[0].approvers",
+                "[[services]]\nname='db'\ndestinations=['10.0.0.5:1/tcp']\napprovals_required=0\n",
+                "services[0].approvals_required",
+            ),
+            (
+                "[[groups]]\nname='sre'\nmembers=['bob']\n",
+                "groups[0].members[0]",
+            ),
+            ("[[webhooks]]\nurl='ftp://x'\n", "webhooks[0].url"),
+            (
+                "[[webhooks]]\nurl='http://x'\nevents=['request.lost']\n",
+                "webhooks[0].events[0]",
             ),
             (
                 "[[identities]]\nspiffe_id='spiffe://ex.org/a'\nsources=['10.0.0.300/24']\n",
@@ -536,6 +704,8 @@ mod tests {
         }
         let e = load("[agent]\nlisten='1.2.3.4:5'\n").unwrap_err();
         assert_eq!(e.field, "tls.ca");
+        let e = load("[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n").unwrap_err();
+        assert_eq!(e.field, "policy.file");
         let e = load(&format!("{TLS}[agent]\nbogus=1\n")).unwrap_err();
         assert!(e.message.contains("bogus"), "{e}");
     }

@@ -65,6 +65,13 @@ pub enum Command {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+        /// A ticket reference (policies see it as context.ticket).
+        #[arg(long, default_value = "")]
+        ticket: String,
+        /// Emergency access for yourself: granted at once where a break_glass policy permits
+        /// it, capped hard, announced to every approver. Needs --reason.
+        #[arg(long)]
+        break_glass: bool,
         /// Wait until the request is decided. Exit code 0 granted, 2 denied, 3 timed out.
         #[arg(long)]
         wait: bool,
@@ -146,6 +153,9 @@ pub enum Command {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+        /// A ticket reference (policies see it as context.ticket).
+        #[arg(long, default_value = "")]
+        ticket: String,
         /// How long to wait for approval.
         #[arg(
             long,
@@ -349,7 +359,8 @@ fn left(until_ms: i64) -> String {
 
 fn describe(r: &pb::AccessRequest) -> String {
     let mut s = format!(
-        "request {} for {} ({}): {}",
+        "{}request {} for {} ({}): {}",
+        if r.break_glass { "BREAK-GLASS " } else { "" },
         r.id,
         r.service,
         format_duration(Duration::from_secs(r.duration_seconds)),
@@ -445,6 +456,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             service,
             duration,
             reason,
+            ticket,
+            break_glass,
             wait,
             timeout,
         } => {
@@ -454,6 +467,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     service,
                     duration,
                     reason,
+                    ticket,
+                    break_glass,
                 })
                 .await
                 .map_err(|e| explain("request", &e))?
@@ -546,7 +561,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                         .map(|r| {
                             vec![
                                 r.id.clone(),
-                                state_name(r.state).into(),
+                                if r.break_glass {
+                                    format!("{} (break-glass)", state_name(r.state))
+                                } else {
+                                    state_name(r.state).into()
+                                },
                                 r.requester.clone(),
                                 r.service.clone(),
                                 format_duration(Duration::from_secs(r.duration_seconds)),
@@ -592,7 +611,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                         .map(|g| {
                             vec![
                                 g.id.clone(),
-                                grant_state_name(g.state).into(),
+                                if g.break_glass {
+                                    format!("{} (break-glass)", grant_state_name(g.state))
+                                } else {
+                                    grant_state_name(g.state).into()
+                                },
                                 g.identity.clone(),
                                 g.service.clone(),
                                 if g.state == pb::GrantState::Active as i32 {
@@ -626,7 +649,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             while let Some(ev) = stream.message().await.map_err(|e| explain("watch", &e))? {
                 if let Some(r) = ev.request {
                     println!(
-                        "{} {} by {} for {} ({}), {} ago: {}",
+                        "{}{} {} by {} for {} ({}), {} ago: {}",
+                        if r.break_glass { "BREAK-GLASS " } else { "" },
                         r.id,
                         state_name(r.state),
                         r.requester,
@@ -647,7 +671,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .into_inner();
             println!("identity:    {}", w.identity);
             println!("may request: {}", list_or_none(&w.may_request));
+            println!("groups:      {}", list_or_none(&w.groups));
             println!("may approve: {}", list_or_none(&w.may_approve));
+            println!("break glass: {}", list_or_none(&w.may_break_glass));
             println!(
                 "admin:       {}",
                 if w.may_revoke_any { "yes" } else { "no" }
@@ -720,6 +746,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             service,
             duration,
             reason,
+            ticket,
             timeout,
             command,
         } => {
@@ -729,6 +756,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     service,
                     duration,
                     reason,
+                    ticket,
+                    break_glass: false,
                 })
                 .await
                 .map_err(|e| explain("request", &e))?
@@ -836,7 +865,8 @@ fn requests_json(rs: &[pb::AccessRequest]) -> serde_json::Value {
                     })).collect::<Vec<_>>(),
                     "approvals_required": r.approvals_required,
                     "denied_by": r.denied_by, "denial_reason": r.denial_reason,
-                    "grant_id": r.grant_id, "clamped": r.clamped,
+                    "grant_id": r.grant_id, "clamped": r.clamped, "ticket": r.ticket,
+                    "break_glass": r.break_glass, "policies": r.policies,
                 })
             })
             .collect(),
@@ -853,6 +883,7 @@ fn grants_json(gs: &[pb::Grant]) -> serde_json::Value {
                     "not_before_unix_ms": g.not_before_unix_ms,
                     "expires_unix_ms": g.expires_unix_ms, "revoked_by": g.revoked_by,
                     "ended_unix_ms": g.ended_unix_ms, "sources": g.sources,
+                    "break_glass": g.break_glass,
                 })
             })
             .collect(),

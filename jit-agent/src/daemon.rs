@@ -15,6 +15,8 @@ use crate::{
     engine::Engine,
     kernel_sync::KernelSync,
     node::Node,
+    notify::Notifier,
+    policy::Policies,
     proto::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer},
     store::RedbStore,
 };
@@ -23,6 +25,8 @@ use crate::{
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// How often certificate files are checked for changes.
 const TLS_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often the policy files are checked for changes.
+const POLICY_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +43,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let tls = Arc::new(
         ReloadingConfig::new(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)
             .context("loading the TLS files")?,
+    );
+    let policies = Arc::new(
+        Policies::load(&cfg.policy_file, cfg.policy_schema.as_deref())
+            .context("loading the policies")?,
     );
 
     let mut gate = Gate::load(&LoadOptions {
@@ -64,12 +72,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let engine = Engine::new(
         Arc::clone(&store),
         Arc::clone(&cfg),
+        Arc::clone(&policies),
         Arc::new(crate::model::now_ms),
     );
     let node = Arc::new(Node {
         engine,
         sync: Arc::clone(&sync),
+        notifier: Notifier::start(cfg.webhooks.clone()),
     });
+    {
+        let policies = Arc::clone(&policies);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLICY_CHECK_EVERY);
+            loop {
+                tick.tick().await;
+                match policies.reload_if_changed() {
+                    Ok(true) => log::info!("policies reloaded"),
+                    Ok(false) => {}
+                    Err(e) => log::error!(
+                        "policy reload refused, the previous policies stay in force:\n{e}"
+                    ),
+                }
+            }
+        });
+    }
 
     tokio::spawn(Arc::clone(&sync).run());
     tokio::spawn(Arc::clone(&tls).watch(TLS_CHECK_EVERY));

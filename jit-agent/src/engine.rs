@@ -11,10 +11,11 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use ipnet::IpNet;
 
 use crate::{
-    config::{Config, Service, matches_any, service_names},
+    config::{Config, Service, service_names},
     duration::parse_duration,
     identity::Caller,
     model::{Approval, Grant, GrantState, Request, RequestState},
+    policy::{Action, Facts, Policies, Verdict},
     store::{Record, RecordKey, Store, StoreError, Txn, Versioned},
 };
 
@@ -70,7 +71,57 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 pub struct Engine<S: Store> {
     store: Arc<S>,
     cfg: Arc<Config>,
+    policies: Arc<Policies>,
     clock: Clock,
+}
+
+/// What a decision about a request is made on, besides who asks and for which service.
+#[derive(Clone, Debug)]
+pub struct Ask<'a> {
+    /// Duration after clamping, seconds.
+    pub duration_s: u64,
+    /// Reason.
+    pub reason: &'a str,
+    /// Ticket.
+    pub ticket: &'a str,
+    /// Requester address.
+    pub source_ip: Option<IpAddr>,
+    /// Requester.
+    pub requester: &'a str,
+    /// Approvals so far.
+    pub approvals: u32,
+}
+
+impl<'a> Ask<'a> {
+    /// The ask behind an existing request.
+    #[must_use]
+    pub fn of_request(r: &'a Request) -> Self {
+        Self {
+            duration_s: r.duration_s,
+            reason: &r.reason,
+            ticket: &r.ticket,
+            source_ip: r
+                .peer_address
+                .split('/')
+                .next()
+                .and_then(|a| a.parse().ok()),
+            requester: &r.requester,
+            approvals: u32::try_from(r.approvals.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Options of a request beyond service and duration.
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions<'a> {
+    /// Reason.
+    pub reason: &'a str,
+    /// Ticket.
+    pub ticket: &'a str,
+    /// Break-glass.
+    pub break_glass: bool,
+    /// Requester address.
+    pub peer: Option<IpAddr>,
 }
 
 fn short_id(prefix: &str) -> String {
@@ -83,9 +134,55 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl<S: Store> Engine<S> {
-    /// An engine over `store` with `cfg`'s services and rules.
-    pub fn new(store: Arc<S>, cfg: Arc<Config>, clock: Clock) -> Self {
-        Self { store, cfg, clock }
+    /// An engine over `store` with `cfg`'s services, deciding with `policies`.
+    pub fn new(store: Arc<S>, cfg: Arc<Config>, policies: Arc<Policies>, clock: Clock) -> Self {
+        Self {
+            store,
+            cfg,
+            policies,
+            clock,
+        }
+    }
+
+    /// The policies in force.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    /// Decides `action` by `principal` on `service` for `ask`.
+    pub fn decide(
+        &self,
+        action: Action,
+        principal: &str,
+        service: &Service,
+        ask: &Ask<'_>,
+    ) -> Verdict {
+        let v = self.policies.decide(
+            action,
+            &Facts {
+                principal,
+                principal_groups: self.cfg.groups_of(principal),
+                service: &service.name,
+                environment: &service.environment,
+                max_duration_seconds: service.max_duration.as_secs(),
+                duration_seconds: ask.duration_s,
+                reason: ask.reason,
+                ticket: ask.ticket,
+                source_ip: ask.source_ip,
+                now_ms: self.now(),
+                requester: ask.requester,
+                requester_groups: self.cfg.groups_of(ask.requester),
+                approvals: ask.approvals,
+            },
+        );
+        for e in &v.errors {
+            log::warn!(
+                "policy evaluation error ({} by {principal} on {}): {e}",
+                action.name(),
+                service.name
+            );
+        }
+        v
     }
 
     /// The configuration in force.
@@ -111,32 +208,67 @@ impl<S: Store> Engine<S> {
         })
     }
 
-    /// Whether `caller` is an administrator (configured admins, or root on the Unix socket).
+    /// Whether `caller` is the node's administrator (root on the Unix socket): it may revoke
+    /// and see everything, whatever the policies say.
     pub fn is_admin(&self, caller: &Caller) -> bool {
-        match caller {
-            Caller::Local { uid } => *uid == 0,
-            Caller::Spiffe(id) => matches_any(&self.cfg.admins, id),
+        matches!(caller, Caller::Local { uid: 0 })
+    }
+
+    /// A representative ask for "may X do Y on S at all" questions (whoami).
+    fn probe<'a>(service: &Service, requester: &'a str) -> Ask<'a> {
+        Ask {
+            duration_s: service.max_duration.as_secs().min(60),
+            reason: "(probe)",
+            ticket: "",
+            source_ip: None,
+            requester,
+            approvals: 0,
         }
     }
 
-    /// Whether `caller` may approve or deny requests for `service`.
-    pub fn may_approve(&self, caller: &Caller, service: &Service) -> bool {
-        matches!(caller, Caller::Spiffe(id) if matches_any(&service.approvers, id))
-    }
-
-    /// Whether `caller` may request `service`.
+    /// Whether `caller` may (in general) request `service`.
     pub fn may_request(&self, caller: &Caller, service: &Service) -> bool {
-        matches!(caller, Caller::Spiffe(id) if matches_any(&service.requesters, id))
+        matches!(caller, Caller::Spiffe(id) if self.decide(Action::Request, id, service, &Self::probe(service, id)).allowed)
     }
 
-    /// Asks for access.
+    /// Whether `caller` may (in general) approve others' requests for `service`.
+    pub fn may_approve(&self, caller: &Caller, service: &Service) -> bool {
+        let Caller::Spiffe(id) = caller else {
+            return false;
+        };
+        let domain = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or("");
+        let other = format!("spiffe://{domain}/(another identity)");
+        self.decide(Action::Approve, id, service, &Self::probe(service, &other))
+            .allowed
+    }
+
+    /// Whether `caller` may (in general) break the glass on `service`.
+    pub fn may_break_glass(&self, caller: &Caller, service: &Service) -> bool {
+        matches!(caller, Caller::Spiffe(id) if self.decide(Action::BreakGlass, id, service, &Self::probe(service, id)).allowed)
+    }
+
+    /// Whether `caller` may revoke every grant of `service`.
+    pub fn may_revoke_service(&self, caller: &Caller, service: &Service) -> bool {
+        match caller {
+            Caller::Local { uid } => *uid == 0,
+            Caller::Spiffe(id) => {
+                self.decide(Action::Revoke, id, service, &Self::probe(service, id))
+                    .allowed
+            }
+        }
+    }
+
+    /// Asks for access: refused, granted at once (an `auto_approve` or `break_glass` policy
+    /// permits it), or pending until enough approvers approve.
     pub fn request_access(
         &self,
         caller: &Caller,
         service_name: &str,
         duration: &str,
-        reason: &str,
-        peer: Option<IpAddr>,
+        opts: &RequestOptions<'_>,
     ) -> Result<Request, EngineError> {
         if service_name.is_empty() {
             return Err(EngineError::InvalidArgument {
@@ -155,60 +287,109 @@ impl<S: Store> Engine<S> {
                     .into(),
             ));
         };
-        if service.require_reason && reason.trim().is_empty() {
+        let reason = opts.reason.trim();
+        if opts.break_glass && reason.is_empty() {
+            return Err(EngineError::InvalidArgument {
+                field: "reason",
+                message: "break-glass access needs a reason".into(),
+            });
+        }
+        if service.require_reason && reason.is_empty() {
             return Err(EngineError::InvalidArgument {
                 field: "reason",
                 message: format!("service {service_name:?} requires a reason"),
             });
         }
-        if reason.len() > 1024 {
-            return Err(EngineError::InvalidArgument {
-                field: "reason",
-                message: "is longer than 1024 bytes".into(),
-            });
+        for (field, v) in [("reason", reason), ("ticket", opts.ticket)] {
+            if v.len() > 1024 {
+                return Err(EngineError::InvalidArgument {
+                    field,
+                    message: "is longer than 1024 bytes".into(),
+                });
+            }
         }
-        if !self.may_request(caller, service) {
-            return Err(EngineError::PermissionDenied(format!(
-                "{requester} may not request access to {service_name:?}"
-            )));
-        }
-        let extra_sources = self.requester_sources(requester, service, peer)?;
-        let clamped = wanted > service.max_duration;
-        let granted = wanted.min(service.max_duration);
+        let cap = if opts.break_glass {
+            service.max_duration.min(service.break_glass_max)
+        } else {
+            service.max_duration
+        };
+        let clamped = wanted > cap;
+        let duration_s = wanted.min(cap).as_secs().max(1);
+        let ask = Ask {
+            duration_s,
+            reason,
+            ticket: opts.ticket,
+            source_ip: opts.peer,
+            requester,
+            approvals: 0,
+        };
+        let (granted_now, approvals_required, policies) = if opts.break_glass {
+            let v = self.decide(Action::BreakGlass, requester, service, &ask);
+            if !v.allowed {
+                return Err(EngineError::PermissionDenied(format!(
+                    "{requester} may not break the glass on {service_name:?}: {}",
+                    v.why()
+                )));
+            }
+            (true, 0, v.policies)
+        } else {
+            let v = self.decide(Action::Request, requester, service, &ask);
+            if !v.allowed {
+                return Err(EngineError::PermissionDenied(format!(
+                    "{requester} may not request access to {service_name:?}: {}",
+                    v.why()
+                )));
+            }
+            let auto = self.decide(Action::AutoApprove, requester, service, &ask);
+            let required = service
+                .approvals_required
+                .max(v.approvals.unwrap_or(0))
+                .max(1);
+            let mut policies = v.policies;
+            if auto.allowed {
+                policies.extend(auto.policies);
+            }
+            (
+                auto.allowed,
+                if auto.allowed { 0 } else { required },
+                policies,
+            )
+        };
+        let extra_sources = self.requester_sources(requester, service, opts.peer)?;
         let now = self.now();
         let mut req = Request {
             id: short_id("req"),
             requester: requester.clone(),
             service: service_name.to_string(),
-            duration_s: granted.as_secs().max(1),
+            duration_s,
             clamped,
-            reason: reason.trim().to_string(),
+            reason: reason.to_string(),
             state: RequestState::Pending,
             created_ms: now,
             pending_until_ms: now.saturating_add(ms(self.cfg.request_ttl)),
             approvals: Vec::new(),
-            approvals_required: service.approvals_required,
+            approvals_required,
             denied_by: String::new(),
             denial_reason: String::new(),
             grant_id: String::new(),
-            peer_address: peer.map(|p| p.to_string()).unwrap_or_default(),
+            peer_address: opts.peer.map(|p| p.to_string()).unwrap_or_default(),
+            ticket: opts.ticket.to_string(),
+            break_glass: opts.break_glass,
+            policies,
         };
         let mut txn = Txn {
             compares: vec![(RecordKey::Request(req.id.clone()), 0)],
             puts: Vec::new(),
         };
-        if service.approvals_required == 0 {
+        if granted_now {
             let grant = self.new_grant(&req, now, extra_sources);
             txn.compares.push((RecordKey::Grant(grant.id.clone()), 0));
             req.state = RequestState::Granted;
             req.grant_id.clone_from(&grant.id);
             txn.puts.push(Record::Grant(grant));
-        } else {
+        } else if let Some(net) = extra_sources.first() {
             // Remember the address to bind until the request is decided.
-            req.peer_address = extra_sources
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or(req.peer_address);
+            req.peer_address = net.to_string();
         }
         txn.puts.push(Record::Request(req.clone()));
         self.store.commit(txn)?;
@@ -281,6 +462,7 @@ impl<S: Store> Engine<S> {
             revoke_reason: String::new(),
             ended_ms: 0,
             extra_sources: extra_sources.iter().map(ToString::to_string).collect(),
+            break_glass: req.break_glass,
         }
     }
 
@@ -351,10 +533,17 @@ impl<S: Store> Engine<S> {
                     "a requester can never approve its own request".into(),
                 ));
             }
-            if !self.may_approve(caller, service) {
+            let v = self.decide(
+                Action::Approve,
+                approver,
+                service,
+                &Ask::of_request(&req.value),
+            );
+            if !v.allowed {
                 return Err(EngineError::PermissionDenied(format!(
-                    "{approver} may not approve requests for {:?}",
-                    service.name
+                    "{approver} may not approve requests for {:?}: {}",
+                    service.name,
+                    v.why()
                 )));
             }
             if req.value.approvals.iter().any(|a| a.approver == *approver) {
@@ -403,12 +592,24 @@ impl<S: Store> Engine<S> {
             let req = self.load_request(id)?;
             self.check_pending(&req)?;
             let service = self.service(&req.value.service)?;
-            if !self.may_approve(caller, service) {
-                return Err(EngineError::PermissionDenied(format!(
-                    "{} may not deny requests for {:?}",
-                    caller.name(),
-                    service.name
-                )));
+            let allowed = match caller {
+                Caller::Spiffe(id) => {
+                    let v = self.decide(Action::Deny, id, service, &Ask::of_request(&req.value));
+                    if !v.allowed {
+                        return Err(EngineError::PermissionDenied(format!(
+                            "{id} may not deny requests for {:?}: {}",
+                            service.name,
+                            v.why()
+                        )));
+                    }
+                    true
+                }
+                Caller::Local { uid } => *uid == 0,
+            };
+            if !allowed {
+                return Err(EngineError::PermissionDenied(
+                    "only root may use the local socket".into(),
+                ));
             }
             let mut r = req.value.clone();
             r.state = RequestState::Denied;
@@ -426,16 +627,25 @@ impl<S: Store> Engine<S> {
         Err(EngineError::Aborted(format!("request {id}")))
     }
 
-    /// Whether `caller` may revoke `grant`: admins, the service's approvers, and the holder
-    /// itself (releasing its own access early).
+    /// Whether `caller` may revoke `grant`: root on the local socket, the holder itself
+    /// (releasing its own access early), and whoever a `revoke` policy permits.
     fn may_revoke(&self, caller: &Caller, grant: &Grant) -> bool {
-        self.is_admin(caller)
-            || matches!(caller, Caller::Spiffe(id) if *id == grant.identity)
-            || self
-                .cfg
-                .services
-                .get(&grant.service)
-                .is_some_and(|s| self.may_approve(caller, s))
+        match caller {
+            Caller::Local { uid } => *uid == 0,
+            Caller::Spiffe(id) if *id == grant.identity => true,
+            Caller::Spiffe(id) => self.cfg.services.get(&grant.service).is_some_and(|s| {
+                let ask = Ask {
+                    duration_s: u64::try_from((grant.expires_ms - grant.not_before_ms) / 1000)
+                        .unwrap_or(0),
+                    reason: &grant.revoke_reason,
+                    ticket: "",
+                    source_ip: None,
+                    requester: &grant.identity,
+                    approvals: 0,
+                };
+                self.decide(Action::Revoke, id, s, &ask).allowed
+            }),
+        }
     }
 
     /// Revokes grants. One grant by id must exist and be active; by identity or service, every
@@ -483,16 +693,19 @@ impl<S: Store> Engine<S> {
                     message: "is empty".into(),
                 });
             }
+            // Grants are listed once to check permission, pending requests are ended, then the
+            // grants are listed again: an approval that completed in between is caught either
+            // as a granted request or as a new active grant.
             RevokeTarget::Identity(who) => {
-                let grants = self.matching_active(caller, |g| g.identity == *who)?;
+                self.matching_active(caller, |g| g.identity == *who)?;
                 revoked_by_requests = self.end_pending(caller, |r| r.requester == *who, reason)?;
-                grants
+                self.matching_active(caller, |g| g.identity == *who)?
             }
             RevokeTarget::Service(name) => {
                 self.service(name)?;
-                let grants = self.matching_active(caller, |g| g.service == *name)?;
+                self.matching_active(caller, |g| g.service == *name)?;
                 revoked_by_requests = self.end_pending(caller, |r| r.service == *name, reason)?;
-                grants
+                self.matching_active(caller, |g| g.service == *name)?
             }
         };
         let mut revoked = revoked_by_requests;
@@ -656,13 +869,19 @@ impl<S: Store> Engine<S> {
 
     /// Whether `caller` may see `req`.
     pub fn may_see_request(&self, caller: &Caller, req: &Request) -> bool {
-        self.is_admin(caller)
-            || matches!(caller, Caller::Spiffe(id) if *id == req.requester)
-            || self
-                .cfg
-                .services
-                .get(&req.service)
-                .is_some_and(|s| self.may_approve(caller, s))
+        let Caller::Spiffe(id) = caller else {
+            return self.is_admin(caller);
+        };
+        if *id == req.requester {
+            return true;
+        }
+        let Some(service) = self.cfg.services.get(&req.service) else {
+            return false;
+        };
+        let ask = Ask::of_request(req);
+        [Action::Approve, Action::Deny, Action::Revoke]
+            .into_iter()
+            .any(|a| self.decide(a, id, service, &ask).allowed)
     }
 
     /// Whether `caller` may see `grant`.

@@ -13,6 +13,8 @@ pub mod identity;
 pub mod kernel_sync;
 pub mod model;
 pub mod node;
+pub mod notify;
+pub mod policy;
 pub mod store;
 
 /// Generated gRPC code for `jit.v1` (from proto/jit/v1/jit.proto, never committed).

@@ -72,6 +72,16 @@ pub struct Request {
     pub grant_id: String,
     /// Requester's address as seen by the agent.
     pub peer_address: String,
+    /// Ticket named by the requester.
+    #[serde(default)]
+    pub ticket: String,
+    /// A break-glass request: granted by the requester itself under a break_glass policy.
+    #[serde(default)]
+    pub break_glass: bool,
+    /// The policies that decided the request (for `request`, then `auto_approve` or
+    /// `break_glass`).
+    #[serde(default)]
+    pub policies: Vec<String>,
 }
 
 /// A grant.
@@ -100,6 +110,9 @@ pub struct Grant {
     /// Source prefixes bound to the identity for this grant only (the requester's own address),
     /// on top of the identity's static bindings.
     pub extra_sources: Vec<String>,
+    /// Granted through break-glass.
+    #[serde(default)]
+    pub break_glass: bool,
 }
 
 impl Grant {

@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use crate::{
     datapath::DatapathError,
-    engine::{Engine, EngineError, RevokeTarget},
+    engine::{Engine, EngineError, RequestOptions, RevokeTarget},
     identity::Caller,
     kernel_sync::{KernelSync, SyncError},
-    model::{Request, RequestState},
+    model::{Grant, Request, RequestState},
+    notify::{Notice, Notifier},
     store::Store,
 };
 
@@ -35,28 +36,66 @@ pub struct Node<S: Store> {
     pub engine: Engine<S>,
     /// The kernel writer.
     pub sync: Arc<KernelSync<S>>,
+    /// Webhooks.
+    pub notifier: Notifier,
 }
 
 impl<S: Store> Node<S> {
-    /// Asks for access; enforces at once when granted.
+    /// Asks for access; enforces at once when granted, and tells the webhooks.
     pub fn request_access(
         &self,
         caller: &Caller,
         service: &str,
         duration: &str,
-        reason: &str,
-        peer: Option<std::net::IpAddr>,
+        opts: &RequestOptions<'_>,
     ) -> Result<Request, NodeError> {
         let req = self
             .engine
-            .request_access(caller, service, duration, reason, peer)?;
-        self.enforce(req)
+            .request_access(caller, service, duration, opts)?;
+        let req = self.enforce(req)?;
+        let event = match (req.state, req.break_glass) {
+            (RequestState::Pending, _) => "request.pending",
+            (RequestState::Granted, true) => "grant.break_glass",
+            _ => "request.granted",
+        };
+        self.notify(event, caller, &req);
+        Ok(req)
     }
 
     /// Approves; enforces at once when this approval completes the request.
     pub fn approve(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
         let req = self.engine.approve(caller, id, comment)?;
-        self.enforce(req)
+        let req = self.enforce(req)?;
+        if req.state == RequestState::Granted {
+            self.notify("request.granted", caller, &req);
+        }
+        Ok(req)
+    }
+
+    /// Denies a pending request.
+    pub fn deny(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
+        let req = self.engine.deny(caller, id, comment)?;
+        self.notify("request.denied", caller, &req);
+        Ok(req)
+    }
+
+    fn notify(&self, event: &'static str, caller: &Caller, req: &Request) {
+        let grant = if req.grant_id.is_empty() {
+            None
+        } else {
+            self.engine
+                .store()
+                .grant(&req.grant_id)
+                .ok()
+                .flatten()
+                .map(|g| g.value)
+        };
+        self.notifier.send(Notice {
+            event,
+            actor: caller.name(),
+            request: Some(req.clone()),
+            grant,
+        });
     }
 
     /// Revokes grants and deletes their kernel entries before returning (the change stream
@@ -66,9 +105,21 @@ impl<S: Store> Node<S> {
         caller: &Caller,
         target: &RevokeTarget,
         reason: &str,
-    ) -> Result<Vec<crate::model::Grant>, NodeError> {
+    ) -> Result<Vec<Grant>, NodeError> {
         let revoked = self.engine.revoke(caller, target, reason)?;
         for g in &revoked {
+            self.notifier.send(Notice {
+                event: "grant.revoked",
+                actor: caller.name(),
+                request: self
+                    .engine
+                    .store()
+                    .request(&g.request_id)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.value),
+                grant: Some(g.clone()),
+            });
             let result = if g.extra_sources.is_empty() {
                 Ok(())
             } else {

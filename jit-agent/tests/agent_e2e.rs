@@ -50,12 +50,26 @@ struct World {
     agent: Option<Child>,
 }
 
+/// The policies the tests run under (the example set is tested on its own).
+const POLICIES: &str = r#"
+@id("anyone-requests-echo")
+permit (principal, action == Jit::Action::"request", resource == Jit::Service::"echo");
+@id("alice-short")
+permit (principal == Jit::Identity::"spiffe://jit.test/alice", action in [Jit::Action::"request", Jit::Action::"auto_approve"], resource == Jit::Service::"short");
+@id("ci-deploys")
+permit (principal in Jit::Group::"ci", action in [Jit::Action::"request", Jit::Action::"auto_approve"], resource == Jit::Service::"deploy");
+@id("approvers-decide-echo")
+permit (principal in Jit::Group::"approvers", action in [Jit::Action::"approve", Jit::Action::"deny"], resource == Jit::Service::"echo");
+@id("sre-revokes")
+permit (principal in Jit::Group::"sre", action == Jit::Action::"revoke", resource);
+@id("sre-break-glass")
+permit (principal in Jit::Group::"sre", action == Jit::Action::"break_glass", resource) when { context.reason != "" };
+"#;
+
 fn config_text(dir: &Path, pin_dir: &Path, iface: &str, request_ttl: &str) -> String {
     let d = dir.display();
     format!(
-        r#"admins = ["spiffe://jit.test/sre/*"]
-
-[agent]
+        r#"[agent]
 listen = "{SERVER_V4}:7443"
 unix_socket = "{d}/agent.sock"
 state_dir = "{d}/state"
@@ -68,30 +82,39 @@ ca = "{d}/certs/ca.pem"
 cert = "{d}/certs/agent.pem"
 key = "{d}/certs/agent.key"
 
+[policy]
+file = "{d}/policies.cedar"
+
+[[groups]]
+name = "sre"
+members = ["spiffe://jit.test/sre/*"]
+
+[[groups]]
+name = "approvers"
+members = ["spiffe://jit.test/sre/*", "spiffe://jit.test/bob"]
+
+[[groups]]
+name = "ci"
+members = ["spiffe://jit.test/ci/deployer"]
+
 [[services]]
 name = "echo"
 destinations = ["{SERVER_V4}:{ECHO_PORT}/tcp"]
 max_duration = "30m"
-approvals_required = 1
-requesters = ["spiffe://jit.test/*"]
-approvers = ["spiffe://jit.test/sre/*", "spiffe://jit.test/bob"]
+break_glass_max = "1m"
 bind_requester_address = true
 
 [[services]]
 name = "short"
 destinations = ["{SERVER_V4}:{SHORT_PORT}/tcp"]
 max_duration = "2s"
-approvals_required = 0
-requesters = ["spiffe://jit.test/alice"]
 bind_requester_address = true
 
 [[services]]
 name = "deploy"
 destinations = ["{SERVER_V4}:{DEPLOY_PORT}/tcp"]
 max_duration = "10m"
-approvals_required = 0
 require_reason = false
-requesters = ["spiffe://jit.test/ci/deployer"]
 
 [[identities]]
 spiffe_id = "spiffe://jit.test/ci/deployer"
@@ -145,6 +168,7 @@ impl World {
             config_text(&dir.0, &pin_dir, &link.server_if, request_ttl),
         )
         .expect("config");
+        std::fs::write(dir.0.join("policies.cedar"), POLICIES).expect("policies");
         Self {
             _pins: PinDirGuard(pin_dir.clone()),
             link,
@@ -873,4 +897,298 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
         "a client of the replaced CA still got in"
     );
     assert!(w.agent_log().contains("TLS certificates reloaded"));
+}
+
+/// A webhook receiver on the server namespace's loopback: records every POST body with the
+/// status it answered; the first delivery is refused with 503 to exercise the retry.
+struct Receiver {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(u16, serde_json::Value)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    fn start(ns: &jit_tests::netns::Netns) -> Self {
+        use std::{
+            io::{BufRead as _, BufReader, Read as _, Write as _},
+            sync::{Arc, Mutex, atomic::AtomicBool, atomic::Ordering},
+        };
+        let seen: Arc<Mutex<Vec<(u16, serde_json::Value)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (seen2, stop2) = (Arc::clone(&seen), Arc::clone(&stop));
+        ns.spawn(move || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.set_nonblocking(true).expect("nonblocking");
+            let _ = tx.send(l.local_addr().expect("addr").port());
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut first = true;
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok((conn, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut r = BufReader::new(conn);
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = r.read_exact(&mut body);
+                let status = if first { 503 } else { 200 };
+                first = false;
+                let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                seen2.lock().expect("lock").push((status, json));
+                let mut conn = r.into_inner();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("receiver port");
+        Self { port, seen, stop }
+    }
+
+    /// Accepted deliveries of `event` (waits up to 10 s for at least one).
+    fn accepted(&self, event: &str) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got: Vec<serde_json::Value> = self
+                .seen
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(st, b)| *st == 200 && b["event"] == event)
+                .map(|(_, b)| b.clone())
+                .collect();
+            if !got.is_empty() || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn policies_break_glass_webhooks_and_policy_reload() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    let hooks = Receiver::start(&w.link.server);
+    let mut text = std::fs::read_to_string(&w.config).expect("config");
+    text.push_str(&format!(
+        "\n[[webhooks]]\nurl = \"http://127.0.0.1:{}/jit\"\n",
+        hooks.port
+    ));
+    std::fs::write(&w.config, text).expect("config");
+    w.start_agent();
+
+    // Pending → notified; approved → notified; the approval was checked against policy.
+    let out = ok(&w.ctl(
+        "alice",
+        &[
+            "request", "echo", "--for", "5m", "--reason", "ticket 9", "--ticket", "OPS-9",
+        ],
+    ));
+    let id = request_id(&out);
+    fails(
+        &w.ctl("ci_deployer", &["approve", &id]),
+        1,
+        "no policy permits it",
+    );
+    ok(&w.ctl("bob", &["approve", &id]));
+    let pending = hooks.accepted("request.pending");
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let p = &pending[0];
+    assert_eq!(p["schema"], "jit.v1.notification");
+    assert_eq!(p["actor"], "spiffe://jit.test/alice");
+    assert_eq!(p["service"], "echo");
+    assert_eq!(p["request"]["id"], id.as_str());
+    assert_eq!(p["request"]["ticket"], "OPS-9");
+    assert_eq!(p["request"]["state"], "pending");
+    assert_eq!(p["request"]["approvals_required"], 1);
+    assert!(p["grant"].is_null());
+    assert!(p["at_unix_ms"].as_i64() > Some(0));
+    let granted = hooks.accepted("request.granted");
+    assert_eq!(granted.len(), 1);
+    assert_eq!(granted[0]["actor"], "spiffe://jit.test/bob");
+    assert_eq!(granted[0]["grant"]["state"], "active");
+    // The first delivery was refused with 503 and retried.
+    assert!(
+        hooks
+            .seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(st, _)| *st == 503)
+    );
+
+    // Deny → notified.
+    let id2 = request_id(&ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "5m", "--reason", "again"],
+    )));
+    ok(&w.ctl("bob", &["deny", &id2, "--comment", "not now"]));
+    let denied = hooks.accepted("request.denied");
+    assert_eq!(denied[0]["request"]["state"], "denied");
+
+    // Alice's grant goes first: carol connects from the same client address, and one address
+    // carries one identity at a time.
+    ok(&w.ctl(
+        "sre_carol",
+        &["revoke", "--identity", "spiffe://jit.test/alice"],
+    ));
+
+    // Break-glass: needs a reason, capped at break_glass_max (1m), marked, announced.
+    fails(
+        &w.ctl(
+            "sre_carol",
+            &["request", "echo", "--for", "1h", "--break-glass"],
+        ),
+        1,
+        "needs a reason",
+    );
+    fails(
+        &w.ctl(
+            "alice",
+            &[
+                "request",
+                "echo",
+                "--for",
+                "1h",
+                "--break-glass",
+                "--reason",
+                "x",
+            ],
+        ),
+        1,
+        "may not break the glass",
+    );
+    let out = ok(&w.ctl(
+        "sre_carol",
+        &[
+            "request",
+            "echo",
+            "--for",
+            "1h",
+            "--break-glass",
+            "--reason",
+            "db on fire",
+        ],
+    ));
+    assert!(
+        out.contains("BREAK-GLASS") && out.contains("granted") && out.contains("(1m)"),
+        "{out}"
+    );
+    let bg = hooks.accepted("grant.break_glass");
+    assert_eq!(bg.len(), 1);
+    assert_eq!(bg[0]["grant"]["break_glass"], true);
+    let listed = w.json("sre_carol", &["ls", "grants", "--active", "--json"]);
+    let g = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|g| g["break_glass"] == true)
+        .expect("break-glass grant listed");
+    let len =
+        g["expires_unix_ms"].as_i64().unwrap_or(0) - g["not_before_unix_ms"].as_i64().unwrap_or(0);
+    assert_eq!(len, 60_000, "{g}");
+
+    // Revoke → notified.
+    let gid = g["id"].as_str().expect("id").to_string();
+    ok(&w.ctl("sre_carol", &["revoke", &gid, "--reason", "fixed"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let revoked = hooks.accepted("grant.revoked");
+        if let Some(r) = revoked.iter().find(|r| r["grant"]["id"] == gid.as_str()) {
+            break r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no revocation notice for {gid}: {revoked:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r["grant"]["revoke_reason"], "fixed");
+    assert_eq!(r["grant"]["break_glass"], true);
+
+    // An invalid policy file is refused and the previous set stays in force.
+    let pol = w.dir.0.join("policies.cedar");
+    let good = std::fs::read_to_string(&pol).expect("policies");
+    std::fs::write(
+        &pol,
+        format!("{good}\npermit (principal, action, resource) when {{ context.nope }};\n"),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !w.agent_log().contains("policy reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            w.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        w.agent_log().contains("policies.cedar:"),
+        "the refusal names the position:\n{}",
+        w.agent_log()
+    );
+    let out = ok(&w.ctl(
+        "alice",
+        &[
+            "request",
+            "short",
+            "--for",
+            "1s",
+            "--reason",
+            "still allowed",
+        ],
+    ));
+    assert!(out.contains("granted"), "{out}");
+
+    // A valid change takes effect without a restart: alice loses "short".
+    std::fs::write(
+        &pol,
+        good.replace(
+            "@id(\"alice-short\")\npermit",
+            "@id(\"alice-short\")\nforbid",
+        ),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = w.ctl(
+            "alice",
+            &["request", "short", "--for", "1s", "--reason", "now?"],
+        );
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("forbidden by alice-short"), "{err}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new policy never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

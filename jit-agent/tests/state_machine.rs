@@ -13,33 +13,45 @@ use std::{
 
 use jit_agent::{
     config::{Config, FileConfig, Overrides},
-    engine::{Engine, EngineError, RevokeTarget},
+    engine::{Engine, EngineError, RequestOptions, RevokeTarget},
     identity::Caller,
     model::{GrantState, RequestState},
+    policy::{DEFAULT_SCHEMA, Policies, load_text},
     store::{RedbStore, Store},
 };
+
+fn opts(reason: &str) -> RequestOptions<'_> {
+    RequestOptions {
+        reason,
+        ..RequestOptions::default()
+    }
+}
 use proptest::prelude::*;
 
 const CONFIG: &str = r#"
-admins = ["spiffe://t.test/admin"]
 [tls]
 ca = "x"
 cert = "x"
 key = "x"
+[policy]
+file = "p.cedar"
+[[groups]]
+name = "users"
+members = ["spiffe://t.test/u*"]
+[[groups]]
+name = "sre"
+members = ["spiffe://t.test/sre/*"]
 [[services]]
 name = "two"
 destinations = ["10.0.0.1:1/tcp"]
 max_duration = "10m"
 approvals_required = 2
-requesters = ["spiffe://t.test/*"]
-approvers = ["spiffe://t.test/sre/*"]
+break_glass_max = "2m"
 [[services]]
 name = "auto"
 destinations = ["10.0.0.1:2/tcp"]
 max_duration = "5m"
-approvals_required = 0
 require_reason = false
-requesters = ["spiffe://t.test/u*"]
 [[identities]]
 spiffe_id = "spiffe://t.test/u1"
 sources = ["10.1.0.1/32"]
@@ -52,6 +64,14 @@ sources = ["10.1.0.3/32"]
 [[identities]]
 spiffe_id = "spiffe://t.test/sre/y"
 sources = ["10.1.0.4/32"]
+"#;
+
+const POLICIES: &str = r#"
+permit (principal, action == Jit::Action::"request", resource);
+permit (principal in Jit::Group::"users", action == Jit::Action::"auto_approve", resource == Jit::Service::"auto");
+permit (principal in Jit::Group::"sre", action in [Jit::Action::"approve", Jit::Action::"deny", Jit::Action::"revoke"], resource);
+permit (principal == Jit::Identity::"spiffe://t.test/admin", action == Jit::Action::"revoke", resource);
+permit (principal in Jit::Group::"sre", action == Jit::Action::"break_glass", resource) when { context.reason != "" };
 "#;
 
 const USERS: [&str; 5] = [
@@ -83,9 +103,13 @@ fn fixture() -> Fixture {
     let store = Arc::new(RedbStore::open(&dir.join("s.redb")).expect("store"));
     let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
     let c = Arc::clone(&clock);
+    let policies = Policies::from_loaded(
+        load_text("p.cedar", POLICIES, "schema", DEFAULT_SCHEMA).unwrap_or_else(|e| panic!("{e}")),
+    );
     let engine = Engine::new(
         store,
         Arc::new(cfg),
+        Arc::new(policies),
         Arc::new(move || c.load(Ordering::SeqCst)),
     );
     Fixture { engine, clock, dir }
@@ -97,18 +121,42 @@ fn who(i: usize) -> Caller {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Request { user: usize, auto: bool, secs: u64 },
-    Approve { user: usize, req: usize },
-    Deny { user: usize, req: usize },
-    RevokeGrant { user: usize, grant: usize },
-    RevokeIdentity { user: usize, target: usize },
-    Advance { secs: i64 },
+    Request {
+        user: usize,
+        auto: bool,
+        secs: u64,
+    },
+    BreakGlass {
+        user: usize,
+        secs: u64,
+        reason: bool,
+    },
+    Approve {
+        user: usize,
+        req: usize,
+    },
+    Deny {
+        user: usize,
+        req: usize,
+    },
+    RevokeGrant {
+        user: usize,
+        grant: usize,
+    },
+    RevokeIdentity {
+        user: usize,
+        target: usize,
+    },
+    Advance {
+        secs: i64,
+    },
     Sweep,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..5usize, any::<bool>(), 1..3600u64).prop_map(|(user, auto, secs)| Op::Request { user, auto, secs }),
+        1 => (0..5usize, 1..3600u64, any::<bool>()).prop_map(|(user, secs, reason)| Op::BreakGlass { user, secs, reason }),
         4 => (0..5usize, 0..8usize).prop_map(|(user, req)| Op::Approve { user, req }),
         1 => (0..5usize, 0..8usize).prop_map(|(user, req)| Op::Deny { user, req }),
         1 => (0..5usize, 0..8usize).prop_map(|(user, grant)| Op::RevokeGrant { user, grant }),
@@ -152,15 +200,31 @@ fn check(f: &Fixture, ended: &mut HashMap<String, GrantState>) {
             "an approver counted twice"
         );
         assert!(!approvers.contains(&r.requester.as_str()), "self-approval");
+        let got = u32::try_from(approvers.len()).unwrap_or(0);
         assert!(
-            u32::try_from(approvers.len()).unwrap_or(0) >= svc.approvals_required,
-            "grant {} with {} of {} approvals",
+            got >= r.approvals_required,
+            "grant {} with {got} of {} approvals",
             g.id,
-            approvers.len(),
-            svc.approvals_required
+            r.approvals_required
         );
+        if r.approvals_required == 0 {
+            // Granted without a human: only where a policy says so.
+            assert!(
+                r.break_glass
+                    || (r.service == "auto" && r.requester.starts_with("spiffe://t.test/u")),
+                "grant {} without approvals: {r:?}",
+                g.id
+            );
+        } else {
+            assert!(r.approvals_required >= svc.approvals_required, "{r:?}");
+        }
         // No grant outlives its clamp.
-        let max_ms = i64::try_from(svc.max_duration.as_millis()).unwrap_or(i64::MAX);
+        let cap = if r.break_glass {
+            svc.max_duration.min(svc.break_glass_max)
+        } else {
+            svc.max_duration
+        };
+        let max_ms = i64::try_from(cap.as_millis()).unwrap_or(i64::MAX);
         assert!(
             g.expires_ms - g.not_before_ms <= max_ms,
             "grant {} exceeds the clamp",
@@ -193,8 +257,17 @@ proptest! {
             match op {
                 Op::Request { user, auto, secs } => {
                     let svc = if auto { "auto" } else { "two" };
-                    if let Ok(r) = f.engine.request_access(&who(user), svc, &format!("{secs}s"), "why", None) {
+                    if let Ok(r) = f.engine.request_access(&who(user), svc, &format!("{secs}s"), &opts("why")) {
                         if !r.grant_id.is_empty() { grant_ids.push(r.grant_id.clone()); }
+                        req_ids.push(r.id);
+                    }
+                }
+                Op::BreakGlass { user, secs, reason } => {
+                    let o = RequestOptions { reason: if reason { "pager" } else { "" }, break_glass: true, ..RequestOptions::default() };
+                    if let Ok(r) = f.engine.request_access(&who(user), "two", &format!("{secs}s"), &o) {
+                        assert!(reason, "break-glass without a reason was granted");
+                        assert!(USERS[user % USERS.len()].contains("/sre/"), "break-glass for a non-SRE");
+                        grant_ids.push(r.grant_id.clone());
                         req_ids.push(r.id);
                     }
                 }
@@ -245,18 +318,18 @@ fn bad_input_gets_precise_errors_from_the_server_side() {
         ("two", "5m", " ", "reason"),
     ];
     for (svc, dur, reason, field) in cases {
-        match f.engine.request_access(&u1, svc, dur, reason, None) {
+        match f.engine.request_access(&u1, svc, dur, &opts(reason)) {
             Err(EngineError::InvalidArgument { field: got, .. }) => assert_eq!(got, field),
             other => panic!("{svc} {dur} {reason:?}: {other:?}"),
         }
     }
     assert!(matches!(
-        f.engine.request_access(&u1, "nope", "5m", "r", None),
+        f.engine.request_access(&u1, "nope", "5m", &opts("r")),
         Err(EngineError::NotFound(_))
     ));
     assert!(matches!(
         f.engine
-            .request_access(&Caller::Local { uid: 0 }, "two", "5m", "r", None),
+            .request_access(&Caller::Local { uid: 0 }, "two", "5m", &opts("r")),
         Err(EngineError::PermissionDenied(_))
     ));
     assert!(matches!(
@@ -274,7 +347,7 @@ fn approvals_self_duplicates_expiry_and_clamp() {
     let f = fixture();
     let r = f
         .engine
-        .request_access(&who(0), "two", "1h", "r", None)
+        .request_access(&who(0), "two", "1h", &opts("r"))
         .expect("request");
     assert!(r.clamped && r.duration_s == 600, "{r:?}");
     assert!(matches!(
@@ -310,7 +383,7 @@ fn approvals_self_duplicates_expiry_and_clamp() {
     // A request left pending past its TTL (1h by default) can no longer be approved.
     let late = f
         .engine
-        .request_access(&who(1), "two", "5m", "r", None)
+        .request_access(&who(1), "two", "5m", &opts("r"))
         .expect("request");
     f.clock.fetch_add(3_600_001, Ordering::SeqCst);
     match f.engine.approve(&who(2), &late.id, "") {
@@ -337,7 +410,7 @@ fn revoke_racing_approve_ends_revoked() {
         let f = Arc::new(fixture());
         let r = f
             .engine
-            .request_access(&who(0), "two", "5m", "r", None)
+            .request_access(&who(0), "two", "5m", &opts("r"))
             .expect("request");
         f.engine
             .approve(&who(2), &r.id, "")
@@ -365,4 +438,42 @@ fn revoke_racing_approve_ends_revoked() {
             .count();
         assert_eq!(live, 0, "access survived the revoke");
     }
+}
+
+#[test]
+fn break_glass_is_capped_marked_and_needs_a_reason_and_a_policy() {
+    let f = fixture();
+    let bg = |who: Caller, reason: &'static str| {
+        f.engine.request_access(
+            &who,
+            "two",
+            "1h",
+            &RequestOptions {
+                reason,
+                break_glass: true,
+                ..RequestOptions::default()
+            },
+        )
+    };
+    match bg(who(2), "") {
+        Err(EngineError::InvalidArgument { field, .. }) => assert_eq!(field, "reason"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(bg(who(0), "outage"), Err(EngineError::PermissionDenied(_))),
+        "no policy for users"
+    );
+    let r = bg(who(2), "db down, pager 123").expect("break-glass");
+    assert_eq!(r.state, RequestState::Granted);
+    assert!(r.break_glass && r.clamped);
+    assert_eq!(r.duration_s, 120, "capped at break_glass_max = 2m");
+    let g = f
+        .engine
+        .store()
+        .grant(&r.grant_id)
+        .expect("get")
+        .expect("grant")
+        .value;
+    assert!(g.break_glass);
+    assert_eq!(g.expires_ms - g.not_before_ms, 120_000);
 }

@@ -118,6 +118,9 @@ pub fn request_msg(r: &model::Request) -> pb::AccessRequest {
         grant_id: r.grant_id.clone(),
         peer_address: r.peer_address.clone(),
         clamped: r.clamped,
+        ticket: r.ticket.clone(),
+        break_glass: r.break_glass,
+        policies: r.policies.clone(),
     }
 }
 
@@ -143,6 +146,7 @@ pub fn grant_msg(g: &model::Grant, static_sources: &[String]) -> pb::Grant {
             .cloned()
             .chain(g.extra_sources.iter().cloned())
             .collect(),
+        break_glass: g.break_glass,
     }
 }
 
@@ -184,8 +188,18 @@ impl<S: Store> JitGate for Api<S> {
         let m = req.into_inner();
         let r = self
             .blocking(move |n| {
-                n.request_access(&who, &m.service, &m.duration, &m.reason, peer)
-                    .map_err(node_status)
+                n.request_access(
+                    &who,
+                    &m.service,
+                    &m.duration,
+                    &crate::engine::RequestOptions {
+                        reason: &m.reason,
+                        ticket: &m.ticket,
+                        break_glass: m.break_glass,
+                        peer,
+                    },
+                )
+                .map_err(node_status)
             })
             .await?;
         log::info!(
@@ -220,11 +234,7 @@ impl<S: Store> JitGate for Api<S> {
         let who = caller(&req)?;
         let m = req.into_inner();
         let r = self
-            .blocking(move |n| {
-                n.engine
-                    .deny(&who, &m.request_id, &m.comment)
-                    .map_err(status)
-            })
+            .blocking(move |n| n.deny(&who, &m.request_id, &m.comment).map_err(node_status))
             .await?;
         Ok(Response::new(request_msg(&r)))
     }
@@ -389,7 +399,19 @@ impl<S: Store> JitGate for Api<S> {
                 .filter(|s| engine.may_approve(&who, s))
                 .map(|s| s.name.clone())
                 .collect(),
-            may_revoke_any: engine.is_admin(&who),
+            may_revoke_any: engine.is_admin(&who)
+                || services
+                    .values()
+                    .all(|s| engine.may_revoke_service(&who, s)),
+            may_break_glass: services
+                .values()
+                .filter(|s| engine.may_break_glass(&who, s))
+                .map(|s| s.name.clone())
+                .collect(),
+            groups: match &who {
+                Caller::Spiffe(id) => engine.config().groups_of(id),
+                Caller::Local { .. } => Vec::new(),
+            },
         }))
     }
 

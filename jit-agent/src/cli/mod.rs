@@ -36,6 +36,9 @@ pub enum Command {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Check and explain Cedar policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Operate and inspect the kernel gate (attach, detach, status, grants).
     #[command(subcommand)]
     Bpf(bpf::BpfCommand),
@@ -59,6 +62,52 @@ pub struct RunOverrides {
     /// Interface to gate, `eth0` or `eth0:tc` (repeatable; replaces agent.interfaces).
     #[arg(long = "interface")]
     pub interfaces: Vec<String>,
+}
+
+/// `policy` commands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file against the schema; prints each problem as file:line:column.
+    Check {
+        /// Cedar policy file.
+        file: PathBuf,
+        /// Cedar schema file (default: the built-in schema).
+        #[arg(long)]
+        schema: Option<PathBuf>,
+    },
+    /// Show which policies decide a request, and why, for every action.
+    Explain {
+        /// Agent configuration (services, groups, policy files).
+        #[arg(long, short, env = "JIT_CONFIG")]
+        config: PathBuf,
+        /// Who asks (a SPIFFE ID).
+        #[arg(long)]
+        principal: String,
+        /// Service name.
+        #[arg(long)]
+        service: String,
+        /// Duration asked for.
+        #[arg(long = "for", value_name = "DURATION", default_value = "15m")]
+        duration: String,
+        /// Reason.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Ticket.
+        #[arg(long, default_value = "")]
+        ticket: String,
+        /// Requester address.
+        #[arg(long)]
+        source_ip: Option<std::net::IpAddr>,
+        /// Decision time, RFC 3339 (default: now).
+        #[arg(long)]
+        at: Option<String>,
+        /// For approve/deny/revoke: the requester (default: the principal).
+        #[arg(long)]
+        requester: Option<String>,
+        /// Approvals the request already has.
+        #[arg(long, default_value_t = 0)]
+        approvals: u32,
+    },
 }
 
 /// `certs` commands.
@@ -162,6 +211,138 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Policy(PolicyCommand::Check { file, schema }) => {
+            let loaded = crate::policy::load_files(&file, schema.as_deref())?;
+            let _ = loaded;
+            println!("{}: valid", file.display());
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Explain {
+            config,
+            principal,
+            service,
+            duration,
+            reason,
+            ticket,
+            source_ip,
+            at,
+            requester,
+            approvals,
+        }) => explain(
+            &config,
+            &ExplainArgs {
+                principal,
+                service,
+                duration,
+                reason,
+                ticket,
+                source_ip,
+                at,
+                requester,
+                approvals,
+            },
+        ),
         Command::Bpf(cmd) => bpf::run(cmd),
     }
+}
+
+struct ExplainArgs {
+    principal: String,
+    service: String,
+    duration: String,
+    reason: String,
+    ticket: String,
+    source_ip: Option<std::net::IpAddr>,
+    at: Option<String>,
+    requester: Option<String>,
+    approvals: u32,
+}
+
+fn explain(config: &std::path::Path, a: &ExplainArgs) -> anyhow::Result<()> {
+    use anyhow::{Context as _, anyhow};
+
+    let cfg = crate::config::Config::load(config, &crate::config::Overrides::default())?;
+    let policies = crate::policy::Policies::load(&cfg.policy_file, cfg.policy_schema.as_deref())?;
+    crate::identity::check_spiffe_id(&a.principal).map_err(|e| anyhow!("--principal: {e}"))?;
+    let service = cfg.services.get(&a.service).ok_or_else(|| {
+        anyhow!(
+            "--service: {:?} is not configured (known: {})",
+            a.service,
+            crate::config::service_names(&cfg)
+        )
+    })?;
+    let wanted = crate::duration::parse_duration(&a.duration).map_err(|e| anyhow!("--for {e}"))?;
+    let now_ms = match &a.at {
+        Some(t) => {
+            let st = humantime::parse_rfc3339_weak(t).with_context(|| {
+                format!("--at {t:?}: expected RFC 3339, e.g. 2026-11-30T10:00:00Z")
+            })?;
+            let d = st
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| anyhow!("--at is before 1970"))?;
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        }
+        None => crate::model::now_ms(),
+    };
+    let requester = a.requester.clone().unwrap_or_else(|| a.principal.clone());
+    println!(
+        "{} on {} ({} environment) for {}{}, groups: {}",
+        a.principal,
+        service.name,
+        service.environment,
+        crate::duration::format_duration(wanted.min(service.max_duration)),
+        if wanted > service.max_duration {
+            " (clamped)"
+        } else {
+            ""
+        },
+        {
+            let g = cfg.groups_of(&a.principal);
+            if g.is_empty() {
+                "(none)".to_string()
+            } else {
+                g.join(", ")
+            }
+        }
+    );
+    for action in crate::policy::Action::ALL {
+        let cap = if action == crate::policy::Action::BreakGlass {
+            service.max_duration.min(service.break_glass_max)
+        } else {
+            service.max_duration
+        };
+        let v = policies.decide(
+            action,
+            &crate::policy::Facts {
+                principal: &a.principal,
+                principal_groups: cfg.groups_of(&a.principal),
+                service: &service.name,
+                environment: &service.environment,
+                max_duration_seconds: service.max_duration.as_secs(),
+                duration_seconds: wanted.min(cap).as_secs().max(1),
+                reason: &a.reason,
+                ticket: &a.ticket,
+                source_ip: a.source_ip,
+                now_ms,
+                requester: &requester,
+                requester_groups: cfg.groups_of(&requester),
+                approvals: a.approvals,
+            },
+        );
+        println!(
+            "  {:<13} {:<5} {}",
+            action.name(),
+            if v.allowed { "ALLOW" } else { "DENY" },
+            v.why()
+        );
+        for e in v.errors {
+            println!("  {:<13}       error: {e}", "");
+        }
+    }
+    if requester == a.principal {
+        println!(
+            "  (approve/deny: a requester can never decide its own request, whatever the policies say)"
+        );
+    }
+    Ok(())
 }

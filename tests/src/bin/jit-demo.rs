@@ -162,21 +162,29 @@ ca = "{c}/ca.pem"
 cert = "{c}/agent.pem"
 key = "{c}/agent.key"
 
+[policy]
+file = "{d}/policies.cedar"
+
+[[groups]]
+name = "sre"
+members = ["spiffe://demo.jit/sre/*"]
+
+[[groups]]
+name = "eng"
+members = ["spiffe://demo.jit/alice"]
+
 [[services]]
 name = "payments-db"
 destinations = ["{SERVER_V4}:5432/tcp"]
 max_duration = "15m"
 approvals_required = 1
-requesters = ["spiffe://demo.jit/alice"]
-approvers = ["spiffe://demo.jit/sre/*"]
 bind_requester_address = true
 
 [[services]]
 name = "staging-api"
 destinations = ["{SERVER_V4}:8080/tcp"]
+environment = "staging"
 max_duration = "4s"
-approvals_required = 0
-requesters = ["spiffe://demo.jit/alice"]
 bind_requester_address = true
 "#,
             d = dir.display(),
@@ -187,6 +195,26 @@ bind_requester_address = true
     )
     .map_err(|e| e.to_string())?;
 
+    std::fs::write(
+        dir.join("policies.cedar"),
+        r#"// Engineers may ask for anything, with a reason.
+@id("eng-may-request")
+permit (principal in Jit::Group::"eng", action == Jit::Action::"request", resource)
+when { context.reason != "" };
+
+// Staging is granted at once.
+@id("staging-auto")
+permit (principal in Jit::Group::"eng", action == Jit::Action::"auto_approve", resource)
+when { resource.environment == "staging" };
+
+// SREs approve, deny and revoke.
+@id("sre-decides")
+permit (principal in Jit::Group::"sre",
+        action in [Jit::Action::"approve", Jit::Action::"deny", Jit::Action::"revoke"], resource);
+"#,
+    )
+    .map_err(|e| e.to_string())?;
+    show("policies: eng may request (with a reason); staging is granted at once; SREs decide");
     let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| e.to_string())?;
     let child = link
         .server
