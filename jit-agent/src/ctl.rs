@@ -389,6 +389,9 @@ fn describe(r: &pb::AccessRequest) -> String {
         }
         _ => {}
     }
+    if !r.policies.is_empty() {
+        s.push_str(&format!("\n  decided by: {}", r.policies.join(", ")));
+    }
     s
 }
 
