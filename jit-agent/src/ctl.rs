@@ -554,11 +554,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map_err(|e| explain("list requests", &e))?
                     .into_inner()
                     .requests;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&requests_json(&rs))?);
-                } else if rs.is_empty() {
-                    println!("no requests");
-                } else {
+                {
                     let rows: Vec<Vec<String>> = rs
                         .iter()
                         .map(|r| {
@@ -578,22 +574,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                             ]
                         })
                         .collect();
-                    print!(
-                        "{}",
-                        crate::cli::render_table(
-                            &[
-                                "ID",
-                                "STATE",
-                                "REQUESTER",
-                                "SERVICE",
-                                "FOR",
-                                "APPROVALS",
-                                "AGE",
-                                "REASON"
-                            ],
-                            &rows
-                        )
-                    );
+                    print_listing(
+                        json.then(|| requests_json(&rs)),
+                        "no requests",
+                        &[
+                            "ID",
+                            "STATE",
+                            "REQUESTER",
+                            "SERVICE",
+                            "FOR",
+                            "APPROVALS",
+                            "AGE",
+                            "REASON",
+                        ],
+                        &rows,
+                    )?;
                 }
             } else {
                 let gs = c
@@ -604,11 +599,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map_err(|e| explain("list grants", &e))?
                     .into_inner()
                     .grants;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&grants_json(&gs))?);
-                } else if gs.is_empty() {
-                    println!("no grants");
-                } else {
+                {
                     let rows: Vec<Vec<String>> = gs
                         .iter()
                         .map(|g| {
@@ -630,13 +621,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                             ]
                         })
                         .collect();
-                    print!(
-                        "{}",
-                        crate::cli::render_table(
-                            &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES"],
-                            &rows
-                        )
-                    );
+                    print_listing(
+                        json.then(|| grants_json(&gs)),
+                        "no grants",
+                        &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES"],
+                        &rows,
+                    )?;
                 }
             }
             Ok(0)
@@ -791,6 +781,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             status
         }
     }
+}
+
+/// Prints JSON when asked for, else a table, or `empty` when there are no rows.
+fn print_listing(
+    json: Option<serde_json::Value>,
+    empty: &str,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> anyhow::Result<()> {
+    if let Some(v) = json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if rows.is_empty() {
+        println!("{empty}");
+    } else {
+        print!("{}", crate::cli::render_table(header, rows));
+    }
+    Ok(())
 }
 
 fn list_or_none(v: &[String]) -> String {

@@ -223,20 +223,32 @@ impl World {
         std::fs::read_to_string(self.dir.0.join("agent.log")).unwrap_or_default()
     }
 
-    /// Runs jitctl as `who` (a certificate stem) from the client namespace.
-    fn ctl(&self, who: &str, args: &[&str]) -> Output {
-        let certs = self.dir.0.join("certs");
-        self.link
-            .client
-            .command(JITCTL)
-            .args(args)
-            .env("HOME", &self.dir.0)
+    /// A jitctl command in the client namespace, trusting `ca` and presenting `cert`/`key`.
+    fn jitctl(&self, ca: &Path, cert: &Path, key: &Path) -> Command {
+        let mut cmd = self.link.client.command(JITCTL);
+        cmd.env("HOME", &self.dir.0)
             .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
-            .env("JIT_CA", certs.join("ca.pem"))
-            .env("JIT_CERT", certs.join(format!("{who}.pem")))
-            .env("JIT_KEY", certs.join(format!("{who}.key")))
-            .output()
-            .expect("running jitctl")
+            .env("JIT_CA", ca)
+            .env("JIT_CERT", cert)
+            .env("JIT_KEY", key);
+        cmd
+    }
+
+    /// Runs jitctl as `who` (a certificate stem in `certs`) from the client namespace.
+    fn ctl_in(&self, certs: &Path, who: &str, args: &[&str]) -> Output {
+        self.jitctl(
+            &certs.join("ca.pem"),
+            &certs.join(format!("{who}.pem")),
+            &certs.join(format!("{who}.key")),
+        )
+        .args(args)
+        .output()
+        .expect("running jitctl")
+    }
+
+    /// Runs jitctl as `who` with the test's certificates.
+    fn ctl(&self, who: &str, args: &[&str]) -> Output {
+        self.ctl_in(&self.dir.0.join("certs"), who, args)
     }
 
     /// Runs jitctl on the agent's local socket (as root).
@@ -546,15 +558,12 @@ fn exec_holds_access_for_the_length_of_the_command() {
 
     // During the command, access is there: hold it open with a long command and probe meanwhile.
     let mut child = w
-        .link
-        .client
-        .command(JITCTL)
+        .jitctl(
+            &w.dir.0.join("certs/ca.pem"),
+            &w.dir.0.join("certs/ci_deployer.pem"),
+            &w.dir.0.join("certs/ci_deployer.key"),
+        )
         .args(["exec", "deploy", "--for", "5m", "--", "sleep", "3"])
-        .env("HOME", &w.dir.0)
-        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
-        .env("JIT_CA", w.dir.0.join("certs/ca.pem"))
-        .env("JIT_CERT", w.dir.0.join("certs/ci_deployer.pem"))
-        .env("JIT_KEY", w.dir.0.join("certs/ci_deployer.key"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -650,15 +659,12 @@ fn bad_input_is_refused_and_changes_nothing() {
         .expect("certs init");
     assert!(out.status.success());
     let out = w
-        .link
-        .client
-        .command(JITCTL)
+        .jitctl(
+            &w.dir.0.join("certs/ca.pem"),
+            &other.join("alice.pem"),
+            &other.join("alice.key"),
+        )
         .args(["whoami"])
-        .env("HOME", &w.dir.0)
-        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
-        .env("JIT_CA", w.dir.0.join("certs/ca.pem"))
-        .env("JIT_CERT", other.join("alice.pem"))
-        .env("JIT_KEY", other.join("alice.key"))
         .output()
         .expect("jitctl");
     assert!(
@@ -680,15 +686,12 @@ fn bad_input_is_refused_and_changes_nothing() {
     std::fs::write(w.dir.0.join("nosan.pem"), cert.pem()).expect("write");
     std::fs::write(w.dir.0.join("nosan.key"), key.serialize_pem()).expect("write");
     let out = w
-        .link
-        .client
-        .command(JITCTL)
+        .jitctl(
+            &w.dir.0.join("certs/ca.pem"),
+            &w.dir.0.join("nosan.pem"),
+            &w.dir.0.join("nosan.key"),
+        )
         .args(["whoami"])
-        .env("HOME", &w.dir.0)
-        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
-        .env("JIT_CA", w.dir.0.join("certs/ca.pem"))
-        .env("JIT_CERT", w.dir.0.join("nosan.pem"))
-        .env("JIT_KEY", w.dir.0.join("nosan.key"))
         .output()
         .expect("jitctl");
     assert!(
@@ -732,20 +735,6 @@ fn bad_input_is_refused_and_changes_nothing() {
         err.contains("identities[0].sources[0]") && err.contains("10.213.0.300"),
         "{err}"
     );
-}
-
-fn ctl_with(w: &World, certs: &Path, who: &str, args: &[&str]) -> Output {
-    w.link
-        .client
-        .command(JITCTL)
-        .args(args)
-        .env("HOME", &w.dir.0)
-        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
-        .env("JIT_CA", certs.join("ca.pem"))
-        .env("JIT_CERT", certs.join(format!("{who}.pem")))
-        .env("JIT_KEY", certs.join(format!("{who}.key")))
-        .output()
-        .expect("running jitctl")
 }
 
 #[test]
@@ -839,7 +828,7 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
     std::fs::copy(w.dir.0.join("certs/ca.pem"), stale.join("ca.pem")).expect("copy");
     std::fs::write(stale.join("alice.pem"), cert.pem()).expect("write");
     std::fs::write(stale.join("alice.key"), key.serialize_pem()).expect("write");
-    let out = ctl_with(&w, &stale, "alice", &["whoami"]);
+    let out = w.ctl_in(&stale, "alice", &["whoami"]);
     assert!(!out.status.success(), "an expired certificate was accepted");
 
     // Rotation: a new CA and agent certificate replace the old files in place; the agent picks
@@ -868,7 +857,7 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = ctl_with(&w, &fresh, "alice", &["whoami"]);
+        let out = w.ctl_in(&fresh, "alice", &["whoami"]);
         if out.status.success() {
             break;
         }
@@ -881,15 +870,12 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
     }
     // The old CA's alice no longer gets in (the agent now trusts only the new CA).
     let out = w
-        .link
-        .client
-        .command(JITCTL)
+        .jitctl(
+            &fresh.join("ca.pem"),
+            &w.dir.0.join("certs/alice.pem"),
+            &w.dir.0.join("certs/alice.key"),
+        )
         .args(["whoami"])
-        .env("HOME", &w.dir.0)
-        .env("JIT_AGENT", format!("https://{SERVER_V4}:7443"))
-        .env("JIT_CA", fresh.join("ca.pem"))
-        .env("JIT_CERT", w.dir.0.join("certs/alice.pem"))
-        .env("JIT_KEY", w.dir.0.join("certs/alice.key"))
         .output()
         .expect("jitctl");
     assert!(

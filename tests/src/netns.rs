@@ -16,6 +16,19 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// Moves the calling thread into the network namespace at `path`.
+fn enter(path: &str) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: a valid namespace fd; only the calling thread changes namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {path}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// A named network namespace (`ip netns add`), deleted on drop with all its interfaces.
 pub struct Netns {
     name: String,
@@ -51,15 +64,7 @@ impl Netns {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                // SAFETY: a valid namespace fd; this thread alone changes namespace.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into {path}: {}",
-                    std::io::Error::last_os_error()
-                );
+                enter(&path);
                 f()
             })
             .join()
@@ -76,15 +81,7 @@ impl Netns {
     ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-            // SAFETY: a valid namespace fd; this thread alone changes namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "setns into {path}: {}",
-                std::io::Error::last_os_error()
-            );
+            enter(&path);
             f()
         })
     }

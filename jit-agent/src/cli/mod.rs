@@ -76,38 +76,42 @@ pub enum PolicyCommand {
         schema: Option<PathBuf>,
     },
     /// Show which policies decide a request, and why, for every action.
-    Explain {
-        /// Agent configuration (services, groups, policy files).
-        #[arg(long, short, env = "JIT_CONFIG")]
-        config: PathBuf,
-        /// Who asks (a SPIFFE ID).
-        #[arg(long)]
-        principal: String,
-        /// Service name.
-        #[arg(long)]
-        service: String,
-        /// Duration asked for.
-        #[arg(long = "for", value_name = "DURATION", default_value = "15m")]
-        duration: String,
-        /// Reason.
-        #[arg(long, default_value = "")]
-        reason: String,
-        /// Ticket.
-        #[arg(long, default_value = "")]
-        ticket: String,
-        /// Requester address.
-        #[arg(long)]
-        source_ip: Option<std::net::IpAddr>,
-        /// Decision time, RFC 3339 (default: now).
-        #[arg(long)]
-        at: Option<String>,
-        /// For approve/deny/revoke: the requester (default: the principal).
-        #[arg(long)]
-        requester: Option<String>,
-        /// Approvals the request already has.
-        #[arg(long, default_value_t = 0)]
-        approvals: u32,
-    },
+    Explain(ExplainArgs),
+}
+
+/// `policy explain` options.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Agent configuration (services, groups, policy files).
+    #[arg(long, short, env = "JIT_CONFIG")]
+    config: PathBuf,
+    /// Who asks (a SPIFFE ID).
+    #[arg(long)]
+    principal: String,
+    /// Service name.
+    #[arg(long)]
+    service: String,
+    /// Duration asked for.
+    #[arg(long = "for", value_name = "DURATION", default_value = "15m")]
+    duration: String,
+    /// Reason.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Ticket.
+    #[arg(long, default_value = "")]
+    ticket: String,
+    /// Requester address.
+    #[arg(long)]
+    source_ip: Option<std::net::IpAddr>,
+    /// Decision time, RFC 3339 (default: now).
+    #[arg(long)]
+    at: Option<String>,
+    /// For approve/deny/revoke: the requester (default: the principal).
+    #[arg(long)]
+    requester: Option<String>,
+    /// Approvals the request already has.
+    #[arg(long, default_value_t = 0)]
+    approvals: u32,
 }
 
 /// `certs` commands.
@@ -217,49 +221,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: valid", file.display());
             Ok(())
         }
-        Command::Policy(PolicyCommand::Explain {
-            config,
-            principal,
-            service,
-            duration,
-            reason,
-            ticket,
-            source_ip,
-            at,
-            requester,
-            approvals,
-        }) => explain(
-            &config,
-            &ExplainArgs {
-                principal,
-                service,
-                duration,
-                reason,
-                ticket,
-                source_ip,
-                at,
-                requester,
-                approvals,
-            },
-        ),
+        Command::Policy(PolicyCommand::Explain(args)) => explain(&args),
         Command::Bpf(cmd) => bpf::run(cmd),
     }
 }
 
-struct ExplainArgs {
-    principal: String,
-    service: String,
-    duration: String,
-    reason: String,
-    ticket: String,
-    source_ip: Option<std::net::IpAddr>,
-    at: Option<String>,
-    requester: Option<String>,
-    approvals: u32,
-}
-
-fn explain(config: &std::path::Path, a: &ExplainArgs) -> anyhow::Result<()> {
+fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
     use anyhow::{Context as _, anyhow};
+
+    let config = &a.config;
 
     let cfg = crate::config::Config::load(config, &crate::config::Overrides::default())?;
     let policies = crate::policy::Policies::load(&cfg.policy_file, cfg.policy_schema.as_deref())?;
