@@ -300,14 +300,8 @@ impl<S: Store> Engine<S> {
                 message: format!("service {service_name:?} requires a reason"),
             });
         }
-        for (field, v) in [("reason", reason), ("ticket", opts.ticket)] {
-            if v.len() > 1024 {
-                return Err(EngineError::InvalidArgument {
-                    field,
-                    message: "is longer than 1024 bytes".into(),
-                });
-            }
-        }
+        check_text("reason", reason)?;
+        check_text("ticket", opts.ticket)?;
         let cap = if opts.break_glass {
             service.max_duration.min(service.break_glass_max)
         } else {
@@ -519,6 +513,7 @@ impl<S: Store> Engine<S> {
         id: &str,
         comment: &str,
     ) -> Result<Request, EngineError> {
+        check_text("comment", comment)?;
         for _ in 0..RETRIES {
             let req = self.load_request(id)?;
             self.check_pending(&req)?;
@@ -588,6 +583,7 @@ impl<S: Store> Engine<S> {
 
     /// Denies a pending request.
     pub fn deny(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, EngineError> {
+        check_text("comment", comment)?;
         for _ in 0..RETRIES {
             let req = self.load_request(id)?;
             self.check_pending(&req)?;
@@ -656,6 +652,7 @@ impl<S: Store> Engine<S> {
         target: &RevokeTarget,
         reason: &str,
     ) -> Result<Vec<Grant>, EngineError> {
+        check_text("reason", reason)?;
         let mut revoked_by_requests = Vec::new();
         let candidates: Vec<String> = match target {
             RevokeTarget::Grant(id) => {
@@ -948,6 +945,17 @@ impl<S: Store> Engine<S> {
         out.sort_by(|a, b| b.not_before_ms.cmp(&a.not_before_ms).then(b.id.cmp(&a.id)));
         Ok(out)
     }
+}
+
+/// Free text kept with a decision is bounded like a reason.
+fn check_text(field: &'static str, text: &str) -> Result<(), EngineError> {
+    if text.len() > 1024 {
+        return Err(EngineError::InvalidArgument {
+            field,
+            message: "is longer than 1024 bytes".into(),
+        });
+    }
+    Ok(())
 }
 
 /// A request state in words.

@@ -95,6 +95,10 @@ impl Drop for Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(POLICIES)
+}
+
+fn fixture_with(policies: &str) -> Fixture {
     let dir = std::env::temp_dir().join(jit_tests::unique("jit-sm-"));
     std::fs::create_dir_all(&dir).expect("dir");
     let file: FileConfig = toml::from_str(CONFIG).expect("config");
@@ -104,7 +108,7 @@ fn fixture() -> Fixture {
     let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
     let c = Arc::clone(&clock);
     let policies = Policies::from_loaded(
-        load_text("p.cedar", POLICIES, "schema", DEFAULT_SCHEMA).unwrap_or_else(|e| panic!("{e}")),
+        load_text("p.cedar", policies, "schema", DEFAULT_SCHEMA).unwrap_or_else(|e| panic!("{e}")),
     );
     let engine = Engine::new(
         store,
@@ -336,6 +340,18 @@ fn bad_input_gets_precise_errors_from_the_server_side() {
         f.engine.approve(&who(2), "req-000000000000", ""),
         Err(EngineError::NotFound(_))
     ));
+    let long = "x".repeat(2000);
+    match f.engine.request_access(&u1, "two", "5m", &opts(&long)) {
+        Err(EngineError::InvalidArgument { field, .. }) => assert_eq!(field, "reason"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        f.engine.approve(&who(2), "req-000000000000", &long),
+        Err(EngineError::InvalidArgument {
+            field: "comment",
+            ..
+        })
+    ));
     assert!(
         f.engine.store().requests().expect("requests").is_empty(),
         "nothing was recorded"
@@ -476,4 +492,25 @@ fn break_glass_is_capped_marked_and_needs_a_reason_and_a_policy() {
         .value;
     assert!(g.break_glass);
     assert_eq!(g.expires_ms - g.not_before_ms, 120_000);
+}
+
+/// A permitting `request` policy can raise the approvals a service needs with @approvals("N").
+#[test]
+fn approvals_annotation_raises_the_count() {
+    let f = fixture_with(&format!(
+        "{POLICIES}\n@approvals(\"3\")\npermit (principal, action == Jit::Action::\"request\", resource == Jit::Service::\"two\") when {{ context.duration_seconds > 300 }};\n"
+    ));
+    let long = f
+        .engine
+        .request_access(&who(0), "two", "10m", &opts("r"))
+        .expect("request");
+    assert_eq!(long.approvals_required, 3, "{long:?}");
+    let short = f
+        .engine
+        .request_access(&who(1), "two", "1m", &opts("r"))
+        .expect("request");
+    assert_eq!(short.approvals_required, 2, "the service's own count");
+    f.engine.approve(&who(2), &long.id, "").expect("1");
+    let r = f.engine.approve(&who(3), &long.id, "").expect("2");
+    assert_eq!(r.state, RequestState::Pending, "two of three");
 }
