@@ -29,6 +29,9 @@ enum Task {
     /// a request, an approval, the connection passing, a revoke cutting it, a grant expiring.
     /// Needs root; cleans up on exit and on Ctrl-C.
     Demo,
+    /// Set up, build in release, and measure the gate's per-packet cost and grant loading as
+    /// ratios against a pass-everything XDP program in the same run. Needs root.
+    Bench,
     /// Set up, lint, then run every test. Kernel tests need root; without root they are skipped
     /// with a message, unless CI is set, where they fail instead.
     Test {
@@ -46,6 +49,23 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--workspace", "--exclude", "jit-ebpf"])
         }
         Task::Lint => lint(),
+        Task::Bench => {
+            setup::run()?;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the benchmarks need root (they load BPF programs)");
+            }
+            step("building and running the benchmarks (release)");
+            cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "jit-tests",
+                "--bin",
+                "jit-bench",
+            ])
+        }
         Task::Demo => {
             setup::run()?;
             step("building jit-agent, jitctl and the demo");

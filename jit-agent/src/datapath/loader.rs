@@ -30,6 +30,19 @@ use super::{
 /// The kernel object, built from `jit-ebpf` by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-ebpf"));
 
+/// An XDP program that passes everything, for benchmarks (`cargo xtask bench`).
+static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-baseline"));
+
+/// Loads the baseline XDP program (not pinned, not attached): the reference that benchmarks
+/// measure the gate against in the same run.
+pub fn load_baseline() -> Result<(Ebpf, &'static str)> {
+    const NAME: &str = "jit_baseline";
+    let mut ebpf = EbpfLoader::new().load(BASELINE_OBJECT)?;
+    load_program::<Xdp>(&mut ebpf, NAME)?;
+    Ok((ebpf, NAME))
+}
+
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/jit";
 

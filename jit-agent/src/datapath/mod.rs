@@ -16,7 +16,7 @@ pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
     AttachMode, Attachment, DEFAULT_PIN_DIR, Gate, LoadOptions, attachments, check_interface,
-    check_interface_name, detach, link_pin_path,
+    check_interface_name, detach, link_pin_path, load_baseline,
 };
 pub use maps::{
     Counters, GateMaps, GrantEntry, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
