@@ -9,7 +9,7 @@ use std::{
 };
 
 use jit_tests::{
-    PinDirGuard,
+    PinDirGuard, TempDir,
     echo::{EchoServer, round_trip},
     netns::{CLIENT_V4, Link, SERVER_V4},
     remove_pin_dir, require_root, unique,
@@ -22,23 +22,6 @@ const DEPLOY_PORT: u16 = 9443;
 const SHORT_PORT: u16 = 9444;
 /// A second client address, statically bound to the CI identity.
 const CI_V4: &str = "10.213.0.3";
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(unique("jit-agent-e2e-"));
-        std::fs::create_dir_all(&p).expect("temp dir");
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Everything one test needs: namespaces, certificates, config, pin dir, the agent process.
 struct World {
@@ -134,7 +117,7 @@ impl World {
             "dev",
             &link.client_if,
         ]);
-        let dir = TempDir::new();
+        let dir = TempDir::new("jit-agent-e2e-");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-cli-")));
         let out = Command::new(AGENT)
             .args([

@@ -22,8 +22,8 @@ fn check_accepts_the_examples_and_points_at_mistakes() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 
-    let dir = std::env::temp_dir().join(format!("jit-policy-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = jit_tests::TempDir::new("jit-policy-cli-");
+    let dir = tmp.path();
     let bad = dir.join("bad.cedar");
     std::fs::write(
         &bad,
@@ -52,7 +52,6 @@ fn check_accepts_the_examples_and_points_at_mistakes() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("syntax.cedar:1:"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

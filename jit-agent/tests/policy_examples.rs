@@ -195,9 +195,8 @@ fn decision_table() {
 #[test]
 fn production_needs_two_distinct_sre_approvals_and_never_self_approval() {
     let (cfg, p) = example();
-    let dir = std::env::temp_dir().join(jit_tests::unique("jit-pol-"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let store = Arc::new(RedbStore::open(&dir.join("s.redb")).expect("store"));
+    let dir = jit_tests::TempDir::new("jit-pol-");
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
     let clock = Arc::new(AtomicI64::new(at(MON_10)));
     let c = Arc::clone(&clock);
     let e = Engine::new(
@@ -281,5 +280,4 @@ fn production_needs_two_distinct_sre_approvals_and_never_self_approval() {
         .expect("break-glass");
     assert!(bg.break_glass && bg.state == RequestState::Granted);
     assert_eq!(bg.duration_s, 900, "payments-db break_glass_max is 15m");
-    let _ = std::fs::remove_dir_all(&dir);
 }

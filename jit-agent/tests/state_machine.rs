@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -85,13 +84,7 @@ const USERS: [&str; 5] = [
 struct Fixture {
     engine: Engine<RedbStore>,
     clock: Arc<AtomicI64>,
-    dir: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _dir: jit_tests::TempDir,
 }
 
 fn fixture() -> Fixture {
@@ -99,12 +92,11 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with(policies: &str) -> Fixture {
-    let dir = std::env::temp_dir().join(jit_tests::unique("jit-sm-"));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = jit_tests::TempDir::new("jit-sm-");
     let file: FileConfig = toml::from_str(CONFIG).expect("config");
     let cfg = Config::validate(std::path::Path::new("t.toml"), file, &Overrides::default())
         .expect("valid");
-    let store = Arc::new(RedbStore::open(&dir.join("s.redb")).expect("store"));
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
     let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
     let c = Arc::clone(&clock);
     let policies = Policies::from_loaded(
@@ -116,7 +108,11 @@ fn fixture_with(policies: &str) -> Fixture {
         Arc::new(policies),
         Arc::new(move || c.load(Ordering::SeqCst)),
     );
-    Fixture { engine, clock, dir }
+    Fixture {
+        engine,
+        clock,
+        _dir: dir,
+    }
 }
 
 fn who(i: usize) -> Caller {
