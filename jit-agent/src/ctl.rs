@@ -554,42 +554,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map_err(|e| explain("list requests", &e))?
                     .into_inner()
                     .requests;
-                {
-                    let rows: Vec<Vec<String>> = rs
-                        .iter()
-                        .map(|r| {
-                            vec![
-                                r.id.clone(),
-                                if r.break_glass {
-                                    format!("{} (break-glass)", state_name(r.state))
-                                } else {
-                                    state_name(r.state).into()
-                                },
-                                r.requester.clone(),
-                                r.service.clone(),
-                                format_duration(Duration::from_secs(r.duration_seconds)),
-                                format!("{}/{}", r.approvals.len(), r.approvals_required),
-                                ago(r.created_unix_ms),
-                                r.reason.clone(),
-                            ]
-                        })
-                        .collect();
-                    print_listing(
-                        json.then(|| requests_json(&rs)),
-                        "no requests",
-                        &[
-                            "ID",
-                            "STATE",
-                            "REQUESTER",
-                            "SERVICE",
-                            "FOR",
-                            "APPROVALS",
-                            "AGE",
-                            "REASON",
-                        ],
-                        &rows,
-                    )?;
-                }
+                let rows: Vec<Vec<String>> = rs
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            marked(state_name(r.state), r.break_glass),
+                            r.requester.clone(),
+                            r.service.clone(),
+                            format_duration(Duration::from_secs(r.duration_seconds)),
+                            format!("{}/{}", r.approvals.len(), r.approvals_required),
+                            ago(r.created_unix_ms),
+                            r.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                print_listing(
+                    json.then(|| requests_json(&rs)),
+                    "no requests",
+                    &[
+                        "ID",
+                        "STATE",
+                        "REQUESTER",
+                        "SERVICE",
+                        "FOR",
+                        "APPROVALS",
+                        "AGE",
+                        "REASON",
+                    ],
+                    &rows,
+                )?;
             } else {
                 let gs = c
                     .list_grants(pb::ListGrantsRequest {
@@ -599,35 +593,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map_err(|e| explain("list grants", &e))?
                     .into_inner()
                     .grants;
-                {
-                    let rows: Vec<Vec<String>> = gs
-                        .iter()
-                        .map(|g| {
-                            vec![
-                                g.id.clone(),
-                                if g.break_glass {
-                                    format!("{} (break-glass)", grant_state_name(g.state))
-                                } else {
-                                    grant_state_name(g.state).into()
-                                },
-                                g.identity.clone(),
-                                g.service.clone(),
-                                if g.state == pb::GrantState::Active as i32 {
-                                    left(g.expires_unix_ms)
-                                } else {
-                                    "-".into()
-                                },
-                                g.sources.join(","),
-                            ]
-                        })
-                        .collect();
-                    print_listing(
-                        json.then(|| grants_json(&gs)),
-                        "no grants",
-                        &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES"],
-                        &rows,
-                    )?;
-                }
+                let rows: Vec<Vec<String>> = gs
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            g.id.clone(),
+                            marked(grant_state_name(g.state), g.break_glass),
+                            g.identity.clone(),
+                            g.service.clone(),
+                            if g.state == pb::GrantState::Active as i32 {
+                                left(g.expires_unix_ms)
+                            } else {
+                                "-".into()
+                            },
+                            g.sources.join(","),
+                        ]
+                    })
+                    .collect();
+                print_listing(
+                    json.then(|| grants_json(&gs)),
+                    "no grants",
+                    &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES"],
+                    &rows,
+                )?;
             }
             Ok(0)
         }
@@ -798,6 +786,15 @@ fn print_listing(
         print!("{}", crate::cli::render_table(header, rows));
     }
     Ok(())
+}
+
+/// A state, marked when it belongs to break-glass access.
+fn marked(state: &str, break_glass: bool) -> String {
+    if break_glass {
+        format!("{state} (break-glass)")
+    } else {
+        state.to_string()
+    }
 }
 
 fn list_or_none(v: &[String]) -> String {
