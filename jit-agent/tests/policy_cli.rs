@@ -96,3 +96,37 @@ fn explain_names_the_deciding_policies() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--principal"));
 }
+
+#[test]
+fn check_config_validates_the_named_policies_too() {
+    let out = Command::new(AGENT)
+        .args(["check-config", "--config"])
+        .arg(examples().join("agent.toml"))
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tmp = jit_tests::TempDir::new("jit-check-config-");
+    std::fs::write(
+        tmp.path().join("p.cedar"),
+        "permit (principal, action == Jit::Action::\"nope\", resource);\n",
+    )
+    .expect("write");
+    std::fs::write(
+        tmp.path().join("agent.toml"),
+        "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n[policy]\nfile='p.cedar'\n",
+    )
+    .expect("write");
+    let out = Command::new(AGENT)
+        .args(["check-config", "--config"])
+        .arg(tmp.path().join("agent.toml"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("p.cedar:1:"), "{err}");
+}

@@ -172,7 +172,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let cfg = crate::config::Config::load(&config, &crate::config::Overrides::default())?;
+            crate::policy::load_files(&cfg.policy_file, cfg.policy_schema.as_deref())?;
             println!("{}: valid", config.display());
+            println!("  policies {} valid", cfg.policy_file.display());
             println!("  listen {} and {}", cfg.listen, cfg.unix_socket.display());
             for (iface, mode) in &cfg.interfaces {
                 println!("  gate on {iface} ({mode})");
