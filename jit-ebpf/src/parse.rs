@@ -27,12 +27,19 @@ const IPPROTO_AH: u8 = 51;
 const IPPROTO_NONE: u8 = 59;
 const IPPROTO_DSTOPTS: u8 = 60;
 
-/// A fully classified TCP or UDP packet.
+/// A fully classified TCP or UDP packet. Addresses stay in the packet until they are needed
+/// (after the port check), so traffic to unprotected ports never copies them.
 pub(crate) struct Flow {
     pub(crate) family: u8,
     pub(crate) proto: u8,
     pub(crate) src_port: u16,
     pub(crate) dst_port: u16,
+    /// Offset of the IP header.
+    pub(crate) l3: usize,
+}
+
+/// Addresses of a packet, in the forms the maps use.
+pub(crate) struct Addrs {
     /// Source in the 16-byte identity form (IPv4-mapped for IPv4).
     pub(crate) src_key: [u8; 16],
     /// Source as written in events (IPv4 in the first 4 bytes).
@@ -47,16 +54,15 @@ pub(crate) enum Parsed {
     NotIp,
     /// IP, but carrying no port the gate can protect (ICMP, a "no next header" ...).
     NoPorts,
-    /// A TCP or UDP packet with all its addresses and ports.
+    /// A TCP or UDP packet with its ports.
     Flow(Flow),
-    /// A packet that could not be fully classified. `dst` and `proto` are what was learnt before
-    /// the parser stopped: `family == 0` means the destination is unknown, `proto == 0` that the
-    /// protocol is.
+    /// A packet that could not be fully classified. `family == 0` means the destination is
+    /// unknown (else it is in the fixed IP header at `l3`), `proto == 0` that the protocol is.
     Unclassified {
         reason: u32,
         family: u8,
         proto: u8,
-        dst: [u8; 16],
+        l3: usize,
     },
 }
 
@@ -65,7 +71,7 @@ const fn unknown(reason: u32) -> Parsed {
         reason,
         family: 0,
         proto: 0,
-        dst: [0; 16],
+        l3: 0,
     }
 }
 
@@ -83,6 +89,67 @@ fn load<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
 #[inline(always)]
 fn load_be16(start: usize, end: usize, off: usize) -> Option<u16> {
     load::<[u8; 2]>(start, end, off).map(u16::from_be_bytes)
+}
+
+/// A checked view of `len` bytes at `off`: the address of the first, when all lie inside the
+/// window. Reads at constant offsets below `len` from it need no further check (the verifier
+/// follows the one comparison), and copy nothing.
+#[inline(always)]
+fn window(start: usize, end: usize, off: usize, len: usize) -> Option<usize> {
+    let p = start + off;
+    if p + len > end {
+        return None;
+    }
+    Some(p)
+}
+
+/// The byte at `p + k` of a [`window`] (`k` below its length).
+#[inline(always)]
+fn byte(p: usize, k: usize) -> u8 {
+    // SAFETY: `p` comes from `window`, which checked that its length (> k) is in the packet.
+    unsafe { *((p + k) as *const u8) }
+}
+
+/// The big-endian `u16` at `p + k` of a [`window`] (`k + 1` below its length).
+#[inline(always)]
+fn be16(p: usize, k: usize) -> u16 {
+    u16::from_be_bytes([byte(p, k), byte(p, k + 1)])
+}
+
+/// The destination address of the IP header at `l3` (IPv4 in the first 4 bytes).
+#[inline(always)]
+pub(crate) fn dst_addr(start: usize, end: usize, family: u8, l3: usize) -> Option<[u8; 16]> {
+    if family == FAMILY_V4 {
+        let d = load::<[u8; 4]>(start, end, l3 + 16)?;
+        let mut dst = [0u8; 16];
+        dst[..4].copy_from_slice(&d);
+        Some(dst)
+    } else {
+        load::<[u8; 16]>(start, end, l3 + 24)
+    }
+}
+
+/// The addresses of a classified flow.
+#[inline(always)]
+pub(crate) fn addrs(start: usize, end: usize, flow: &Flow) -> Option<Addrs> {
+    let dst = dst_addr(start, end, flow.family, flow.l3)?;
+    if flow.family == FAMILY_V4 {
+        let s = load::<[u8; 4]>(start, end, flow.l3 + 12)?;
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&s);
+        Some(Addrs {
+            src_key: v4_mapped(s),
+            src,
+            dst,
+        })
+    } else {
+        let src = load::<[u8; 16]>(start, end, flow.l3 + 8)?;
+        Some(Addrs {
+            src_key: src,
+            src,
+            dst,
+        })
+    }
 }
 
 /// Parses the frame in `[start, end)`.
@@ -115,57 +182,47 @@ pub(crate) fn parse(start: usize, end: usize) -> Parsed {
 #[inline(always)]
 fn parse_v4(start: usize, end: usize, l3: usize) -> Parsed {
     // The fixed 20-byte header holds both addresses; without it nothing is known.
-    let Some(hdr) = load::<[u8; 20]>(start, end, l3) else {
+    let Some(h) = window(start, end, l3, 20) else {
         return unknown(counter::UNPARSEABLE);
     };
-    let proto = hdr[9];
-    let mut dst = [0u8; 16];
-    dst[..4].copy_from_slice(&hdr[16..20]);
+    let (ver_ihl, total_len, frag, proto) = (byte(h, 0), be16(h, 2), be16(h, 6), byte(h, 9));
     let unclassified = |reason| Parsed::Unclassified {
         reason,
         family: FAMILY_V4,
         proto,
-        dst,
+        l3,
     };
-    let ihl = usize::from(hdr[0] & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
-    if hdr[0] >> 4 != 4 || ihl < 20 || total_len < ihl {
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 || usize::from(total_len) < ihl {
         return unclassified(counter::UNPARSEABLE);
     }
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
     if frag & 0x1fff != 0 {
         // A non-first fragment has no L4 header: its ports cannot be known.
         return unclassified(counter::FRAGMENT);
     }
-    let mut src = [0u8; 16];
-    src[..4].copy_from_slice(&hdr[12..16]);
-    let src_key = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    parse_l4(start, end, l3 + ihl, FAMILY_V4, proto, src, src_key, dst)
+    parse_l4(start, end, l3, l3 + ihl, FAMILY_V4, proto)
 }
 
 #[inline(always)]
 fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u8; 40]>(start, end, l3) else {
+    let Some(h) = window(start, end, l3, 40) else {
         return unknown(counter::UNPARSEABLE);
     };
-    let mut dst = [0u8; 16];
-    dst.copy_from_slice(&hdr[24..40]);
-    if hdr[0] >> 4 != 6 {
+    let (version, first) = (byte(h, 0), byte(h, 6));
+    if version >> 4 != 6 {
         return Parsed::Unclassified {
             reason: counter::UNPARSEABLE,
             family: FAMILY_V6,
             proto: 0,
-            dst,
+            l3,
         };
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&hdr[8..24]);
-    let mut next = hdr[6];
+    let mut next = first;
     let mut off = 40;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             PROTO_TCP | PROTO_UDP => {
-                return parse_l4(start, end, l3 + off, FAMILY_V6, next, src, src, dst);
+                return parse_l4(start, end, l3, l3 + off, FAMILY_V6, next);
             }
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
                 let Some([nh, len]) = load::<[u8; 2]>(start, end, l3 + off) else {
@@ -173,7 +230,7 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
                         reason: counter::UNPARSEABLE,
                         family: FAMILY_V6,
                         proto: 0,
-                        dst,
+                        l3,
                     };
                 };
                 // AH counts its length in 4-byte units less 2, the others in 8-byte units less 1.
@@ -190,7 +247,7 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
                         reason: counter::UNPARSEABLE,
                         family: FAMILY_V6,
                         proto: 0,
-                        dst,
+                        l3,
                     };
                 };
                 if u16::from_be_bytes([fh[2], fh[3]]) & 0xfff8 != 0 {
@@ -206,7 +263,7 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
                         reason: counter::FRAGMENT,
                         family: FAMILY_V6,
                         proto,
-                        dst,
+                        l3,
                     };
                 }
                 next = fh[0];
@@ -225,49 +282,32 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
         reason: counter::TOO_MANY_EXT_HEADERS,
         family: FAMILY_V6,
         proto: 0,
-        dst,
+        l3,
     }
 }
 
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "flat values keep the verifier's job simple"
-)]
-fn parse_l4(
-    start: usize,
-    end: usize,
-    l4: usize,
-    family: u8,
-    proto: u8,
-    src: [u8; 16],
-    src_key: [u8; 16],
-    dst: [u8; 16],
-) -> Parsed {
+fn parse_l4(start: usize, end: usize, l3: usize, l4: usize, family: u8, proto: u8) -> Parsed {
     let ports = match proto {
         // A TCP header is at least 20 bytes, its data offset at least 5 words.
-        PROTO_TCP => match load::<[u8; 20]>(start, end, l4) {
-            Some(h) if h[12] >> 4 >= 5 => Some([h[0], h[1], h[2], h[3]]),
-            _ => None,
-        },
-        PROTO_UDP => load::<[u8; 8]>(start, end, l4).map(|h| [h[0], h[1], h[2], h[3]]),
+        PROTO_TCP => window(start, end, l4, 20).filter(|&h| byte(h, 12) >> 4 >= 5),
+        PROTO_UDP => window(start, end, l4, 8),
         _ => return Parsed::NoPorts,
-    };
+    }
+    .map(|h| (be16(h, 0), be16(h, 2)));
     match ports {
-        Some(p) => Parsed::Flow(Flow {
+        Some((src_port, dst_port)) => Parsed::Flow(Flow {
             family,
             proto,
-            src_port: u16::from_be_bytes([p[0], p[1]]),
-            dst_port: u16::from_be_bytes([p[2], p[3]]),
-            src_key,
-            src,
-            dst,
+            src_port,
+            dst_port,
+            l3,
         }),
         None => Parsed::Unclassified {
             reason: counter::UNPARSEABLE,
             family,
             proto,
-            dst,
+            l3,
         },
     }
 }

@@ -9,7 +9,7 @@ use jit_common::{
 
 use crate::{
     maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_HOSTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES},
-    parse::{Flow, Parsed, parse},
+    parse::{Flow, Parsed, addrs, dst_addr, parse},
     report::{count, count_verdict, emit, now_ns},
 };
 
@@ -25,13 +25,21 @@ pub(crate) enum Verdict {
 pub(crate) fn decide(start: usize, end: usize) -> Verdict {
     match parse(start, end) {
         Parsed::NotIp | Parsed::NoPorts => Verdict::Pass,
-        Parsed::Flow(flow) => decide_flow(&flow),
+        Parsed::Flow(flow) => decide_flow(start, end, &flow),
         Parsed::Unclassified {
             reason,
             family,
             proto,
-            dst,
-        } => decide_unclassified(reason, family, proto, dst),
+            l3,
+        } => {
+            // With `family` set the parser saw the whole fixed IP header.
+            let dst = if family == 0 {
+                None
+            } else {
+                dst_addr(start, end, family, l3)
+            };
+            decide_unclassified(reason, family, proto, dst)
+        }
     }
 }
 
@@ -40,16 +48,24 @@ pub(crate) fn decide(start: usize, end: usize) -> Verdict {
 /// VLAN tags) that is always; with the address known, when a service protects that address (or
 /// every address) for the protocol, or for TCP or UDP when the protocol is unknown.
 #[inline(always)]
-fn decide_unclassified(reason: u32, family: u8, proto: u8, dst: [u8; 16]) -> Verdict {
-    let protected = family == 0
-        || match proto {
-            0 => dest_protected(family, PROTO_TCP, dst) || dest_protected(family, PROTO_UDP, dst),
-            PROTO_TCP | PROTO_UDP => dest_protected(family, proto, dst),
-            _ => false,
-        };
+fn decide_unclassified(reason: u32, family: u8, proto: u8, dst: Option<[u8; 16]>) -> Verdict {
+    let Some(dst) = dst else {
+        return drop_unclassified(reason, family, proto, [0; 16]);
+    };
+    let protected = match proto {
+        0 => dest_protected(family, PROTO_TCP, dst) || dest_protected(family, PROTO_UDP, dst),
+        PROTO_TCP | PROTO_UDP => dest_protected(family, proto, dst),
+        _ => false,
+    };
     if !protected {
         return Verdict::Pass;
     }
+    drop_unclassified(reason, family, proto, dst)
+}
+
+/// Counts, reports and drops an unclassifiable packet.
+#[inline(always)]
+fn drop_unclassified(reason: u32, family: u8, proto: u8, dst: [u8; 16]) -> Verdict {
     count(reason);
     emit(&Event {
         timestamp_ns: now_ns(),
@@ -87,7 +103,7 @@ fn dest_protected(family: u8, proto: u8, addr: [u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn decide_flow(flow: &Flow) -> Verdict {
+fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
     // The one lookup every unprotected packet costs: is any service on this port at all?
     let Some(index) = port_index(flow.proto, flow.dst_port) else {
         return Verdict::Pass;
@@ -96,11 +112,16 @@ fn decide_flow(flow: &Flow) -> Verdict {
         Some(n) if *n != 0 => {}
         _ => return Verdict::Pass,
     }
+    // The parser checked that the fixed IP header is there, so this cannot fail; if it did,
+    // fail closed.
+    let Some(a) = addrs(start, end, flow) else {
+        return drop_unclassified(counter::UNPARSEABLE, flow.family, flow.proto, [0; 16]);
+    };
     let mut key = ServiceKey {
         family: flow.family,
         proto: flow.proto,
         port: flow.dst_port,
-        addr: flow.dst,
+        addr: a.dst,
     };
     // SAFETY: map values are read once and copied; the agent replaces, never mutates in place.
     let service = match unsafe { JIT_SERVICES.get(key) } {
@@ -128,15 +149,15 @@ fn decide_flow(flow: &Flow) -> Verdict {
         src_port: flow.src_port,
         dst_port: flow.dst_port,
         _pad: 0,
-        src_addr: flow.src,
-        dst_addr: flow.dst,
+        src_addr: a.src,
+        dst_addr: a.dst,
     };
 
     // SAFETY: as above.
-    let identity = match unsafe { JIT_ID_HOSTS.get(flow.src_key) } {
+    let identity = match unsafe { JIT_ID_HOSTS.get(a.src_key) } {
         Some(v) => Some(v.identity_id),
         None => JIT_ID_PREFIX
-            .get(Key::new(128, flow.src_key))
+            .get(Key::new(128, a.src_key))
             .map(|v| v.identity_id),
     };
     let Some(identity_id) = identity else {
