@@ -9,7 +9,7 @@ use jit_common::{
 
 use crate::{
     maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_HOSTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES},
-    parse::{Flow, Parsed, addrs, dst_addr, parse},
+    parse::{Addrs, Flow, Parsed, addrs, dst_addr, parse},
     report::{count, count_verdict, emit, now_ns},
 };
 
@@ -137,20 +137,12 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
     };
 
     let now = now_ns();
-    let mut event = Event {
-        timestamp_ns: now,
-        grant_id: 0,
-        kind: event_kind::DENY,
-        reason: counter::NO_IDENTITY,
-        identity_id: 0,
+    // What an event would say; built only when one is written.
+    let seen = Seen {
+        flow,
+        addrs: &a,
         service_id: service.service_id,
-        family: flow.family,
-        proto: flow.proto,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        _pad: 0,
-        src_addr: a.src,
-        dst_addr: a.dst,
+        now,
     };
 
     // SAFETY: as above.
@@ -161,53 +153,91 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
             .map(|v| v.identity_id),
     };
     let Some(identity_id) = identity else {
-        return deny(service.mode, &mut event);
+        return deny(service.mode, &seen, counter::NO_IDENTITY, 0, 0);
     };
-    event.identity_id = identity_id;
 
     let grant_key = GrantKey {
         identity_id,
         service_id: service.service_id,
     };
     let Some(grant) = JIT_GRANTS.get_ptr_mut(grant_key) else {
-        event.reason = counter::NO_GRANT;
-        return deny(service.mode, &mut event);
+        return deny(service.mode, &seen, counter::NO_GRANT, identity_id, 0);
     };
     // SAFETY: the pointer comes from a successful lookup; hash map values stay valid for the
     // rest of this program run (RCU).
     let grant = unsafe { &mut *grant };
-    event.grant_id = grant.grant_id;
     if now < grant.not_before_ns {
-        event.reason = counter::NOT_YET_VALID;
-        return deny(service.mode, &mut event);
+        return deny(
+            service.mode,
+            &seen,
+            counter::NOT_YET_VALID,
+            identity_id,
+            grant.grant_id,
+        );
     }
     if now >= grant.expires_at_ns {
-        event.reason = counter::EXPIRED;
-        return deny(service.mode, &mut event);
+        return deny(
+            service.mode,
+            &seen,
+            counter::EXPIRED,
+            identity_id,
+            grant.grant_id,
+        );
     }
 
     count_verdict(service.service_id, counter::ALLOWED);
     if grant.flags & GRANT_FLAG_SEEN == 0 {
         // Racing CPUs may both report the first packet; the flag only keeps it to a few.
         grant.flags |= GRANT_FLAG_SEEN;
-        event.kind = event_kind::FIRST_ALLOWED;
-        event.reason = counter::ALLOWED;
-        emit(&event);
+        emit(&seen.event(
+            event_kind::FIRST_ALLOWED,
+            counter::ALLOWED,
+            identity_id,
+            grant.grant_id,
+        ));
     }
     Verdict::Pass
+}
+
+/// A packet to a protected service, as events describe it.
+struct Seen<'a> {
+    flow: &'a Flow,
+    addrs: &'a Addrs,
+    service_id: u32,
+    now: u64,
+}
+
+impl Seen<'_> {
+    #[inline(always)]
+    fn event(&self, kind: u32, reason: u32, identity_id: u32, grant_id: u64) -> Event {
+        Event {
+            timestamp_ns: self.now,
+            grant_id,
+            kind,
+            reason,
+            identity_id,
+            service_id: self.service_id,
+            family: self.flow.family,
+            proto: self.flow.proto,
+            src_port: self.flow.src_port,
+            dst_port: self.flow.dst_port,
+            _pad: 0,
+            src_addr: self.addrs.src,
+            dst_addr: self.addrs.dst,
+        }
+    }
 }
 
 /// A packet to a protected service without a live grant: dropped in `enforce` mode; counted,
 /// reported and passed in `audit` mode.
 #[inline(always)]
-fn deny(mode: u32, event: &mut Event) -> Verdict {
+fn deny(mode: u32, seen: &Seen<'_>, reason: u32, identity_id: u32, grant_id: u64) -> Verdict {
     if mode == MODE_AUDIT {
-        count_verdict(event.service_id, counter::AUDIT_WOULD_DROP);
-        event.kind = event_kind::AUDIT;
-        emit(event);
+        count_verdict(seen.service_id, counter::AUDIT_WOULD_DROP);
+        emit(&seen.event(event_kind::AUDIT, reason, identity_id, grant_id));
         return Verdict::Pass;
     }
-    count_verdict(event.service_id, event.reason);
-    emit(event);
+    count_verdict(seen.service_id, reason);
+    emit(&seen.event(event_kind::DENY, reason, identity_id, grant_id));
     Verdict::Drop
 }
