@@ -29,6 +29,9 @@ pub const EXIT_ERROR: u8 = 1;
 ///
 /// Connection settings come from flags, then the environment (JIT_AGENT, JIT_CERT, JIT_KEY,
 /// JIT_CA, JIT_SOCKET), then ~/.config/jit/config.toml (keys agent, cert, key, ca, socket).
+///
+/// Exit codes: 0 done (granted), 1 error, 2 denied, 3 not decided in time or expired; `exec`
+/// passes its command's code through.
 #[derive(Debug, Parser)]
 #[command(name = "jitctl", version, about, long_about)]
 pub struct Cli {
