@@ -508,6 +508,36 @@ fn exec_holds_access_for_the_length_of_the_command() {
     w.start_agent();
     let to: SocketAddr = format!("{SERVER_V4}:{DEPLOY_PORT}").parse().expect("addr");
     let _deploy = EchoServer::start(&w.link.server, to);
+
+    // Connection settings from ~/.config/jit/config.toml when flags and environment say nothing.
+    let cfg_dir = w.dir.0.join(".config/jit");
+    std::fs::create_dir_all(&cfg_dir).expect("dir");
+    let certs = w.dir.0.join("certs");
+    std::fs::write(
+        cfg_dir.join("config.toml"),
+        format!(
+            "agent = \"https://{SERVER_V4}:7443\"\ncert = \"{c}/ci_deployer.pem\"\nkey = \"{c}/ci_deployer.key\"\nca = \"{c}/ca.pem\"\n",
+            c = certs.display()
+        ),
+    )
+    .expect("jitctl config");
+    let out = w
+        .link
+        .client
+        .command(JITCTL)
+        .arg("whoami")
+        .env("HOME", &w.dir.0)
+        .env_remove("JIT_AGENT")
+        .env_remove("JIT_CERT")
+        .env_remove("JIT_KEY")
+        .env_remove("JIT_CA")
+        .output()
+        .expect("jitctl");
+    assert!(
+        ok(&out).contains("spiffe://jit.test/ci/deployer"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(w.connect(CI_V4, DEPLOY_PORT).is_none());
 
     // The grant is released when the command exits, and its exit code passes through.
