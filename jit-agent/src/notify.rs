@@ -207,3 +207,81 @@ async fn deliver(client: &reqwest::Client, url: &str, event: &str, body: &Value)
     }
     log::error!("webhook {url}: giving up on {event} after {ATTEMPTS} attempts");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RequestState;
+
+    fn request() -> Request {
+        Request {
+            id: "req-1".into(),
+            requester: "spiffe://ex.org/alice".into(),
+            service: "db".into(),
+            duration_s: 900,
+            clamped: false,
+            reason: "INC-1".into(),
+            state: RequestState::Pending,
+            created_ms: 1,
+            pending_until_ms: 2,
+            approvals: Vec::new(),
+            approvals_required: 2,
+            denied_by: String::new(),
+            denial_reason: String::new(),
+            grant_id: String::new(),
+            peer_address: String::new(),
+            ticket: "OPS-1".into(),
+            break_glass: false,
+            policies: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn json_body_follows_the_documented_schema() {
+        let n = Notice {
+            event: "request.pending",
+            actor: "spiffe://ex.org/alice".into(),
+            request: Some(request()),
+            grant: None,
+        };
+        let v = n.json();
+        assert_eq!(v["schema"], "jit.v1.notification");
+        assert_eq!(v["event"], "request.pending");
+        assert_eq!(v["service"], "db");
+        assert_eq!(v["request"]["approvals_required"], 2);
+        assert_eq!(v["request"]["ticket"], "OPS-1");
+        assert!(v["grant"].is_null());
+        let keys: Vec<&String> = v
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            keys,
+            [
+                "actor",
+                "at_unix_ms",
+                "event",
+                "grant",
+                "request",
+                "schema",
+                "service"
+            ]
+        );
+    }
+
+    #[test]
+    fn slack_body_is_one_line_of_text() {
+        let mut r = request();
+        r.break_glass = true;
+        let n = Notice {
+            event: "grant.break_glass",
+            actor: r.requester.clone(),
+            request: Some(r),
+            grant: None,
+        };
+        let v = n.slack();
+        let text = v["text"].as_str().unwrap_or("");
+        assert!(text.contains("BREAK-GLASS") && text.contains("db") && !text.contains('\n'));
+        assert_eq!(v.as_object().map(serde_json::Map::len), Some(1));
+    }
+}
