@@ -251,10 +251,11 @@ mod tests {
         assert_eq!(v["request"]["approvals_required"], 2);
         assert_eq!(v["request"]["ticket"], "OPS-1");
         assert!(v["grant"].is_null());
-        let keys: Vec<&String> = v
+        let mut keys: Vec<&String> = v
             .as_object()
             .map(|o| o.keys().collect())
             .unwrap_or_default();
+        keys.sort();
         assert_eq!(
             keys,
             [
