@@ -229,6 +229,23 @@ impl World {
         .expect("running jitctl")
     }
 
+    /// Signs a client certificate with `params` by the test CA, written to `dir/<stem>.pem` and
+    /// `.key`.
+    fn sign_client(&self, mut params: rcgen::CertificateParams, dir: &Path, stem: &str) {
+        let certs = self.dir.0.join("certs");
+        let ca_key = rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(certs.join("ca.key")).expect("ca key"),
+        )
+        .expect("key");
+        let ca_pem = std::fs::read_to_string(certs.join("ca.pem")).expect("ca");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("write");
+    }
+
     /// Runs jitctl as `who` with the test's certificates.
     fn ctl(&self, who: &str, args: &[&str]) -> Output {
         self.ctl_in(&self.dir.0.join("certs"), who, args)
@@ -686,18 +703,8 @@ fn bad_input_is_refused_and_changes_nothing() {
     );
     // The agent's own certificate has a SPIFFE ID; a plain server certificate without one is
     // made here with rcgen from the test CA.
-    let ca_key = rcgen::KeyPair::from_pem(
-        &std::fs::read_to_string(w.dir.0.join("certs/ca.key")).expect("ca key"),
-    )
-    .expect("key");
-    let ca_pem = std::fs::read_to_string(w.dir.0.join("certs/ca.pem")).expect("ca");
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut p = rcgen::CertificateParams::new(vec!["nobody.example".to_string()]).expect("params");
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = p.signed_by(&key, &issuer).expect("sign");
-    std::fs::write(w.dir.0.join("nosan.pem"), cert.pem()).expect("write");
-    std::fs::write(w.dir.0.join("nosan.key"), key.serialize_pem()).expect("write");
+    let p = rcgen::CertificateParams::new(vec!["nobody.example".to_string()]).expect("params");
+    w.sign_client(p, &w.dir.0, "nosan");
     let out = w
         .jitctl(
             &w.dir.0.join("certs/ca.pem"),
@@ -821,26 +828,16 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
     }
 
     // An expired client certificate (signed by the right CA) is refused at the handshake.
-    let ca_key = rcgen::KeyPair::from_pem(
-        &std::fs::read_to_string(w.dir.0.join("certs/ca.key")).expect("ca key"),
-    )
-    .expect("key");
-    let ca_pem = std::fs::read_to_string(w.dir.0.join("certs/ca.pem")).expect("ca");
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
-    let key = rcgen::KeyPair::generate().expect("key");
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     p.subject_alt_names.push(rcgen::SanType::URI(
         "spiffe://jit.test/alice".try_into().expect("uri"),
     ));
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     p.not_before = rcgen::date_time_ymd(2020, 1, 1);
     p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let cert = p.signed_by(&key, &issuer).expect("sign");
     let stale = w.dir.0.join("stale");
     std::fs::create_dir_all(&stale).expect("dir");
     std::fs::copy(w.dir.0.join("certs/ca.pem"), stale.join("ca.pem")).expect("copy");
-    std::fs::write(stale.join("alice.pem"), cert.pem()).expect("write");
-    std::fs::write(stale.join("alice.key"), key.serialize_pem()).expect("write");
+    w.sign_client(p, &stale, "alice");
     let out = w.ctl_in(&stale, "alice", &["whoami"]);
     assert!(!out.status.success(), "an expired certificate was accepted");
 
