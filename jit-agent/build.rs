@@ -45,7 +45,7 @@ fn build_ebpf() -> anyhow::Result<()> {
         // loading it fails loudly at run time rather than enforcing nothing.
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
         std::fs::write(out.join(EBPF_PACKAGE), []).context("writing the stand-in object")?;
-        std::fs::write(out.join("jit-baseline"), []).context("writing the stand-in object")?;
+        std::fs::write(out.join("jit-harness"), []).context("writing the stand-in object")?;
     }
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -560,13 +560,16 @@ impl Config {
             .collect()
     }
 
-    /// Every configured identity binding (prefix, identity), and the prefix's owner check.
+    /// The identity whose static prefix holds `addr`, with that prefix: the longest match, as
+    /// the kernel's trie decides.
     #[must_use]
-    pub fn static_owner(&self, net: &IpNet) -> Option<&str> {
+    pub fn static_owner_of(&self, addr: IpAddr) -> Option<(&str, IpNet)> {
+        let addr = addr.to_canonical();
         self.identities
             .iter()
-            .find(|(_, nets)| nets.contains(net))
-            .map(|(id, _)| id.as_str())
+            .flat_map(|(id, nets)| nets.iter().map(move |n| (id.as_str(), *n)))
+            .filter(|(_, n)| n.contains(&addr))
+            .max_by_key(|(_, n)| n.prefix_len())
     }
 }
 
@@ -579,7 +582,9 @@ fn resolve(config_file: &Path, p: PathBuf) -> PathBuf {
     }
 }
 
-/// Parses `"addr:port/proto"`; `[v6]:port/proto` for IPv6.
+/// Parses `"addr:port/proto"`; `[v6]:port/proto` for IPv6; `*:port/proto` for every address of
+/// both families. An unspecified address (`0.0.0.0`, `[::]`) also means every address of both
+/// families, and is returned as `0.0.0.0`.
 pub fn parse_destination(s: &str) -> Result<ServiceDest, String> {
     let (hostport, proto) = s
         .rsplit_once('/')
@@ -587,13 +592,26 @@ pub fn parse_destination(s: &str) -> Result<ServiceDest, String> {
     let proto: Protocol = proto
         .parse()
         .map_err(|e: crate::datapath::DatapathError| format!("{s:?}: {e}"))?;
-    let sa: SocketAddr = hostport
-        .parse()
-        .map_err(|_| format!("{s:?}: {hostport:?} is not address:port ([addr]:port for IPv6)"))?;
+    let sa: SocketAddr = match hostport.strip_prefix("*:") {
+        Some(port) => format!("0.0.0.0:{port}").parse(),
+        None => hostport.parse(),
+    }
+    .map_err(|_| {
+        format!("{s:?}: {hostport:?} is not address:port ([addr]:port for IPv6, *:port for any)")
+    })?;
     if sa.port() == 0 {
         return Err(format!("{s:?}: port 0 is not a destination port"));
     }
-    let addr: IpAddr = sa.ip();
+    let addr: IpAddr = match sa.ip().to_canonical() {
+        a if a.is_unspecified() => IpAddr::from([0, 0, 0, 0]),
+        a => a,
+    };
+    if addr.is_multicast() || addr == IpAddr::from([255, 255, 255, 255]) {
+        return Err(format!(
+            "{s:?}: a broadcast or multicast address is not a service address; name one of the \
+             node's addresses (that covers broadcast and multicast too) or *"
+        ));
+    }
     Ok(ServiceDest {
         addr,
         port: sa.port(),

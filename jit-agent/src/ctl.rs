@@ -677,6 +677,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     "pending_requests": st.pending_requests,
                     "active_grants": st.active_grants,
                     "kernel_grants": st.kernel_grants,
+                    "kernel_repairs": st.kernel_repairs,
+                    "kernel_sync_failures": st.kernel_sync_failures,
+                    "corrupt_records": st.corrupt_records,
                     "services": st.services.iter().map(|s| serde_json::json!({
                         "name": s.name, "mode": s.mode, "destinations": s.destinations,
                         "max_duration_seconds": s.max_duration_seconds,
@@ -692,9 +695,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     list_or_none(&st.attachments)
                 );
                 println!(
-                    "{} pending request(s), {} active grant(s), {} in the kernel\n",
-                    st.pending_requests, st.active_grants, st.kernel_grants
+                    "{} pending request(s), {} active grant(s), {} in the kernel; {} kernel \
+                     repair(s), {} failed kernel write(s) since start",
+                    st.pending_requests,
+                    st.active_grants,
+                    st.kernel_grants,
+                    st.kernel_repairs,
+                    st.kernel_sync_failures
                 );
+                if !st.corrupt_records.is_empty() {
+                    println!(
+                        "store records that cannot be decoded (skipped): {}",
+                        st.corrupt_records.join(", ")
+                    );
+                }
+                println!();
                 let rows: Vec<Vec<String>> = st
                     .services
                     .iter()

@@ -27,6 +27,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 const TLS_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How often the policy files are checked for changes.
 const POLICY_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often the kernel maps are reconciled with the store (and at once after a failed write).
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +70,37 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             pin.display()
         );
     }
+    // Every link now runs this layout's program: the maps of an older layout are unused.
+    for stale in crate::datapath::remove_stale_layouts(&cfg.pin_dir)
+        .context("removing the maps of an older layout")?
+    {
+        log::info!("removed {} (an older map layout)", stale.display());
+    }
+    for warning in crate::coverage::node_warnings(&cfg) {
+        log::warn!("{warning}");
+    }
+    {
+        let sync = Arc::clone(&sync);
+        std::thread::Builder::new()
+            .name("local-addrs".into())
+            .spawn(move || {
+                let result = crate::local_addrs::follow(|addrs| match sync.set_local_addrs(addrs) {
+                    Ok(true) => log::info!("node addresses changed; services rewritten"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        log::error!("rewriting services after an address change: {e}");
+                        sync.request_reconcile();
+                    }
+                });
+                if let Err(e) = result {
+                    log::error!(
+                        "following the node's addresses stopped: {e}; services cover the addresses \
+                         known until now"
+                    );
+                }
+            })
+            .context("starting the address follower")?;
+    }
 
     let engine = Engine::new(
         Arc::clone(&store),
@@ -98,6 +131,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     tokio::spawn(Arc::clone(&sync).run());
+    tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY));
     tokio::spawn(Arc::clone(&tls).watch(TLS_CHECK_EVERY));
     {
         let node = Arc::clone(&node);

@@ -415,12 +415,22 @@ impl<S: Store> Engine<S> {
                 "the requester's address is unknown, so it cannot be bound".into(),
             ));
         };
-        let net = IpNet::from(peer);
-        if let Some(owner) = self.cfg.static_owner(&net)
+        let net = IpNet::from(peer.to_canonical());
+        self.check_address_free(requester, &net)?;
+        Ok(vec![net])
+    }
+
+    /// Refuses to bind `net` (a single host) to `requester` when it lies inside another
+    /// identity's static prefix, or when another identity's live grant is bound to it: an
+    /// address carries at most one identity's grants. Checked when the request is made and again
+    /// when an approval grants it.
+    fn check_address_free(&self, requester: &str, net: &IpNet) -> Result<(), EngineError> {
+        if let Some((owner, prefix)) = self.cfg.static_owner_of(net.addr())
             && owner != requester
         {
             return Err(EngineError::FailedPrecondition(format!(
-                "{net} is bound to {owner}; refusing to bind it to {requester}"
+                "{} lies in {prefix}, which is bound to {owner}; refusing to bind it to {requester}",
+                net.addr()
             )));
         }
         let now = self.now();
@@ -428,15 +438,20 @@ impl<S: Store> Engine<S> {
             let g = g.value;
             if g.is_live(now)
                 && g.identity != requester
-                && g.extra_sources.contains(&net.to_string())
+                && g.extra_sources.iter().any(|s| {
+                    s.parse::<IpNet>()
+                        .is_ok_and(|b| b.contains(net) || net.contains(&b))
+                })
             {
                 return Err(EngineError::FailedPrecondition(format!(
-                    "{net} is bound to {} by grant {}; refusing to bind it to {requester}",
-                    g.identity, g.id
+                    "{} is bound to {} by grant {}; refusing to bind it to {requester}",
+                    net.addr(),
+                    g.identity,
+                    g.id
                 )));
             }
         }
-        Ok(vec![net])
+        Ok(())
     }
 
     fn new_grant(&self, req: &Request, now: i64, extra_sources: Vec<IpNet>) -> Grant {
@@ -558,13 +573,20 @@ impl<S: Store> Engine<S> {
                 puts: Vec::new(),
             };
             if u32::try_from(r.approvals.len()).unwrap_or(u32::MAX) >= r.approvals_required {
-                let extra = r
-                    .peer_address
-                    .parse::<IpNet>()
-                    .ok()
-                    .filter(|_| service.bind_requester_address)
-                    .into_iter()
-                    .collect();
+                let extra: Vec<IpNet> = if service.bind_requester_address {
+                    let net = r.peer_address.parse::<IpNet>().map_err(|_| {
+                        EngineError::FailedPrecondition(format!(
+                            "request {id} has no valid requester address to bind ({:?}); it \
+                             cannot be granted",
+                            r.peer_address
+                        ))
+                    })?;
+                    // Ownership may have changed while the request waited.
+                    self.check_address_free(&r.requester, &net)?;
+                    vec![net]
+                } else {
+                    Vec::new()
+                };
                 let grant = self.new_grant(&r, now, extra);
                 r.state = RequestState::Granted;
                 r.grant_id.clone_from(&grant.id);

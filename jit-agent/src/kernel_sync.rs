@@ -1,18 +1,31 @@
 //! Turns durable state into kernel map entries. It consumes the store's change stream (whoever
-//! produced the change) and, after a gap or at start, resynchronises from a full read. It never
-//! evaluates policy: what is live in the store is what the kernel gets.
+//! produced the change), reconciles the whole kernel with the store at start, after a gap and
+//! periodically, and follows the node's addresses. It never evaluates policy: what is live in the
+//! store is what the kernel gets.
+//!
+//! Serialisation: every write takes the map lock *before* it reads the store, so a write always
+//! reflects a store state at least as new as the one any earlier write saw. A grant enforced
+//! while it is being revoked therefore cannot be written back after the revoke's delete: whichever
+//! write comes second reads the revoked record.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use ipnet::IpNet;
+use jit_common::GrantKey;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::{
     config::Config,
-    datapath::{self, DatapathError, GateMaps, GrantEntry},
+    coverage,
+    datapath::{self, DatapathError, GateMaps, GrantEntry, GrantScope, ServiceDest, grant_key},
+    local_addrs::LocalAddrs,
     model::{Grant, now_ms},
     store::{Change, IdKind, Record, Store, StoreError},
 };
@@ -28,12 +41,51 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
+/// Differences a reconciliation found between the kernel and the store, and repaired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Repairs {
+    /// Entries the store wants and the kernel lacked (or held with other values).
+    pub written: u64,
+    /// Entries the kernel held and the store does not want.
+    pub deleted: u64,
+}
+
+impl Repairs {
+    /// Total repairs.
+    #[must_use]
+    pub const fn total(&self) -> u64 {
+        self.written + self.deleted
+    }
+}
+
+/// What the kernel sync has done, for status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    /// Kernel entries repaired by reconciliations after start (a non-zero value means the kernel
+    /// drifted from the store: a failed write, a crash between writes, a change behind the
+    /// agent's back).
+    pub repairs: u64,
+    /// Reconciliations run.
+    pub reconciliations: u64,
+    /// Reconciliations or writes that failed (retried by the next reconciliation).
+    pub failures: u64,
+}
+
 /// Writes the kernel maps from the store.
 pub struct KernelSync<S: Store> {
     store: Arc<S>,
     cfg: Arc<Config>,
     maps: Mutex<GateMaps>,
+    local: Mutex<LocalAddrs>,
+    repairs: AtomicU64,
+    reconciliations: AtomicU64,
+    failures: AtomicU64,
+    /// Wakes the reconciliation loop early (a kernel write failed).
+    wake: tokio::sync::Notify,
 }
+
+/// How soon a failed reconciliation is tried again.
+const RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The numeric form of a grant id (`grant-<12 hex>`), carried in kernel events.
 #[must_use]
@@ -53,13 +105,76 @@ fn to_boottime_ns(wall_ms: i64) -> Result<u64, DatapathError> {
     Ok(u64::try_from(t.max(0)).unwrap_or(u64::MAX))
 }
 
+/// The host addresses a grant is bound to (its requester's address), if any.
+fn bound_hosts(g: &Grant) -> Vec<IpAddr> {
+    g.extra_sources
+        .iter()
+        .filter_map(|s| {
+            let net = s.parse::<IpNet>().ok()?;
+            // Only single hosts are ever bound; anything wider is not what was approved.
+            (net.prefix_len() == net.max_prefix_len()).then_some(net.addr())
+        })
+        .collect()
+}
+
+/// The kernel scopes of a grant: its bound host addresses, or its identity's static prefixes.
+fn scopes(g: &Grant) -> Vec<GrantScope> {
+    if g.extra_sources.is_empty() {
+        vec![GrantScope::Identity]
+    } else {
+        // A grant bound to a host opens nothing else; an unparsable binding opens nothing.
+        bound_hosts(g).into_iter().map(GrantScope::Host).collect()
+    }
+}
+
 impl<S: Store> KernelSync<S> {
-    /// A sync writing `maps`.
+    /// A sync writing `maps`, with the node's addresses read now.
     pub fn new(store: Arc<S>, cfg: Arc<Config>, maps: GateMaps) -> Self {
+        let local = LocalAddrs::read().unwrap_or_else(|e| {
+            log::error!("reading the node's addresses: {e}; services on them cover only themselves until it works");
+            LocalAddrs::default()
+        });
         Self {
             store,
             cfg,
             maps: Mutex::new(maps),
+            local: Mutex::new(local),
+            repairs: AtomicU64::new(0),
+            reconciliations: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Asks the reconciliation loop to run now (a kernel write failed and must be retried).
+    pub fn request_reconcile(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Reconciles every `every`, and at once when asked to; after a failure, again and again
+    /// (every 200 ms) until a reconciliation succeeds, so a failed delete is retried until the
+    /// kernel entry is gone.
+    pub async fn reconcile_loop(self: Arc<Self>, every: std::time::Duration) {
+        let mut retry = false;
+        loop {
+            let wait = if retry { RECONCILE_RETRY } else { every };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.wake.notified() => {}
+            }
+            let me = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || me.reconcile()).await {
+                Ok(Ok(_)) => retry = false,
+                Ok(Err(e)) => {
+                    log::error!("reconciliation failed: {e}; retrying");
+                    retry = true;
+                }
+                Err(e) => {
+                    log::error!("reconciliation task failed: {e}; retrying");
+                    retry = true;
+                }
+            }
         }
     }
 
@@ -68,6 +183,13 @@ impl<S: Store> KernelSync<S> {
         self.maps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn local(&self) -> LocalAddrs {
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Numeric id of a service.
@@ -80,123 +202,199 @@ impl<S: Store> KernelSync<S> {
         self.store.numeric_id(IdKind::Identity, name)
     }
 
-    /// Brings every map in line with the configuration and the store: services, identity
-    /// bindings, grants. Entries with no live grant behind them are deleted; revoked and expired
-    /// grants are never written back.
-    pub fn resync(&self) -> Result<(), SyncError> {
-        self.sync_services()?;
-        self.sync_identities()?;
+    /// What the sync has done so far.
+    pub fn stats(&self) -> SyncStats {
+        SyncStats {
+            repairs: self.repairs.load(Ordering::Relaxed),
+            reconciliations: self.reconciliations.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The kernel entries the store wants for `grants`: per key, the live grant that lasts
+    /// longest. Grants of services not configured here are not this node's.
+    fn wanted(&self, grants: &[Grant]) -> Result<BTreeMap<GrantKeyOrd, GrantEntry>, SyncError> {
         let now = now_ms();
-        let live: Vec<Grant> = self
-            .store
-            .grants()?
-            .into_iter()
-            .map(|g| g.value)
-            .filter(|g| g.is_live(now))
-            .collect();
-        let mut wanted: BTreeMap<(u32, u32), Grant> = BTreeMap::new();
-        for g in live {
-            if !self.cfg.services.contains_key(&g.service) {
+        let mut wanted: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
+        for g in grants {
+            if !g.is_live(now) || !self.cfg.services.contains_key(&g.service) {
                 continue;
             }
-            let key = (self.identity_id(&g.identity)?, self.service_id(&g.service)?);
-            let keep = wanted.get(&key).is_none_or(|w| w.expires_ms < g.expires_ms);
-            if keep {
-                wanted.insert(key, g);
+            let identity_id = self.identity_id(&g.identity)?;
+            let service_id = self.service_id(&g.service)?;
+            for scope in scopes(g) {
+                let entry = GrantEntry {
+                    scope,
+                    identity_id,
+                    service_id,
+                    grant_id: numeric_grant_id(&g.id),
+                    not_before_ns: to_boottime_ns(g.not_before_ms)?,
+                    expires_at_ns: to_boottime_ns(g.expires_ms)?,
+                    seen: false,
+                };
+                let key = GrantKeyOrd(entry.key());
+                let keep = wanted
+                    .get(&key)
+                    .is_none_or(|w| w.expires_at_ns < entry.expires_at_ns);
+                if keep {
+                    wanted.insert(key, entry);
+                }
             }
         }
-        let mut maps = self.maps();
-        for k in maps.grants()? {
-            if !wanted.contains_key(&(k.identity_id, k.service_id)) {
-                maps.delete_grant(k.identity_id, k.service_id)?;
-            }
-        }
-        for ((identity_id, service_id), g) in wanted {
-            maps.put_grant(entry(identity_id, service_id, &g)?)?;
-        }
-        Ok(())
+        Ok(wanted)
     }
 
-    /// Services: one entry per configured destination; others removed.
-    fn sync_services(&self) -> Result<(), SyncError> {
-        let mut wanted = Vec::new();
-        for s in self.cfg.services.values() {
-            let id = self.service_id(&s.name)?;
-            for d in &s.destinations {
-                wanted.push((*d, id, s.mode));
+    /// Brings every map in line with the configuration, the node's addresses and the store:
+    /// services, identity bindings, grants, in both directions. Returns what it repaired.
+    /// Revoked and expired grants are never written back.
+    pub fn resync(&self) -> Result<Repairs, SyncError> {
+        let mut maps = self.maps();
+        let mut repairs = self.sync_services_locked(&mut maps)?;
+        let r = self.sync_identities_locked(&mut maps)?;
+        repairs.written += r.written;
+        repairs.deleted += r.deleted;
+        let grants: Vec<Grant> = self.store.grants()?.into_iter().map(|g| g.value).collect();
+        let wanted = self.wanted(&grants)?;
+        let mut held: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
+        for e in maps.grants()? {
+            held.insert(GrantKeyOrd(e.key()), e);
+        }
+        // Deletes first: a grant that moved to another key is never open twice.
+        for key in held.keys() {
+            if !wanted.contains_key(key) {
+                maps.delete_grant(&key.0)?;
+                repairs.deleted += 1;
             }
         }
-        let mut maps = self.maps();
+        for (key, entry) in &wanted {
+            let same = held.get(key).is_some_and(|h| same_grant(h, entry));
+            if !same {
+                maps.put_grant(*entry)?;
+                repairs.written += 1;
+            }
+        }
+        let fixed = maps.recount_identity_grants()?;
+        repairs.written += u64::from(fixed);
+        Ok(repairs)
+    }
+
+    /// A reconciliation on a timer or after a failure: [`Self::resync`], counted.
+    pub fn reconcile(&self) -> Result<Repairs, SyncError> {
+        self.reconciliations.fetch_add(1, Ordering::Relaxed);
+        match self.resync() {
+            Ok(r) => {
+                if r.total() > 0 {
+                    self.repairs.fetch_add(r.total(), Ordering::Relaxed);
+                    log::warn!(
+                        "reconciliation repaired the kernel: {} entries written, {} deleted",
+                        r.written,
+                        r.deleted
+                    );
+                }
+                Ok(r)
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Services: every kernel destination the configuration covers on this node's addresses;
+    /// others removed. Removals go first, so a destination that moves between services is never
+    /// held by two.
+    fn sync_services_locked(&self, maps: &mut GateMaps) -> Result<Repairs, SyncError> {
+        let (covered, overlaps) = coverage::expand(&self.cfg, &self.local());
+        for o in &overlaps {
+            log::error!(
+                "services {:?} and {:?} both cover {}:{}/{}; {:?} keeps it",
+                o.kept,
+                o.dropped,
+                o.dest.addr,
+                o.dest.port,
+                o.dest.proto,
+                o.kept
+            );
+        }
+        let mut wanted: BTreeMap<ServiceDest, (u32, datapath::Mode)> = BTreeMap::new();
+        for c in covered {
+            wanted.insert(c.dest, (self.service_id(&c.service)?, c.mode));
+        }
+        let mut repairs = Repairs::default();
         for existing in maps.services()? {
-            if !wanted.iter().any(|(d, ..)| *d == existing.dest) {
-                maps.remove_service(existing.dest)?;
+            match wanted.get(&existing.dest) {
+                Some((id, mode)) if *id == existing.service_id && *mode == existing.mode => {
+                    wanted.remove(&existing.dest);
+                }
+                Some(_) => {}
+                None => {
+                    maps.remove_service(existing.dest)?;
+                    repairs.deleted += 1;
+                }
             }
         }
-        for (dest, id, mode) in wanted {
+        for (dest, (id, mode)) in wanted {
             maps.add_service(dest, id, mode)?;
+            repairs.written += 1;
         }
-        Ok(())
+        Ok(repairs)
     }
 
-    /// Identity bindings: the static ones from config, plus the requester addresses of live
-    /// grants; anything else is removed.
-    pub fn sync_identities(&self) -> Result<(), SyncError> {
+    /// Identity bindings: exactly the static ones from the configuration. Requester addresses
+    /// are never bound to an identity: they live in host-bound grant keys.
+    fn sync_identities_locked(&self, maps: &mut GateMaps) -> Result<Repairs, SyncError> {
         let mut wanted: BTreeMap<IpNet, u32> = BTreeMap::new();
         for (identity, nets) in &self.cfg.identities {
             let id = self.identity_id(identity)?;
             for n in nets {
-                wanted.insert(*n, id);
+                wanted.insert(n.trunc(), id);
             }
         }
-        let now = now_ms();
-        for g in self.store.grants()? {
-            let g = g.value;
-            if !g.is_live(now) {
-                continue;
-            }
-            for src in &g.extra_sources {
-                if let Ok(net) = src.parse::<IpNet>() {
-                    let id = self.identity_id(&g.identity)?;
-                    wanted.entry(net).or_insert(id);
-                }
-            }
-        }
-        let mut maps = self.maps();
+        let mut repairs = Repairs::default();
         let current: BTreeSet<(IpNet, u32)> = maps.identities()?.into_iter().collect();
+        // Unbind before bind: a prefix that changes owner is never bound to both.
         for (net, id) in &current {
             if wanted.get(net) != Some(id) {
                 maps.unbind_identity(*net)?;
+                repairs.deleted += 1;
             }
         }
         for (net, id) in wanted {
             if !current.contains(&(net, id)) {
                 maps.bind_identity(net, id)?;
+                repairs.written += 1;
             }
         }
-        Ok(())
+        Ok(repairs)
     }
 
-    /// Puts the kernel entry for `(grant.identity, grant.service)` in line with the store: the
-    /// longest live grant for that pair, or nothing.
-    pub fn sync_pair(&self, identity: &str, service: &str) -> Result<(), SyncError> {
-        if !self.cfg.services.contains_key(service) {
+    /// Puts the kernel entries of `grant`'s keys in line with the store: for each key, the
+    /// longest live grant with that key, or nothing. Takes the map lock before reading the store.
+    pub fn sync_grant(&self, grant: &Grant) -> Result<(), SyncError> {
+        if !self.cfg.services.contains_key(&grant.service) {
             return Ok(());
         }
-        let identity_id = self.identity_id(identity)?;
-        let service_id = self.service_id(service)?;
-        let now = now_ms();
-        let best = self
+        let identity_id = self.identity_id(&grant.identity)?;
+        let service_id = self.service_id(&grant.service)?;
+        let keys: Vec<GrantKey> = scopes(grant)
+            .into_iter()
+            .map(|s| grant_key(s, identity_id, service_id))
+            .collect();
+        let mut maps = self.maps();
+        let grants: Vec<Grant> = self
             .store
             .grants()?
             .into_iter()
             .map(|g| g.value)
-            .filter(|g| g.identity == identity && g.service == service && g.is_live(now))
-            .max_by_key(|g| g.expires_ms);
-        let mut maps = self.maps();
-        match best {
-            Some(g) => maps.put_grant(entry(identity_id, service_id, &g)?)?,
-            None => {
-                maps.delete_grant(identity_id, service_id)?;
+            .filter(|g| g.service == grant.service)
+            .collect();
+        let wanted = self.wanted(&grants)?;
+        for key in keys {
+            match wanted.get(&GrantKeyOrd(key)) {
+                Some(entry) => maps.put_grant(*entry)?,
+                None => {
+                    maps.delete_grant(&key)?;
+                }
             }
         }
         Ok(())
@@ -205,12 +403,26 @@ impl<S: Store> KernelSync<S> {
     /// Applies one committed change.
     pub fn apply(&self, change: &Change) -> Result<(), SyncError> {
         if let Record::Grant(g) = &change.record {
-            if !g.extra_sources.is_empty() {
-                self.sync_identities()?;
-            }
-            self.sync_pair(&g.identity, &g.service)?;
+            self.sync_grant(g)?;
         }
         Ok(())
+    }
+
+    /// Takes a new set of node addresses and, when it differs, rewrites the services.
+    pub fn set_local_addrs(&self, addrs: LocalAddrs) -> Result<bool, SyncError> {
+        {
+            let mut local = self
+                .local
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *local == addrs {
+                return Ok(false);
+            }
+            *local = addrs;
+        }
+        let mut maps = self.maps();
+        self.sync_services_locked(&mut maps)?;
+        Ok(true)
     }
 
     /// Follows the change stream until it closes; resynchronises fully after a gap.
@@ -218,18 +430,23 @@ impl<S: Store> KernelSync<S> {
         let mut rx = self.store.subscribe();
         // Anything committed before we subscribed is covered by this full read.
         if let Err(e) = self.resync() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
             log::error!("kernel resync failed: {e}");
         }
         loop {
             match rx.recv().await {
                 Ok(change) => {
                     if let Err(e) = self.apply(&change) {
-                        log::error!("kernel sync of revision {} failed: {e}", change.revision);
+                        self.failures.fetch_add(1, Ordering::Relaxed);
+                        log::error!(
+                            "kernel sync of revision {} failed: {e}; the next reconciliation retries it",
+                            change.revision
+                        );
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
                     log::warn!("kernel sync missed {n} changes; resynchronising from a full read");
-                    if let Err(e) = self.resync() {
+                    if let Err(e) = self.reconcile() {
                         log::error!("kernel resync failed: {e}");
                     }
                 }
@@ -239,18 +456,39 @@ impl<S: Store> KernelSync<S> {
     }
 
     /// How many grants the kernel holds.
-    pub fn kernel_grants(&self) -> usize {
-        self.maps().grants().map_or(0, |g| g.len())
+    pub fn kernel_grants(&self) -> Result<usize, SyncError> {
+        Ok(self.maps().grants()?.len())
     }
 }
 
-fn entry(identity_id: u32, service_id: u32, g: &Grant) -> Result<GrantEntry, DatapathError> {
-    Ok(GrantEntry {
-        identity_id,
-        service_id,
-        grant_id: numeric_grant_id(&g.id),
-        not_before_ns: to_boottime_ns(g.not_before_ms)?,
-        expires_at_ns: to_boottime_ns(g.expires_ms)?,
-        seen: false,
-    })
+/// Grant keys ordered, for diffing the kernel against the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GrantKeyOrd(GrantKey);
+
+impl GrantKeyOrd {
+    fn tuple(&self) -> (u32, u32, [u8; 16]) {
+        (self.0.service_id, self.0.kind, self.0.source)
+    }
+}
+
+impl PartialOrd for GrantKeyOrd {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for GrantKeyOrd {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.tuple().cmp(&other.tuple())
+    }
+}
+
+/// Whether the kernel's entry is the wanted one. Times are compared to the millisecond: the
+/// conversion from wall-clock time drifts by a few nanoseconds between two reads.
+fn same_grant(held: &GrantEntry, wanted: &GrantEntry) -> bool {
+    let close = |a: u64, b: u64| a.abs_diff(b) < 5_000_000;
+    held.grant_id == wanted.grant_id
+        && held.identity_id == wanted.identity_id
+        && close(held.not_before_ns, wanted.not_before_ns)
+        && close(held.expires_at_ns, wanted.expires_at_ns)
 }

@@ -28,6 +28,17 @@ pub enum NodeError {
     /// The kernel write failed otherwise (the grant was revoked again).
     #[error("writing the grant to the kernel failed ({0}); the grant was revoked again")]
     Kernel(String),
+    /// Revoked in the store, but deleting the kernel entry failed; reconciliation retries it.
+    #[error(
+        "grant(s) {grants} are revoked, but deleting the kernel entry failed ({error}); the agent \
+         retries the delete until it succeeds"
+    )]
+    KernelDeletePending {
+        /// The revoked grants whose entries are still in the kernel.
+        grants: String,
+        /// Why the delete failed.
+        error: String,
+    },
 }
 
 /// Engine and kernel sync of one node.
@@ -98,8 +109,9 @@ impl<S: Store> Node<S> {
         });
     }
 
-    /// Revokes grants and deletes their kernel entries before returning (the change stream
-    /// would do it a moment later; a revoke should not wait for it).
+    /// Revokes grants and deletes their kernel entries before returning: `Ok` means the kernel
+    /// no longer holds them. When a delete fails the grants stay revoked in the store, the caller
+    /// gets [`NodeError::KernelDeletePending`], and reconciliation retries the delete.
     pub fn revoke(
         &self,
         caller: &Caller,
@@ -107,6 +119,15 @@ impl<S: Store> Node<S> {
         reason: &str,
     ) -> Result<Vec<Grant>, NodeError> {
         let revoked = self.engine.revoke(caller, target, reason)?;
+        let mut pending = Vec::new();
+        let mut last_error = String::new();
+        for g in &revoked {
+            if let Err(e) = self.sync.sync_grant(g) {
+                log::error!("deleting the kernel entry of revoked grant {}: {e}", g.id);
+                pending.push(g.id.clone());
+                last_error = e.to_string();
+            }
+        }
         for g in &revoked {
             self.notifier.send(Notice {
                 event: "grant.revoked",
@@ -120,16 +141,13 @@ impl<S: Store> Node<S> {
                     .map(|r| r.value),
                 grant: Some(g.clone()),
             });
-            let result = if g.extra_sources.is_empty() {
-                Ok(())
-            } else {
-                self.sync.sync_identities()
-            }
-            .and_then(|()| self.sync.sync_pair(&g.identity, &g.service));
-            if let Err(e) = result {
-                // The store says revoked; the change stream applies the same change too.
-                log::error!("deleting the kernel entry of revoked grant {}: {e}", g.id);
-            }
+        }
+        if !pending.is_empty() {
+            self.sync.request_reconcile();
+            return Err(NodeError::KernelDeletePending {
+                grants: pending.join(", "),
+                error: last_error,
+            });
         }
         Ok(revoked)
     }
@@ -142,10 +160,7 @@ impl<S: Store> Node<S> {
         let result = (|| -> Result<(), SyncError> {
             let grant = self.engine.store().grant(&req.grant_id)?.map(|g| g.value);
             if let Some(g) = grant {
-                if !g.extra_sources.is_empty() {
-                    self.sync.sync_identities()?;
-                }
-                self.sync.sync_pair(&g.identity, &g.service)?;
+                self.sync.sync_grant(&g)?;
             }
             Ok(())
         })();

@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use jit_agent::datapath::{GateMaps, GrantEntry, Mode, Protocol, ServiceDest, boottime_ns};
+use jit_agent::datapath::{
+    GateMaps, GrantEntry, GrantScope, Mode, Protocol, ServiceDest, boottime_ns,
+};
 use jit_tests::{
     PinDirGuard,
     echo::EchoServer,
@@ -145,6 +147,7 @@ fn bpf_commands_end_to_end() {
     assert!(!connect());
     let now = boottime_ns().expect("clock");
     maps.put_grant(GrantEntry {
+        scope: GrantScope::Identity,
         identity_id: 11,
         service_id: 3,
         grant_id: 77,
@@ -160,6 +163,7 @@ fn bpf_commands_end_to_end() {
     assert_eq!(g["grant_id"], 77);
     assert_eq!(g["state"], "live");
     assert_eq!(g["seen"], true);
+    assert_eq!(g["scope"]["kind"], "identity");
     let table = ok(&agent(None, &["bpf", "grants", "--pin-dir", &d]));
     assert!(
         table.starts_with("GRANT") && table.contains("live"),

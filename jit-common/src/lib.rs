@@ -23,11 +23,31 @@ pub const MODE_ENFORCE: u32 = 0;
 /// Service enforcement mode: packets without a live grant are counted and reported, then passed.
 pub const MODE_AUDIT: u32 = 1;
 
+/// Version of the map layout. Maps are pinned under `<pin dir>/v<LAYOUT_VERSION>`, so a program
+/// built for another layout never opens maps whose keys or values it would misread; an upgrade
+/// loads fresh maps beside the old ones, fills them, and swaps the program into the pinned links.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Highest number of services the kernel program accounts for; service ids are `0..MAX_SERVICES`.
 pub const MAX_SERVICES: u32 = 4096;
 
+/// Capacity of the services map: destinations after expansion (a service on a local address is
+/// written once for every address of the node).
+pub const MAX_SERVICE_DESTS: u32 = 16_384;
+
 /// Slots in the per-port index: one block of 65 536 ports per protected L4 protocol.
 pub const PORT_INDEX_ENTRIES: u32 = 2 * 65_536;
+
+/// Bits the port bitmap keeps per `(proto, port)`.
+pub const PORT_BITS: u32 = 2;
+/// Port bitmap bit: some service names this port on a specific destination address.
+pub const PORT_EXACT: u64 = 1;
+/// Port bitmap bit: some service names this port on the wildcard address of a family.
+pub const PORT_WILDCARD: u64 = 2;
+/// Ports per `u64` word of the port bitmap.
+pub const PORTS_PER_WORD: u32 = 64 / PORT_BITS;
+/// Words in the port bitmap.
+pub const PORT_BITMAP_WORDS: u32 = PORT_INDEX_ENTRIES / PORTS_PER_WORD;
 
 /// Index into the port index for `(proto, port)`, or `None` for a protocol the gate cannot
 /// protect (only TCP and UDP carry ports).
@@ -41,43 +61,63 @@ pub const fn port_index(proto: u8, port: u16) -> Option<u32> {
     }
 }
 
-/// Names of the maps, as pinned under the pin directory. They are the symbol names in the
-/// kernel object; the kernel keeps at most 15 characters of a map name.
+/// `(word, shift)` of a port index in the port bitmap: the port's bits are
+/// `(bitmap[word] >> shift) & 3`.
+#[inline(always)]
+#[must_use]
+pub const fn port_bit_position(index: u32) -> (u32, u32) {
+    (index / PORTS_PER_WORD, (index % PORTS_PER_WORD) * PORT_BITS)
+}
+
+/// The IPv4 address every IPv4 broadcast and multicast destination is looked up as: the agent
+/// writes services on local addresses for it too, so a datagram to 255.255.255.255, a subnet
+/// broadcast or a multicast group reaches a local service's port only through the gate.
+pub const V4_BROADCAST: [u8; 4] = [255, 255, 255, 255];
+/// The IPv6 address every IPv6 multicast destination (`ff00::/8`) is looked up as (all nodes).
+pub const V6_MULTICAST: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Names of the maps, as pinned under `<pin dir>/v<LAYOUT_VERSION>`. They are the symbol names
+/// in the kernel object; the kernel keeps at most 15 characters of a map name.
 pub mod map_names {
     /// [`crate::ServiceKey`] → [`crate::ServiceValue`].
     pub const SERVICES: &str = "JIT_SERVICES";
-    /// Port index: `u32` count of services per `(proto, port)`; see [`crate::port_index`].
+    /// Port bitmap: [`crate::PORT_BITS`] bits per `(proto, port)` ([`crate::PORT_EXACT`],
+    /// [`crate::PORT_WILDCARD`]); see [`crate::port_bit_position`].
     pub const PORTS: &str = "JIT_PORTS";
     /// [`crate::ServiceKey`] with port 0 → `u32` count of services on that address and protocol.
     /// Used only to decide whether an unclassifiable packet (a non-first fragment, a truncated L4
-    /// header) is bound for a protected destination.
+    /// header, an opaque protocol) is bound for a protected destination.
     pub const DESTS: &str = "JIT_DESTS";
-    /// Exact source address (`[u8; 16]`, see [`crate::v4_mapped`]) → [`crate::IdentityValue`];
-    /// checked before the trie.
-    pub const ID_HOSTS: &str = "JIT_ID_HOSTS";
-    /// LPM trie of source prefixes (`[u8; 16]`, see [`crate::v4_mapped`]) →
-    /// [`crate::IdentityValue`].
+    /// LPM trie of static source prefixes (`[u8; 16]`, see [`crate::v4_mapped`]) →
+    /// [`crate::IdentityValue`]. Only identity-keyed grants consult it.
     pub const ID_PREFIXES: &str = "JIT_ID_PREFIX";
-    /// [`crate::GrantKey`] → [`crate::GrantValue`].
+    /// [`crate::GrantKey`] → [`crate::GrantValue`]: host-bound and identity-keyed grants.
     pub const GRANTS: &str = "JIT_GRANTS";
-    /// Per-CPU `u64` counters indexed by [`crate::counter`].
+    /// `u32` per service id: how many identity-keyed grants of the service the grants map holds.
+    /// Zero spares a packet that misses its host grant the identity lookups.
+    pub const SERVICE_ID_GRANTS: &str = "JIT_SVC_IDGR";
+    /// Per-CPU `u64` counters indexed by [`crate::counter`], for the counters that are not
+    /// verdicts of a service (those live per service) or rate-limited events (in the rate state).
     pub const COUNTERS: &str = "JIT_COUNTERS";
-    /// Per-CPU `u64` counters indexed by `service_id * counter::SERVICE_SLOTS + verdict`.
+    /// Per-CPU [`crate::ServiceCounters`] indexed by service id.
     pub const SERVICE_COUNTERS: &str = "JIT_SVC_COUNT";
     /// Ring buffer of [`crate::Event`].
     pub const EVENTS: &str = "JIT_EVENTS";
-    /// One [`crate::GateConfig`] at index 0.
-    pub const CONFIG: &str = "JIT_CONFIG";
     /// Per-CPU [`crate::RateState`] for the event rate limit.
     pub const RATE: &str = "JIT_RATE";
+    /// One [`crate::GateConfig`] at index 0.
+    pub const CONFIG: &str = "JIT_CONFIG";
 }
 
 /// Names of the programs in the kernel object.
 pub mod program_names {
-    /// The XDP entry point.
+    /// The XDP entry point (Ethernet devices).
     pub const XDP: &str = "jit_gate_xdp";
-    /// The TC (clsact/TCX ingress) entry point.
+    /// The TC (TCX ingress) entry point for Ethernet devices.
     pub const TC: &str = "jit_gate_tc";
+    /// The TC (TCX ingress) entry point for L3 devices (tun, WireGuard, IP tunnels): the packet
+    /// starts at the IP header and its protocol comes from the skb.
+    pub const TC_L3: &str = "jit_gate_tc_l3";
 }
 
 /// Verdict reasons and other counters. The first [`counter::SERVICE_SLOTS`] values are the
@@ -87,9 +127,11 @@ pub mod counter {
     pub const ALLOWED: u32 = 0;
     /// Audit mode: the packet would have been dropped (for any reason below) and was passed.
     pub const AUDIT_WOULD_DROP: u32 = 1;
-    /// Dropped: the source address maps to no identity.
+    /// Dropped: the source holds no host-bound grant, the service has identity-keyed grants, and
+    /// the source address is in no static prefix.
     pub const NO_IDENTITY: u32 = 2;
-    /// Dropped: the identity holds no grant for the service.
+    /// Dropped: neither the source address (host-bound) nor its identity (static prefix) holds a
+    /// grant for the service.
     pub const NO_GRANT: u32 = 3;
     /// Dropped: the grant has expired.
     pub const EXPIRED: u32 = 4;
@@ -106,15 +148,18 @@ pub mod counter {
     pub const FRAGMENT: u32 = 7;
     /// Dropped: more VLAN tags than the parser follows (2).
     pub const TOO_MANY_VLANS: u32 = 8;
-    /// Dropped: an IPv6 extension header chain longer than the parser follows, or one it cannot
-    /// see through (ESP), bound for a protected address.
+    /// Dropped: an IPv6 extension header chain longer than the parser follows, bound for a
+    /// protected address.
     pub const TOO_MANY_EXT_HEADERS: u32 = 9;
+    /// Dropped: a transport the gate cannot see into (ESP, AH, IP-in-IP, IPv6-in-IPv4, GRE) or an
+    /// IPv6 next header it does not know, bound for an address that has a protected service.
+    pub const OPAQUE: u32 = 10;
     /// An event was not written to the ring buffer because of the rate limit.
-    pub const EVENTS_RATE_LIMITED: u32 = 10;
+    pub const EVENTS_RATE_LIMITED: u32 = 11;
     /// An event was not written to the ring buffer because it was full.
-    pub const EVENTS_LOST: u32 = 11;
+    pub const EVENTS_LOST: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Stable, human-readable names, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -128,6 +173,7 @@ pub mod counter {
         "fragment",
         "too_many_vlans",
         "too_many_ext_headers",
+        "opaque",
         "events_rate_limited",
         "events_lost",
     ];
@@ -135,7 +181,7 @@ pub mod counter {
     /// Whether the counter is a drop (as opposed to a pass or an event statistic).
     #[must_use]
     pub const fn is_drop(counter: u32) -> bool {
-        matches!(counter, 2..=9)
+        matches!(counter, 2..=10)
     }
 }
 
@@ -152,8 +198,10 @@ pub mod event_kind {
 /// Key of the services map and of the destinations index.
 ///
 /// `addr` holds an IPv4 address in its first 4 bytes (the rest zero) or an IPv6 address; all
-/// zeros means "any local address" for that family. `port` is in host byte order.
-#[repr(C)]
+/// zeros means "any address" of that family. `port` is in host byte order. Aligned to 8 bytes
+/// with the address at offset 8, so the kernel program writes it with two 8-byte stores (the
+/// verifier refuses misaligned stack access).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
@@ -162,10 +210,27 @@ pub struct ServiceKey {
     pub proto: u8,
     /// Destination port, host byte order (0 in the destinations index).
     pub port: u16,
+    /// Explicit padding, zero (it is part of the hashed key).
+    pub _pad: u32,
     /// Destination address, network byte order; all zeros is the wildcard.
     pub addr: [u8; 16],
 }
-const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceKey>() == 24);
+
+impl ServiceKey {
+    /// A key with zero padding.
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(family: u8, proto: u8, port: u16, addr: [u8; 16]) -> Self {
+        Self {
+            family,
+            proto,
+            port,
+            _pad: 0,
+            addr,
+        }
+    }
+}
 
 /// Value of the services map.
 #[repr(C)]
@@ -178,9 +243,9 @@ pub struct ServiceValue {
 }
 const _: () = assert!(size_of::<ServiceValue>() == 8);
 
-/// Maps an address to the 16-byte form both identity maps use: IPv6 as is, IPv4 IPv4-mapped
-/// (`::ffff:a.b.c.d`), so one trie serves both families. An IPv4 prefix of length `n` is stored
-/// with prefix length `96 + n`.
+/// Maps an IPv4 address to the 16-byte form source addresses take in the identity trie and in
+/// host-bound grant keys: IPv6 as is, IPv4 IPv4-mapped (`::ffff:a.b.c.d`), so one map serves both
+/// families. An IPv4 prefix of length `n` is stored with prefix length `96 + n`.
 #[inline(always)]
 #[must_use]
 pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
@@ -189,27 +254,61 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// Value of both identity maps.
+/// Value of the identity trie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdentityValue {
-    /// Numeric identity id; the first half of a [`GrantKey`]. Never 0.
+    /// Numeric identity id. Never 0.
     pub identity_id: u32,
     /// Reserved, zero.
     pub _reserved: u32,
 }
 const _: () = assert!(size_of::<IdentityValue>() == 8);
 
-/// Key of the grants map.
-#[repr(C)]
+/// [`GrantKey::kind`]: the grant opens the service to one source address, the one it was bound
+/// to (the requester's own address), and to nothing else its identity may have.
+pub const GRANT_KIND_HOST: u32 = 1;
+/// [`GrantKey::kind`]: the grant opens the service to the identity's static source prefixes.
+pub const GRANT_KIND_IDENTITY: u32 = 2;
+
+/// Key of the grants map: what was approved, exactly. 8-byte aligned, the address at offset 8.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GrantKey {
-    /// Identity holding the grant.
-    pub identity_id: u32,
     /// Service the grant opens.
     pub service_id: u32,
+    /// [`GRANT_KIND_HOST`] or [`GRANT_KIND_IDENTITY`].
+    pub kind: u32,
+    /// Host grants: the source address in the 16-byte form of [`v4_mapped`]. Identity grants: the
+    /// identity id in native byte order in the first 4 bytes, the rest zero.
+    pub source: [u8; 16],
 }
-const _: () = assert!(size_of::<GrantKey>() == 8);
+const _: () = assert!(size_of::<GrantKey>() == 24);
+
+impl GrantKey {
+    /// The key of a grant bound to the source address `source` (16-byte form).
+    #[inline(always)]
+    #[must_use]
+    pub const fn host(service_id: u32, source: [u8; 16]) -> Self {
+        Self {
+            service_id,
+            kind: GRANT_KIND_HOST,
+            source,
+        }
+    }
+
+    /// The key of a grant of `identity_id` through its static prefixes.
+    #[inline(always)]
+    #[must_use]
+    pub const fn identity(service_id: u32, identity_id: u32) -> Self {
+        let b = identity_id.to_ne_bytes();
+        Self {
+            service_id,
+            kind: GRANT_KIND_IDENTITY,
+            source: [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+}
 
 /// Grant flag: the kernel has reported the first packet allowed under this grant.
 pub const GRANT_FLAG_SEEN: u32 = 1;
@@ -225,10 +324,10 @@ pub struct GrantValue {
     pub expires_at_ns: u64,
     /// The agent's id of the grant, reported in events.
     pub grant_id: u64,
+    /// The identity holding the grant, reported in events.
+    pub identity_id: u32,
     /// `GRANT_FLAG_*` bits.
     pub flags: u32,
-    /// Explicit padding, zero.
-    pub _pad: u32,
 }
 const _: () = assert!(size_of::<GrantValue>() == 32);
 
@@ -248,14 +347,14 @@ pub struct Event {
     pub identity_id: u32,
     /// Service id, or `u32::MAX` when the packet was dropped before a service was known.
     pub service_id: u32,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`], 0 when unknown.
-    pub family: u8,
-    /// IP protocol, 0 when unknown.
-    pub proto: u8,
     /// Source port, host byte order.
     pub src_port: u16,
     /// Destination port, host byte order.
     pub dst_port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`], 0 when unknown.
+    pub family: u8,
+    /// IP protocol, 0 when unknown.
+    pub proto: u8,
     /// Explicit padding, zero.
     pub _pad: u16,
     /// Source address (IPv4 in the first 4 bytes).
@@ -265,33 +364,47 @@ pub struct Event {
 }
 const _: () = assert!(size_of::<Event>() == 72);
 
-/// Runtime settings of the kernel program, at index 0 of the config map.
+/// Settings the agent gives the kernel program, at index 0 of the config map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GateConfig {
-    /// Events each CPU may write per second; 0 means the default
-    /// ([`DEFAULT_EVENTS_PER_SEC`]).
-    pub events_per_sec: u32,
-    /// Reserved, zero.
-    pub _reserved: u32,
+    /// Events each CPU may write per budget period.
+    pub events_per_period: u32,
+    /// Budget period: the agent's event reader raises it every second; a CPU that sees a new
+    /// period refills its budget to `events_per_period`. Never raised, never refilled: with no
+    /// reader, no events are written.
+    pub event_epoch: u32,
 }
 const _: () = assert!(size_of::<GateConfig>() == 8);
 
-/// Events each CPU may write per second when the config map says 0.
+/// Events each CPU may write per second unless the agent is configured otherwise.
 pub const DEFAULT_EVENTS_PER_SEC: u32 = 1_000;
 
-/// Per-CPU state of the event rate limit: a fixed one-second window.
+/// Per-CPU event budget. The kernel spends one token per event and writes none without one, so
+/// a flood costs no clock read once the budget is spent; see [`GateConfig::event_epoch`] for the
+/// refill. Only the kernel writes it, so its counts are exact.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateState {
-    /// Start of the current window, `CLOCK_BOOTTIME` ns.
-    pub window_start_ns: u64,
-    /// Events written in the current window.
-    pub count: u32,
-    /// Explicit padding, zero.
-    pub _pad: u32,
+    /// Events this CPU may still write in `epoch`.
+    pub tokens: u32,
+    /// The budget period the tokens belong to.
+    pub epoch: u32,
+    /// Events this CPU did not write for want of a token (the `events_rate_limited` counter).
+    pub suppressed: u64,
 }
 const _: () = assert!(size_of::<RateState>() == 16);
+
+/// Verdict counters of one service on one CPU (value of the per-service counters map). The
+/// global verdict counters are their sums over services: a packet's verdict costs one counter
+/// lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Indexed by the verdicts of [`counter`] below [`counter::SERVICE_SLOTS`].
+    pub verdicts: [u64; counter::SERVICE_SLOTS as usize],
+}
+const _: () = assert!(size_of::<ServiceCounters>() == 48);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -303,8 +416,9 @@ mod pod {
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::GrantValue {}
     unsafe impl aya::Pod for super::Event {}
-    unsafe impl aya::Pod for super::GateConfig {}
     unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for super::GateConfig {}
+    unsafe impl aya::Pod for super::ServiceCounters {}
 }
 
 #[cfg(test)]
@@ -320,6 +434,24 @@ mod tests {
             Some(PORT_INDEX_ENTRIES - 1)
         );
         assert_eq!(port_index(1, 443), None);
+    }
+
+    #[test]
+    fn port_bits_cover_every_port_once() {
+        assert_eq!(port_bit_position(0), (0, 0));
+        assert_eq!(port_bit_position(31), (0, 62));
+        assert_eq!(port_bit_position(32), (1, 0));
+        let last = port_index(PROTO_UDP, u16::MAX).unwrap();
+        assert_eq!(port_bit_position(last).0, PORT_BITMAP_WORDS - 1);
+    }
+
+    #[test]
+    fn grant_keys_keep_kinds_apart() {
+        let h = GrantKey::host(3, v4_mapped([0, 0, 0, 7]));
+        let i = GrantKey::identity(3, 7);
+        assert_ne!(h, i);
+        assert_eq!(i.source[4..], [0; 12]);
+        assert_eq!(u32::from_ne_bytes([i.source[0], i.source[1], i.source[2], i.source[3]]), 7);
     }
 
     #[test]

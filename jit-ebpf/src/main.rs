@@ -3,41 +3,70 @@
 #![no_std]
 #![no_main]
 
+mod addr;
 mod maps;
 mod parse;
 mod report;
 mod verdict;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 
-use crate::verdict::{Verdict, decide};
+use crate::{
+    parse::{parse, parse_l3},
+    verdict::{Verdict, decide},
+};
 
 /// Bytes of headers TC makes linear before parsing: Ethernet, two VLAN tags, IPv6 with the
 /// followed extension headers, and TCP. Headers beyond it count as truncated (fail closed).
 const TC_PULL_LEN: u32 = 640;
 
-/// XDP entry point.
+/// XDP entry point (Ethernet devices only; the agent refuses XDP on others).
 #[xdp]
 fn jit_gate_xdp(ctx: XdpContext) -> u32 {
-    match decide(ctx.data(), ctx.data_end()) {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    match decide(start, end, parse(start, end)) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }
 
-/// TC ingress entry point (attached through TCX).
+/// TC ingress entry point for Ethernet devices (attached first in the TCX chain).
 #[classifier]
 fn jit_gate_tc(ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    let (start, end) = (ctx.data(), ctx.data_end());
+    tc_verdict(decide(start, end, parse(start, end)))
+}
+
+/// TC ingress entry point for L3 devices (tun, WireGuard, IP tunnels): the packet starts at the
+/// IP header, and the skb says which IP version it is.
+#[classifier]
+fn jit_gate_tc_l3(ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    // `protocol` holds the EtherType in network byte order in its low 16 bits.
+    let ether_type = u16::from_be(ctx.skb.protocol() as u16);
+    let (start, end) = (ctx.data(), ctx.data_end());
+    tc_verdict(decide(start, end, parse_l3(start, end, ether_type)))
+}
+
+/// Makes the headers linear so direct packet access sees them. When this fails the window is
+/// whatever is linear already, and anything cut short is treated as truncated.
+#[inline(always)]
+fn pull_headers(ctx: &TcContext) {
     let len = ctx.len();
-    // Make the headers linear so direct packet access sees them. When this fails the window is
-    // whatever is linear already, and anything cut short is treated as truncated.
     let _ = ctx.pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
-    match decide(ctx.data(), ctx.data_end()) {
-        Verdict::Pass => TC_ACT_OK,
+}
+
+/// A pass is "next" (`TC_ACT_UNSPEC`, TCX_NEXT), never "ok": programs after the gate in the TCX
+/// chain still run, and the gate never ends the chain for them.
+#[inline(always)]
+fn tc_verdict(v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop => TC_ACT_SHOT,
     }
 }

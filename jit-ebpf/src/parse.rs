@@ -1,10 +1,16 @@
 //! Packet parsing: Ethernet, up to two VLAN tags, IPv4 (with options), IPv6 (with a bounded chain
 //! of extension headers), TCP and UDP. Works on a `[start, end)` window of linear packet data,
-//! so XDP and TC share it.
+//! so XDP and TC share it; L3 devices (tun, IP tunnels) enter at the IP header.
+//!
+//! One rule for what the parser cannot see into: a transport that hides or wraps the real one
+//! (ESP, AH, IP-in-IP, IPv6-in-IPv4, GRE) or an IPv6 next header it does not know is
+//! [`counter::OPAQUE`], and is dropped when its destination address has a protected service.
 
 use core::mem::size_of;
 
-use jit_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, counter, v4_mapped};
+use jit_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, counter};
+
+use crate::addr::Words;
 
 /// VLAN tags the parser follows; a third one makes the frame unclassifiable.
 const MAX_VLAN_TAGS: usize = 2;
@@ -20,7 +26,11 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_GRE: u8 = 47;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_ESP: u8 = 50;
 const IPPROTO_AH: u8 = 51;
@@ -36,16 +46,6 @@ pub(crate) struct Flow {
     pub(crate) dst_port: u16,
     /// Offset of the IP header.
     pub(crate) l3: usize,
-}
-
-/// Addresses of a packet, in the forms the maps use.
-pub(crate) struct Addrs {
-    /// Source in the 16-byte identity form (IPv4-mapped for IPv4).
-    pub(crate) src_key: [u8; 16],
-    /// Source as written in events (IPv4 in the first 4 bytes).
-    pub(crate) src: [u8; 16],
-    /// Destination (IPv4 in the first 4 bytes), the form of service keys.
-    pub(crate) dst: [u8; 16],
 }
 
 /// What the parser made of a frame.
@@ -116,43 +116,55 @@ fn be16(p: usize, k: usize) -> u16 {
     u16::from_be_bytes([byte(p, k), byte(p, k + 1)])
 }
 
-/// The destination address of the IP header at `l3` (IPv4 in the first 4 bytes).
+/// The destination address of the IP header at `l3`, in the service-key form (IPv4 in the
+/// first 4 bytes).
 #[inline(always)]
-pub(crate) fn dst_addr(start: usize, end: usize, family: u8, l3: usize) -> Option<[u8; 16]> {
+pub(crate) fn dst_addr(start: usize, end: usize, family: u8, l3: usize) -> Option<Words> {
     if family == FAMILY_V4 {
-        let d = load::<[u8; 4]>(start, end, l3 + 16)?;
-        let mut dst = [0u8; 16];
-        dst[..4].copy_from_slice(&d);
-        Some(dst)
+        load::<u32>(start, end, l3 + 16).map(Words::v4)
     } else {
-        load::<[u8; 16]>(start, end, l3 + 24)
+        Some(Words {
+            hi: load::<u64>(start, end, l3 + 24)?,
+            lo: load::<u64>(start, end, l3 + 32)?,
+        })
     }
 }
 
-/// The addresses of a classified flow.
+/// The source address of the IP header at `l3`, in the form of identity and grant keys
+/// (IPv4-mapped for IPv4).
 #[inline(always)]
-pub(crate) fn addrs(start: usize, end: usize, flow: &Flow) -> Option<Addrs> {
-    let dst = dst_addr(start, end, flow.family, flow.l3)?;
-    if flow.family == FAMILY_V4 {
-        let s = load::<[u8; 4]>(start, end, flow.l3 + 12)?;
-        let mut src = [0u8; 16];
-        src[..4].copy_from_slice(&s);
-        Some(Addrs {
-            src_key: v4_mapped(s),
-            src,
-            dst,
-        })
+pub(crate) fn src_addr(start: usize, end: usize, family: u8, l3: usize) -> Option<Words> {
+    if family == FAMILY_V4 {
+        load::<u32>(start, end, l3 + 12).map(Words::v4_mapped)
     } else {
-        let src = load::<[u8; 16]>(start, end, flow.l3 + 8)?;
-        Some(Addrs {
-            src_key: src,
-            src,
-            dst,
+        Some(Words {
+            hi: load::<u64>(start, end, l3 + 8)?,
+            lo: load::<u64>(start, end, l3 + 16)?,
         })
     }
 }
 
-/// Parses the frame in `[start, end)`.
+/// Whether an IP protocol number wraps or hides the transport the gate would have to see.
+#[inline(always)]
+const fn is_opaque(proto: u8) -> bool {
+    matches!(
+        proto,
+        IPPROTO_ESP | IPPROTO_AH | IPPROTO_IPIP | IPPROTO_IPV6 | IPPROTO_GRE
+    )
+}
+
+/// Parses a packet that starts at its IP header (an L3 device), with `ether_type` the protocol
+/// the skb carries.
+#[inline(always)]
+pub(crate) fn parse_l3(start: usize, end: usize, ether_type: u16) -> Parsed {
+    match ether_type {
+        ETH_P_IP => parse_v4(start, end, 0),
+        ETH_P_IPV6 => parse_v6(start, end, 0),
+        _ => Parsed::NotIp,
+    }
+}
+
+/// Parses the Ethernet frame in `[start, end)`.
 #[inline(always)]
 pub(crate) fn parse(start: usize, end: usize) -> Parsed {
     let Some(mut ether_type) = load_be16(start, end, 12) else {
@@ -200,6 +212,14 @@ fn parse_v4(start: usize, end: usize, l3: usize) -> Parsed {
         // A non-first fragment has no L4 header: its ports cannot be known.
         return unclassified(counter::FRAGMENT);
     }
+    if is_opaque(proto) {
+        return Parsed::Unclassified {
+            reason: counter::OPAQUE,
+            family: FAMILY_V4,
+            proto: 0,
+            l3,
+        };
+    }
     parse_l4(start, end, l3, l3 + ihl, FAMILY_V4, proto)
 }
 
@@ -224,7 +244,7 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
             PROTO_TCP | PROTO_UDP => {
                 return parse_l4(start, end, l3, l3 + off, FAMILY_V6, next);
             }
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let Some([nh, len]) = load::<[u8; 2]>(start, end, l3 + off) else {
                     return Parsed::Unclassified {
                         reason: counter::UNPARSEABLE,
@@ -233,12 +253,8 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
                         l3,
                     };
                 };
-                // AH counts its length in 4-byte units less 2, the others in 8-byte units less 1.
-                off += if next == IPPROTO_AH {
-                    (usize::from(len) + 2) * 4
-                } else {
-                    (usize::from(len) + 1) * 8
-                };
+                // Length in 8-byte units, not counting the first 8.
+                off += (usize::from(len) + 1) * 8;
                 next = nh;
             }
             IPPROTO_FRAGMENT => {
@@ -269,15 +285,23 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
                 next = fh[0];
                 off += 8;
             }
-            IPPROTO_ESP => break,
-            IPPROTO_NONE => return Parsed::NoPorts,
-            _ => return Parsed::NoPorts,
+            IPPROTO_ICMPV6 | IPPROTO_NONE => return Parsed::NoPorts,
+            // ESP, AH, tunnels, and any header this parser does not know (it may be an
+            // extension header with TCP behind it).
+            _ => {
+                return Parsed::Unclassified {
+                    reason: counter::OPAQUE,
+                    family: FAMILY_V6,
+                    proto: 0,
+                    l3,
+                };
+            }
         }
         if off > MAX_EXT_OFFSET {
             break;
         }
     }
-    // Ran out of followed headers, went past the window, or met ESP (which hides the rest).
+    // Ran out of followed headers or went past the window.
     Parsed::Unclassified {
         reason: counter::TOO_MANY_EXT_HEADERS,
         family: FAMILY_V6,

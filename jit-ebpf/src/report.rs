@@ -1,11 +1,9 @@
 //! Counters and events: how operators see what the gate decided.
 
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
-use jit_common::{DEFAULT_EVENTS_PER_SEC, Event, MAX_SERVICES, counter};
+use jit_common::{Event, counter};
 
 use crate::maps::{JIT_CONFIG, JIT_COUNTERS, JIT_EVENTS, JIT_RATE, JIT_SVC_COUNT};
-
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// Adds one to a global counter.
 #[inline(always)]
@@ -16,52 +14,43 @@ pub(crate) fn count(index: u32) {
     }
 }
 
-/// Adds one to a verdict counter, globally and for the service.
+/// Adds one to a verdict counter of the service (the global verdict counters are their sums).
 #[inline(always)]
 pub(crate) fn count_verdict(service_id: u32, verdict: u32) {
-    count(verdict);
-    if service_id < MAX_SERVICES
-        && verdict < counter::SERVICE_SLOTS
-        && let Some(slot) = JIT_SVC_COUNT.get_ptr_mut(service_id * counter::SERVICE_SLOTS + verdict)
+    if let Some(c) = JIT_SVC_COUNT.get_ptr_mut(service_id)
+        && let Some(slot) = usize::try_from(verdict)
+            .ok()
+            // SAFETY: as in `count`.
+            .and_then(|v| unsafe { (*c).verdicts.get_mut(v) })
     {
-        // SAFETY: as in `count`.
-        unsafe { *slot += 1 };
+        *slot += 1;
     }
 }
 
-/// Writes `event` to the ring buffer unless this CPU has used its events for the current second
-/// (a flood must not starve the buffer) or the buffer is full; either case is counted.
+/// Writes the event `make(now)` builds to the ring buffer, if this CPU has a token left (a flood
+/// must not starve the buffer, and once the budget is spent a packet pays neither the clock nor
+/// the event) and the buffer has room; either miss is counted.
 #[inline(always)]
-pub(crate) fn emit(event: &Event) {
-    if !take_event_token(event.timestamp_ns) {
-        count(counter::EVENTS_RATE_LIMITED);
-        return;
-    }
-    if JIT_EVENTS.output::<Event>(event, 0).is_err() {
-        count(counter::EVENTS_LOST);
-    }
-}
-
-#[inline(always)]
-fn take_event_token(now: u64) -> bool {
-    let limit = match JIT_CONFIG.get(0) {
-        Some(cfg) if cfg.events_per_sec != 0 => cfg.events_per_sec,
-        _ => DEFAULT_EVENTS_PER_SEC,
-    };
+pub(crate) fn emit(make: impl FnOnce(u64) -> Event) {
     let Some(state) = JIT_RATE.get_ptr_mut(0) else {
-        return false;
+        return;
     };
     // SAFETY: per-CPU slot, and the program cannot be preempted on its CPU.
     let state = unsafe { &mut *state };
-    if now.wrapping_sub(state.window_start_ns) >= NS_PER_SEC {
-        state.window_start_ns = now;
-        state.count = 0;
+    if let Some(cfg) = JIT_CONFIG.get(0)
+        && cfg.event_epoch != state.epoch
+    {
+        state.epoch = cfg.event_epoch;
+        state.tokens = cfg.events_per_period;
     }
-    if state.count >= limit {
-        return false;
+    if state.tokens == 0 {
+        state.suppressed += 1;
+        return;
     }
-    state.count += 1;
-    true
+    state.tokens -= 1;
+    if JIT_EVENTS.output::<Event>(&make(now_ns()), 0).is_err() {
+        count(counter::EVENTS_LOST);
+    }
 }
 
 /// The current `CLOCK_BOOTTIME` time: grant times are in this clock, which does not stop in

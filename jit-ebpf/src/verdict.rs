@@ -1,15 +1,23 @@
 //! The decision: does this packet reach a protected service, and does its sender hold a live
-//! grant for it? Shared by the XDP and TC entry points.
+//! grant for exactly that service? Shared by the XDP and TC entry points.
+//!
+//! The granted path is: one bitmap word (is the port protected at all), one service lookup, one
+//! host-grant lookup keyed by `(source address, service)`, one clock read. A packet that misses
+//! its host grant consults the identity trie and the identity-keyed grant only when the service
+//! has identity-keyed grants.
 
-use aya_ebpf::maps::lpm_trie::Key;
 use jit_common::{
-    Event, GRANT_FLAG_SEEN, GrantKey, MODE_AUDIT, PROTO_TCP, PROTO_UDP, ServiceKey, counter,
-    event_kind, port_index,
+    FAMILY_V4, GRANT_FLAG_SEEN, GrantValue, MODE_AUDIT, PORT_EXACT, PORT_WILDCARD, PROTO_TCP,
+    PROTO_UDP, ServiceValue, V4_BROADCAST, V6_MULTICAST, counter, event_kind, port_bit_position,
+    port_index,
 };
 
 use crate::{
-    maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_HOSTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES},
-    parse::{Addrs, Flow, Parsed, addrs, dst_addr, parse},
+    addr::{
+        EventHead, Words, event, host_grant_key, identity_grant_key, service_key, trie_key,
+    },
+    maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES, JIT_SVC_IDGR},
+    parse::{Flow, Parsed, dst_addr, src_addr},
     report::{count, count_verdict, emit, now_ns},
 };
 
@@ -20,10 +28,10 @@ pub(crate) enum Verdict {
     Drop,
 }
 
-/// Decides the fate of the frame in `[start, end)`.
+/// Decides the fate of a parsed packet in `[start, end)`.
 #[inline(always)]
-pub(crate) fn decide(start: usize, end: usize) -> Verdict {
-    match parse(start, end) {
+pub(crate) fn decide(start: usize, end: usize, parsed: Parsed) -> Verdict {
+    match parsed {
         Parsed::NotIp | Parsed::NoPorts => Verdict::Pass,
         Parsed::Flow(flow) => decide_flow(start, end, &flow),
         Parsed::Unclassified {
@@ -43,18 +51,38 @@ pub(crate) fn decide(start: usize, end: usize) -> Verdict {
     }
 }
 
+/// The address a destination is looked up as: broadcast and multicast destinations collapse
+/// onto one address per family, which the agent writes for every service on a local address.
+#[inline(always)]
+fn canonical_dst(family: u8, dst: Words) -> Words {
+    let first = dst.first_byte();
+    if family == FAMILY_V4 {
+        // 224.0.0.0/4 multicast, and 255.255.255.255.
+        if first & 0xf0 == 0xe0 || dst.first_u32() == u32::MAX {
+            return Words::v4(u32::from_ne_bytes(V4_BROADCAST));
+        }
+    } else if first == 0xff {
+        return Words::from_bytes(V6_MULTICAST);
+    }
+    dst
+}
+
 /// Fail closed: a packet the parser could not classify is dropped when it is, or may be, bound
 /// for a protected destination. With the destination unknown (a truncated IP header, too many
 /// VLAN tags) that is always; with the address known, when a service protects that address (or
 /// every address) for the protocol, or for TCP or UDP when the protocol is unknown.
 #[inline(always)]
-fn decide_unclassified(reason: u32, family: u8, proto: u8, dst: Option<[u8; 16]>) -> Verdict {
+fn decide_unclassified(reason: u32, family: u8, proto: u8, dst: Option<Words>) -> Verdict {
     let Some(dst) = dst else {
-        return drop_unclassified(reason, family, proto, [0; 16]);
+        return drop_unclassified(reason, family, proto, Words::ZERO);
     };
+    let key_addr = canonical_dst(family, dst);
     let protected = match proto {
-        0 => dest_protected(family, PROTO_TCP, dst) || dest_protected(family, PROTO_UDP, dst),
-        PROTO_TCP | PROTO_UDP => dest_protected(family, proto, dst),
+        0 => {
+            dest_protected(family, PROTO_TCP, key_addr)
+                || dest_protected(family, PROTO_UDP, key_addr)
+        }
+        PROTO_TCP | PROTO_UDP => dest_protected(family, proto, key_addr),
         _ => false,
     };
     if !protected {
@@ -65,179 +93,249 @@ fn decide_unclassified(reason: u32, family: u8, proto: u8, dst: Option<[u8; 16]>
 
 /// Counts, reports and drops an unclassifiable packet.
 #[inline(always)]
-fn drop_unclassified(reason: u32, family: u8, proto: u8, dst: [u8; 16]) -> Verdict {
+fn drop_unclassified(reason: u32, family: u8, proto: u8, dst: Words) -> Verdict {
     count(reason);
-    emit(&Event {
-        timestamp_ns: now_ns(),
+    let head = EventHead {
+        timestamp_ns: 0,
         grant_id: 0,
         kind: event_kind::DENY,
         reason,
         identity_id: 0,
         service_id: u32::MAX,
-        family,
-        proto,
         src_port: 0,
         dst_port: 0,
-        _pad: 0,
-        src_addr: [0; 16],
-        dst_addr: dst,
+        family,
+        proto,
+    };
+    emit(|now| {
+        event(
+            &EventHead {
+                timestamp_ns: now,
+                ..head
+            },
+            Words::ZERO,
+            dst,
+        )
     });
     Verdict::Drop
 }
 
 #[inline(always)]
-fn dest_protected(family: u8, proto: u8, addr: [u8; 16]) -> bool {
-    let mut key = ServiceKey {
-        family,
-        proto,
-        port: 0,
-        addr,
-    };
+fn dest_protected(family: u8, proto: u8, addr: Words) -> bool {
     // SAFETY: the value is only tested for presence.
-    if unsafe { JIT_DESTS.get(key) }.is_some() {
+    if unsafe { JIT_DESTS.get(service_key(family, proto, 0, addr)) }.is_some() {
         return true;
     }
-    key.addr = [0; 16];
     // SAFETY: as above.
-    unsafe { JIT_DESTS.get(key) }.is_some()
+    unsafe { JIT_DESTS.get(service_key(family, proto, 0, Words::ZERO)) }.is_some()
+}
+
+/// The service a flow is bound for, if any. `bits` are the port's bitmap bits (non-zero).
+#[inline(always)]
+fn service_of(start: usize, end: usize, flow: &Flow, bits: u64) -> Option<ServiceValue> {
+    if bits & PORT_EXACT != 0 {
+        let dst = canonical_dst(flow.family, dst_addr(start, end, flow.family, flow.l3)?);
+        let key = service_key(flow.family, flow.proto, flow.dst_port, dst);
+        // SAFETY: map values are read once and copied; the agent replaces, never mutates them.
+        if let Some(s) = unsafe { JIT_SERVICES.get(key) } {
+            return Some(*s);
+        }
+    }
+    if bits & PORT_WILDCARD != 0 {
+        let key = service_key(flow.family, flow.proto, flow.dst_port, Words::ZERO);
+        // SAFETY: as above.
+        if let Some(s) = unsafe { JIT_SERVICES.get(key) } {
+            return Some(*s);
+        }
+    }
+    None
+}
+
+/// Why a grant does not let a packet through now.
+#[inline(always)]
+fn grant_refusal(grant: &GrantValue, now: u64) -> Option<u32> {
+    if now < grant.not_before_ns {
+        Some(counter::NOT_YET_VALID)
+    } else if now >= grant.expires_at_ns {
+        Some(counter::EXPIRED)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
 fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
-    // The one lookup every unprotected packet costs: is any service on this port at all?
+    // The one lookup every unprotected packet costs: does any service name this port at all?
     let Some(index) = port_index(flow.proto, flow.dst_port) else {
         return Verdict::Pass;
     };
-    match JIT_PORTS.get(index) {
-        Some(n) if *n != 0 => {}
-        _ => return Verdict::Pass,
+    let (word, shift) = port_bit_position(index);
+    let bits = match JIT_PORTS.get(word) {
+        Some(w) => (*w >> shift) & (PORT_EXACT | PORT_WILDCARD),
+        None => 0,
+    };
+    if bits == 0 {
+        return Verdict::Pass;
     }
+    let Some(service) = service_of(start, end, flow, bits) else {
+        return Verdict::Pass;
+    };
     // The parser checked that the fixed IP header is there, so this cannot fail; if it did,
     // fail closed.
-    let Some(a) = addrs(start, end, flow) else {
-        return drop_unclassified(counter::UNPARSEABLE, flow.family, flow.proto, [0; 16]);
+    let Some(src) = src_addr(start, end, flow.family, flow.l3) else {
+        return drop_unclassified(counter::UNPARSEABLE, flow.family, flow.proto, Words::ZERO);
     };
-    let mut key = ServiceKey {
-        family: flow.family,
-        proto: flow.proto,
-        port: flow.dst_port,
-        addr: a.dst,
-    };
-    // SAFETY: map values are read once and copied; the agent replaces, never mutates in place.
-    let service = match unsafe { JIT_SERVICES.get(key) } {
-        Some(s) => *s,
-        None => {
-            key.addr = [0; 16];
-            // SAFETY: as above.
-            match unsafe { JIT_SERVICES.get(key) } {
-                Some(s) => *s,
-                None => return Verdict::Pass,
-            }
-        }
-    };
-
-    let now = now_ns();
-    // What an event would say; built only when one is written.
     let seen = Seen {
         flow,
-        addrs: &a,
-        service_id: service.service_id,
-        now,
-    };
-
-    // SAFETY: as above.
-    let identity = match unsafe { JIT_ID_HOSTS.get(a.src_key) } {
-        Some(v) => Some(v.identity_id),
-        None => JIT_ID_PREFIX
-            .get(Key::new(128, a.src_key))
-            .map(|v| v.identity_id),
-    };
-    let Some(identity_id) = identity else {
-        return deny(service.mode, &seen, counter::NO_IDENTITY, 0, 0);
-    };
-
-    let grant_key = GrantKey {
-        identity_id,
+        start,
+        end,
+        source: src,
         service_id: service.service_id,
     };
-    let Some(grant) = JIT_GRANTS.get_ptr_mut(grant_key) else {
-        return deny(service.mode, &seen, counter::NO_GRANT, identity_id, 0);
+
+    // What was approved for this very address: a host-bound grant.
+    let mut refused = Refused {
+        reason: counter::NO_GRANT,
+        identity_id: 0,
+        grant_id: 0,
     };
-    // SAFETY: the pointer comes from a successful lookup; hash map values stay valid for the
-    // rest of this program run (RCU).
-    let grant = unsafe { &mut *grant };
-    if now < grant.not_before_ns {
-        return deny(
-            service.mode,
-            &seen,
-            counter::NOT_YET_VALID,
-            identity_id,
-            grant.grant_id,
-        );
-    }
-    if now >= grant.expires_at_ns {
-        return deny(
-            service.mode,
-            &seen,
-            counter::EXPIRED,
-            identity_id,
-            grant.grant_id,
-        );
+    let mut now = 0u64;
+    if let Some(grant) = JIT_GRANTS.get_ptr_mut(host_grant_key(service.service_id, src)) {
+        // SAFETY: the pointer comes from a successful lookup; hash map values stay valid for
+        // the rest of this program run (RCU).
+        let grant = unsafe { &mut *grant };
+        now = now_ns();
+        match grant_refusal(grant, now) {
+            None => return allow(&seen, grant, now),
+            Some(reason) => refused = Refused::by(reason, grant),
+        }
     }
 
-    count_verdict(service.service_id, counter::ALLOWED);
+    // What was approved for the identity of a static prefix, only if the service has any.
+    let prefix_grants = JIT_SVC_IDGR.get(service.service_id).map_or(0, |n| *n);
+    if prefix_grants != 0 {
+        match JIT_ID_PREFIX.get(&trie_key(src).0) {
+            None => {
+                if refused.reason == counter::NO_GRANT {
+                    refused.reason = counter::NO_IDENTITY;
+                }
+            }
+            Some(identity) => {
+                let identity_id = identity.identity_id;
+                let key = identity_grant_key(service.service_id, identity_id);
+                if let Some(grant) = JIT_GRANTS.get_ptr_mut(key) {
+                    // SAFETY: as above.
+                    let grant = unsafe { &mut *grant };
+                    if now == 0 {
+                        now = now_ns();
+                    }
+                    match grant_refusal(grant, now) {
+                        None => return allow(&seen, grant, now),
+                        Some(reason) if refused.reason == counter::NO_GRANT => {
+                            refused = Refused::by(reason, grant);
+                        }
+                        Some(_) => {}
+                    }
+                } else if refused.reason == counter::NO_GRANT {
+                    refused.identity_id = identity_id;
+                }
+            }
+        }
+    }
+    deny(service.mode, &seen, &refused)
+}
+
+/// Why a packet to a protected service is denied, and the grant that came closest.
+struct Refused {
+    reason: u32,
+    identity_id: u32,
+    grant_id: u64,
+}
+
+impl Refused {
+    #[inline(always)]
+    fn by(reason: u32, grant: &GrantValue) -> Self {
+        Self {
+            reason,
+            identity_id: grant.identity_id,
+            grant_id: grant.grant_id,
+        }
+    }
+}
+
+/// Counts a packet allowed under `grant`, and reports the first one.
+#[inline(always)]
+fn allow(seen: &Seen<'_>, grant: &mut GrantValue, now: u64) -> Verdict {
+    count_verdict(seen.service_id, counter::ALLOWED);
     if grant.flags & GRANT_FLAG_SEEN == 0 {
         // Racing CPUs may both report the first packet; the flag only keeps it to a few.
         grant.flags |= GRANT_FLAG_SEEN;
-        emit(&seen.event(
-            event_kind::FIRST_ALLOWED,
-            counter::ALLOWED,
-            identity_id,
-            grant.grant_id,
-        ));
+        let (identity_id, grant_id) = (grant.identity_id, grant.grant_id);
+        emit(|_| seen.event(now, event_kind::FIRST_ALLOWED, counter::ALLOWED, identity_id, grant_id));
     }
     Verdict::Pass
 }
 
-/// A packet to a protected service, as events describe it.
+/// A packet to a protected service, as events describe it. The destination is read from the
+/// packet again only when an event is written.
 struct Seen<'a> {
     flow: &'a Flow,
-    addrs: &'a Addrs,
+    start: usize,
+    end: usize,
+    /// Source in the IPv4-mapped form.
+    source: Words,
     service_id: u32,
-    now: u64,
 }
 
 impl Seen<'_> {
     #[inline(always)]
-    fn event(&self, kind: u32, reason: u32, identity_id: u32, grant_id: u64) -> Event {
-        Event {
-            timestamp_ns: self.now,
-            grant_id,
-            kind,
-            reason,
-            identity_id,
-            service_id: self.service_id,
-            family: self.flow.family,
-            proto: self.flow.proto,
-            src_port: self.flow.src_port,
-            dst_port: self.flow.dst_port,
-            _pad: 0,
-            src_addr: self.addrs.src,
-            dst_addr: self.addrs.dst,
-        }
+    fn event(
+        &self,
+        now: u64,
+        kind: u32,
+        reason: u32,
+        identity_id: u32,
+        grant_id: u64,
+    ) -> jit_common::Event {
+        let dst = dst_addr(self.start, self.end, self.flow.family, self.flow.l3)
+            .unwrap_or(Words::ZERO);
+        event(
+            &EventHead {
+                timestamp_ns: now,
+                grant_id,
+                kind,
+                reason,
+                identity_id,
+                service_id: self.service_id,
+                src_port: self.flow.src_port,
+                dst_port: self.flow.dst_port,
+                family: self.flow.family,
+                proto: self.flow.proto,
+            },
+            self.source,
+            dst,
+        )
     }
 }
 
 /// A packet to a protected service without a live grant: dropped in `enforce` mode; counted,
 /// reported and passed in `audit` mode.
 #[inline(always)]
-fn deny(mode: u32, seen: &Seen<'_>, reason: u32, identity_id: u32, grant_id: u64) -> Verdict {
-    if mode == MODE_AUDIT {
-        count_verdict(seen.service_id, counter::AUDIT_WOULD_DROP);
-        emit(&seen.event(event_kind::AUDIT, reason, identity_id, grant_id));
-        return Verdict::Pass;
-    }
-    count_verdict(seen.service_id, reason);
-    emit(&seen.event(event_kind::DENY, reason, identity_id, grant_id));
-    Verdict::Drop
+fn deny(mode: u32, seen: &Seen<'_>, refused: &Refused) -> Verdict {
+    let (kind, verdict, counted) = if mode == MODE_AUDIT {
+        (event_kind::AUDIT, Verdict::Pass, counter::AUDIT_WOULD_DROP)
+    } else {
+        (event_kind::DENY, Verdict::Drop, refused.reason)
+    };
+    count_verdict(seen.service_id, counted);
+    emit(|now| {
+        seen.event(
+            now,
+            kind,
+            refused.reason,
+            refused.identity_id,
+            refused.grant_id,
+        )
+    });
+    verdict
 }

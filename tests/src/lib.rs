@@ -157,9 +157,10 @@ impl TestGate {
             Err(e) => panic!("TC test run on {} bytes: {e:?}", frame.len()),
         };
         let tc_pass = match tc {
-            0 => true,  // TC_ACT_OK
+            // TC_ACT_UNSPEC (TCX_NEXT): the gate passes to the next program, never "ok".
+            u32::MAX => true,
             2 => false, // TC_ACT_SHOT
-            other => panic!("unexpected TC verdict {other}"),
+            other => panic!("unexpected TC verdict {other} (a pass must be TC_ACT_UNSPEC)"),
         };
         assert_eq!(
             xdp_pass, tc_pass,

@@ -9,8 +9,8 @@ use std::{
 
 use ipnet::IpNet;
 use jit_agent::datapath::{
-    self, AttachMode, Gate, GateMaps, GrantEntry, LoadOptions, Mode, Protocol, ServiceDest,
-    boottime_after, boottime_ns,
+    self, AttachMode, Gate, GateMaps, GrantEntry, GrantScope, LoadOptions, Mode, Protocol,
+    ServiceDest, boottime_after, boottime_ns, grant_key,
 };
 use jit_tests::{
     PinDirGuard,
@@ -37,6 +37,7 @@ fn connect(ns: &Netns, to: SocketAddr) -> Option<TcpStream> {
 
 fn grant_for(maps: &mut GateMaps, identity_id: u32, service_id: u32, d: Duration) {
     maps.put_grant(GrantEntry {
+        scope: GrantScope::Identity,
         identity_id,
         service_id,
         grant_id: 42,
@@ -130,7 +131,7 @@ fn story(mode: AttachMode) {
     );
 
     // Deleting the grant cuts the established connection at its next packet.
-    assert!(maps.delete_grant(CLIENT, SERVICE).expect("delete"));
+    assert!(maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE)).expect("delete"));
     assert!(
         !round_trip(&mut conn, b"after revoke", CUT),
         "{mode}: data still flows after the grant was deleted"
@@ -234,7 +235,7 @@ fn enforcement_survives_the_loader_and_reload() {
     );
 
     // Detaching is explicit, and opens the port.
-    assert!(maps.delete_grant(CLIENT, SERVICE).expect("delete"));
+    assert!(maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE)).expect("delete"));
     assert!(connect(&link.client, to4).is_none());
     datapath::detach(&pin_dir, &iface, AttachMode::Xdp).expect("detach");
     assert!(

@@ -83,6 +83,8 @@ fn node_status(e: NodeError) -> Status {
             log::error!("kernel write failed: {m}");
             Status::unavailable(m)
         }
+        // The revoke is durable; only the kernel lags, and the agent keeps retrying.
+        e @ NodeError::KernelDeletePending { .. } => Status::internal(e.to_string()),
     }
 }
 
@@ -480,7 +482,14 @@ impl<S: Store> JitGate for Api<S> {
                     )
                     .unwrap_or(u32::MAX),
                     active_grants: u32::try_from(live.len()).unwrap_or(u32::MAX),
-                    kernel_grants: u32::try_from(n.sync.kernel_grants()).unwrap_or(u32::MAX),
+                    kernel_grants: u32::try_from(n.sync.kernel_grants().map_err(|e| {
+                        log::error!("reading the kernel grants: {e}");
+                        Status::unavailable("reading the kernel's grants map failed; see the agent log")
+                    })?)
+                    .unwrap_or(u32::MAX),
+                    kernel_repairs: n.sync.stats().repairs,
+                    kernel_sync_failures: n.sync.stats().failures,
+                    corrupt_records: n.engine.store().corrupt_records(),
                 })
             })
             .await?;

@@ -215,6 +215,10 @@ fn grants(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
             vec![
                 r.grant.grant_id.to_string(),
                 r.grant.identity_id.to_string(),
+                match r.grant.scope {
+                    datapath::GrantScope::Host(addr) => addr.to_string(),
+                    datapath::GrantScope::Identity => "identity prefixes".to_string(),
+                },
                 r.grant.service_id.to_string(),
                 r.state.to_string(),
                 human(Duration::from_nanos(r.remaining_ns)),
@@ -225,7 +229,15 @@ fn grants(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
     print!(
         "{}",
         table::render(
-            &["GRANT", "IDENTITY", "SERVICE", "STATE", "REMAINING", "USED"],
+            &[
+                "GRANT",
+                "IDENTITY",
+                "SOURCE",
+                "SERVICE",
+                "STATE",
+                "REMAINING",
+                "USED"
+            ],
             &table_rows
         )
     );

@@ -193,6 +193,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 let nets: Vec<String> = nets.iter().map(ToString::to_string).collect();
                 println!("  identity {id} from {}", nets.join(", "));
             }
+            for warning in crate::coverage::node_warnings(&cfg) {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Certs(CertsCommand::Init {

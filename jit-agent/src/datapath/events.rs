@@ -16,7 +16,7 @@ pub struct EventReader {
 impl EventReader {
     /// Opens the ring buffer pinned under `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let path = pin_dir.join(map_names::EVENTS);
+        let path = super::maps_dir(pin_dir).join(map_names::EVENTS);
         if !path.exists() {
             return Err(DatapathError::NotLoaded {
                 pin_dir: pin_dir.to_path_buf(),

@@ -14,33 +14,155 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
-use jit_common::{map_names, program_names};
+use jit_common::{LAYOUT_VERSION, map_names, program_names};
 
 use super::{
     bpffs,
     error::{DatapathError, Result},
+    maps::maps_dir,
 };
 
 /// The kernel object, built from `jit-ebpf` by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-ebpf"));
 
-/// An XDP program that passes everything, for benchmarks (`cargo xtask bench`).
-static BASELINE_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-baseline"));
+/// Programs that measure and test the gate (`jit-ebpf/src/bin/jit-harness.rs`): an empty XDP
+/// program, the reference gate, the source rotator, and two TCX neighbours.
+static HARNESS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-harness"));
 
-/// Loads the baseline XDP program (not pinned, not attached): the reference that benchmarks
-/// measure the gate against in the same run.
-pub fn load_baseline() -> Result<(Ebpf, &'static str)> {
-    const NAME: &str = "jit_baseline";
-    let mut ebpf = EbpfLoader::new().load(BASELINE_OBJECT)?;
-    load_program::<Xdp>(&mut ebpf, NAME)?;
-    Ok((ebpf, NAME))
+/// Programs of the harness object, by name.
+pub mod harness {
+    /// XDP, passes everything.
+    pub const EMPTY: &str = "harness_empty";
+    /// XDP, the least a correct gate does.
+    pub const REFERENCE: &str = "harness_reference";
+    /// XDP, rotates the IPv4 source, then tail-calls `HARNESS_NEXT[0]`.
+    pub const ROTATE: &str = "harness_rotate";
+    /// TC, counts in `HARNESS_SEEN[0]`, returns "ok".
+    pub const TC_OK: &str = "harness_tc_ok";
+    /// TC, counts in `HARNESS_SEEN[1]`, returns "next".
+    pub const TC_NEXT: &str = "harness_tc_next";
+}
+
+/// Loads the harness programs (not pinned, not attached), for benchmarks and tests.
+pub fn load_harness() -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new().load(HARNESS_OBJECT)?;
+    for name in [harness::EMPTY, harness::REFERENCE, harness::ROTATE] {
+        load_program::<Xdp>(&mut ebpf, name)?;
+    }
+    for name in [harness::TC_OK, harness::TC_NEXT] {
+        load_program::<SchedClassifier>(&mut ebpf, name)?;
+    }
+    Ok(ebpf)
+}
+
+/// What an interface's frames start with, which decides the entry point the gate can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// An Ethernet header (veth, physical NICs, bridges, tap): XDP or TC.
+    Ethernet,
+    /// The IP header (tun, WireGuard, IP-in-IP, GRE, SIT): TC only, protocol from the skb.
+    L3,
+}
+
+/// `ARPHRD_*` device types and how the gate sees them.
+fn device_kind_of(arphrd: u16) -> Option<DeviceKind> {
+    match arphrd {
+        // ETHER, LOOPBACK (which carries a zeroed Ethernet header)
+        1 | 772 => Some(DeviceKind::Ethernet),
+        // NONE (tun, WireGuard), RAWIP, TUNNEL (ipip), TUNNEL6, SIT, IPGRE, IP6GRE
+        65534 | 519 | 768 | 769 | 776 | 778 | 823 => Some(DeviceKind::L3),
+        _ => None,
+    }
+}
+
+/// The kind of `iface` (in the caller's network namespace), or an error naming its device type
+/// when the gate cannot parse its packets.
+pub fn device_kind(iface: &str) -> Result<DeviceKind> {
+    check_interface(iface)?;
+    let arphrd = arphrd_of(iface).map_err(|source| DatapathError::Io {
+        action: "reading the device type of",
+        path: PathBuf::from(iface),
+        source,
+    })?;
+    device_kind_of(arphrd).ok_or_else(|| DatapathError::Invalid {
+        field: "interface",
+        reason: format!(
+            "{iface} is a device of type {arphrd} (ARPHRD), whose packets the gate cannot parse; \
+             it gates Ethernet devices and L3 devices (tun, WireGuard, IP tunnels)"
+        ),
+    })
+}
+
+/// `SIOCGIFHWADDR`: the hardware address family of `iface` is its `ARPHRD_*` type.
+fn arphrd_of(iface: &str) -> std::io::Result<u16> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name (checked to be <= 15 bytes).
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR fills the hwaddr member.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Removes maps pinned by other layout versions (see [`LAYOUT_VERSION`]): the maps of a previous
+/// release, once the program using this layout has been swapped into every pinned link. Returns
+/// what it removed.
+pub fn remove_stale_layouts(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let current = format!("v{LAYOUT_VERSION}");
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(source) => {
+            return Err(DatapathError::Io {
+                action: "listing",
+                path: pin_dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let old_map = name.starts_with("JIT_");
+        let old_layout = name.len() > 1
+            && name.starts_with('v')
+            && name[1..].bytes().all(|b| b.is_ascii_digit())
+            && name != current;
+        if !(old_map || old_layout) {
+            continue;
+        }
+        let path = entry.path();
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.map_err(|source| DatapathError::Io {
+            action: "removing the stale pin",
+            path: path.clone(),
+            source,
+        })?;
+        removed.push(path);
+    }
+    Ok(removed)
 }
 
 /// Default pin directory.
@@ -133,12 +255,19 @@ impl Gate {
             });
         }
         let pin_dir = bpffs::ensure_pin_dir(&opts.pin_dir)?;
+        let maps = maps_dir(&pin_dir);
+        std::fs::create_dir_all(&maps).map_err(|source| DatapathError::Io {
+            action: "creating",
+            path: maps.clone(),
+            source,
+        })?;
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
+            .default_map_pin_directory(&maps)
             .map_max_entries(map_names::GRANTS, opts.max_grants)
             .load(PROGRAM_OBJECT)?;
         load_program::<Xdp>(&mut ebpf, program_names::XDP)?;
         load_program::<SchedClassifier>(&mut ebpf, program_names::TC)?;
+        load_program::<SchedClassifier>(&mut ebpf, program_names::TC_L3)?;
         Ok(Self { ebpf, pin_dir })
     }
 
@@ -163,11 +292,29 @@ impl Gate {
             .expect("the object always has the TC entry point; load checked it")
     }
 
+    /// The TC entry point for `kind` of device.
+    fn tc_program_name(kind: DeviceKind) -> &'static str {
+        match kind {
+            DeviceKind::Ethernet => program_names::TC,
+            DeviceKind::L3 => program_names::TC_L3,
+        }
+    }
+
     /// Attaches to `iface` (in the caller's network namespace) and pins the link. When a link is
     /// already pinned for this interface and hook, the loaded program replaces the old one inside
-    /// it atomically.
+    /// it atomically. TC links go first in the TCX chain. XDP is refused on devices whose frames
+    /// do not start with an Ethernet header, and any device the gate cannot parse is refused.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<PathBuf> {
-        check_interface(iface)?;
+        let kind = device_kind(iface)?;
+        if kind == DeviceKind::L3 && mode != AttachMode::Tc {
+            return Err(DatapathError::Invalid {
+                field: "attach mode",
+                reason: format!(
+                    "{iface} is an L3 device (its packets start at the IP header, as on tun, \
+                     WireGuard and IP tunnels); XDP cannot gate it: use --mode tc"
+                ),
+            });
+        }
         let pin_path = link_pin_path(&self.pin_dir, iface, mode);
         let links_dir = pin_path.parent().unwrap_or(&self.pin_dir).to_path_buf();
         std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
@@ -176,7 +323,7 @@ impl Gate {
             source,
         })?;
         if pin_path.exists() {
-            match self.replace_in_link(iface, mode, &pin_path) {
+            match self.replace_in_link(iface, mode, kind, &pin_path) {
                 Ok(()) => return Ok(pin_path),
                 Err(e) => {
                     // A link whose interface went away cannot be updated and enforces nothing:
@@ -192,9 +339,15 @@ impl Gate {
         }
         let fd_link = match mode {
             AttachMode::Tc => {
-                let prog = self.program_mut::<SchedClassifier>(program_names::TC)?;
+                let prog = self.program_mut::<SchedClassifier>(Self::tc_program_name(kind))?;
+                // First in the chain: a program before the gate that ends the chain ("ok")
+                // would blind it.
                 let id = prog
-                    .attach(iface, TcAttachType::Ingress)
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
                     .map_err(|e| attach_error(iface, mode, e))?;
                 let link = prog
                     .take_link(id)
@@ -230,7 +383,13 @@ impl Gate {
         Ok(pin_path)
     }
 
-    fn replace_in_link(&mut self, iface: &str, mode: AttachMode, pin_path: &Path) -> Result<()> {
+    fn replace_in_link(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        kind: DeviceKind,
+        pin_path: &Path,
+    ) -> Result<()> {
         let link_error = |e: &dyn fmt::Display| DatapathError::Link {
             action: format!("reusing the pinned link {}", pin_path.display()),
             reason: e.to_string(),
@@ -239,7 +398,7 @@ impl Gate {
         match mode {
             AttachMode::Tc => {
                 let link = SchedClassifierLink::try_from(fd_link).map_err(|e| link_error(&e))?;
-                let prog = self.program_mut::<SchedClassifier>(program_names::TC)?;
+                let prog = self.program_mut::<SchedClassifier>(Self::tc_program_name(kind))?;
                 // The program keeps a handle on the link; dropping it only closes that handle,
                 // the pin keeps the link attached.
                 prog.attach_to_link(link)

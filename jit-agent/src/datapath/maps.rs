@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -15,9 +16,9 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use jit_common::{
-    FAMILY_V4, FAMILY_V6, GateConfig, GrantKey, GrantValue, IdentityValue, MAX_SERVICES,
-    MODE_AUDIT, MODE_ENFORCE, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, counter, map_names,
-    port_index, v4_mapped,
+    FAMILY_V4, FAMILY_V6, GRANT_FLAG_SEEN, GRANT_KIND_HOST, GRANT_KIND_IDENTITY, GrantKey, GrantValue, IdentityValue, LAYOUT_VERSION, MAX_SERVICES, MODE_AUDIT, MODE_ENFORCE,
+    PORT_EXACT, PORT_WILDCARD, PROTO_TCP, PROTO_UDP, GateConfig, RateState, ServiceCounters, ServiceKey, ServiceValue, counter,
+    map_names, port_bit_position, port_index, v4_mapped,
 };
 
 use super::error::{DatapathError, Result};
@@ -128,12 +129,7 @@ impl ServiceDest {
             });
         }
         let (family, addr) = addr_bytes(self.addr);
-        Ok(ServiceKey {
-            family,
-            proto: self.proto.number(),
-            port: self.port,
-            addr,
-        })
+        Ok(ServiceKey::new(family, self.proto.number(), self.port, addr))
     }
 }
 
@@ -148,9 +144,21 @@ pub struct ServiceEntry {
     pub mode: Mode,
 }
 
+/// Which packets a kernel grant lets through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "address")]
+pub enum GrantScope {
+    /// Packets from this one source address (the address the grant was bound to).
+    Host(IpAddr),
+    /// Packets from the static source prefixes of the grant's identity.
+    Identity,
+}
+
 /// A grant as the kernel holds it. Times are `CLOCK_BOOTTIME` nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GrantEntry {
+    /// Which sources it opens the service to.
+    pub scope: GrantScope,
     /// Identity holding the grant.
     pub identity_id: u32,
     /// Service it opens.
@@ -163,6 +171,31 @@ pub struct GrantEntry {
     pub expires_at_ns: u64,
     /// Whether the kernel has seen a packet allowed under it.
     pub seen: bool,
+}
+
+impl GrantEntry {
+    /// The map key of this grant.
+    #[must_use]
+    pub fn key(&self) -> GrantKey {
+        grant_key(self.scope, self.identity_id, self.service_id)
+    }
+}
+
+/// The map key of a grant of `identity_id` for `service_id` with `scope`.
+#[must_use]
+pub fn grant_key(scope: GrantScope, identity_id: u32, service_id: u32) -> GrantKey {
+    match scope {
+        GrantScope::Host(addr) => GrantKey::host(service_id, source_bytes(addr)),
+        GrantScope::Identity => GrantKey::identity(service_id, identity_id),
+    }
+}
+
+/// A source address in the 16-byte form of grant keys and the identity trie.
+fn source_bytes(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.octets(), |v4| v4_mapped(v4.octets())),
+    }
 }
 
 /// Counters summed over CPUs.
@@ -189,15 +222,25 @@ pub struct MapFill {
 pub struct GateMaps {
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    ports: Array<MapData, u32>,
+    ports: Array<MapData, u64>,
     dests: HashMap<MapData, ServiceKey, u32>,
-    id_hosts: HashMap<MapData, [u8; 16], IdentityValue>,
     id_prefixes: LpmTrie<MapData, [u8; 16], IdentityValue>,
     grants: HashMap<MapData, GrantKey, GrantValue>,
+    svc_id_grants: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
-    svc_counters: PerCpuArray<MapData, u64>,
+    svc_counters: PerCpuArray<MapData, ServiceCounters>,
+    rate: PerCpuArray<MapData, RateState>,
     config: Array<MapData, GateConfig>,
     capacity: BTreeMap<&'static str, u32>,
+    /// Destinations per port index, `(exact, wildcard)`: what the port bitmap is derived from.
+    /// Built from the services map when the maps are opened (this is their only writer).
+    port_use: BTreeMap<u32, (u32, u32)>,
+}
+
+/// Where the maps of the current layout are pinned under `pin_dir`.
+#[must_use]
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{LAYOUT_VERSION}"))
 }
 
 fn open<T>(
@@ -226,19 +269,34 @@ impl GateMaps {
     /// Opens the maps pinned under `pin_dir` by [`super::Gate::load`].
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let mut cap = BTreeMap::new();
-        Ok(Self {
+        let dir = maps_dir(pin_dir);
+        let mut maps = Self {
             pin_dir: pin_dir.to_path_buf(),
-            services: open(pin_dir, map_names::SERVICES, &mut cap)?,
-            ports: open(pin_dir, map_names::PORTS, &mut cap)?,
-            dests: open(pin_dir, map_names::DESTS, &mut cap)?,
-            id_hosts: open(pin_dir, map_names::ID_HOSTS, &mut cap)?,
-            id_prefixes: open(pin_dir, map_names::ID_PREFIXES, &mut cap)?,
-            grants: open(pin_dir, map_names::GRANTS, &mut cap)?,
-            counters: open(pin_dir, map_names::COUNTERS, &mut cap)?,
-            svc_counters: open(pin_dir, map_names::SERVICE_COUNTERS, &mut cap)?,
-            config: open(pin_dir, map_names::CONFIG, &mut cap)?,
+            services: open(&dir, map_names::SERVICES, &mut cap)?,
+            ports: open(&dir, map_names::PORTS, &mut cap)?,
+            dests: open(&dir, map_names::DESTS, &mut cap)?,
+            id_prefixes: open(&dir, map_names::ID_PREFIXES, &mut cap)?,
+            grants: open(&dir, map_names::GRANTS, &mut cap)?,
+            svc_id_grants: open(&dir, map_names::SERVICE_ID_GRANTS, &mut cap)?,
+            counters: open(&dir, map_names::COUNTERS, &mut cap)?,
+            svc_counters: open(&dir, map_names::SERVICE_COUNTERS, &mut cap)?,
+            rate: open(&dir, map_names::RATE, &mut cap)?,
+            config: open(&dir, map_names::CONFIG, &mut cap)?,
             capacity: cap,
-        })
+            port_use: BTreeMap::new(),
+        };
+        for entry in maps.services()? {
+            let key = entry.dest.key()?;
+            if let Some(index) = port_index(key.proto, key.port) {
+                let use_ = maps.port_use.entry(index).or_default();
+                if key.addr == [0; 16] {
+                    use_.1 += 1;
+                } else {
+                    use_.0 += 1;
+                }
+            }
+        }
+        Ok(maps)
     }
 
     /// The pin directory the maps came from.
@@ -297,39 +355,44 @@ impl GateMaps {
     /// Stops protecting `dest`. Returns whether it was protected.
     pub fn remove_service(&mut self, dest: ServiceDest) -> Result<bool> {
         let key = dest.key()?;
-        match self.services.remove(&key) {
-            Ok(()) => {
-                self.bump_indexes(&key, -1)?;
-                Ok(true)
-            }
-            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(source) => Err(DatapathError::Map {
-                map: map_names::SERVICES,
-                source,
-            }),
+        let removed = absent_is_false(self.services.remove(&key), map_names::SERVICES)?;
+        if removed {
+            self.bump_indexes(&key, -1)?;
         }
+        Ok(removed)
     }
 
     fn bump_indexes(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {
         let Some(index) = port_index(key.proto, key.port) else {
             return Ok(());
         };
+        let bump = |n: u32| u32::try_from((i64::from(n) + delta).max(0)).unwrap_or(u32::MAX);
+        let use_ = self.port_use.entry(index).or_default();
+        if key.addr == [0; 16] {
+            use_.1 = bump(use_.1);
+        } else {
+            use_.0 = bump(use_.0);
+        }
+        let (exact, wildcard) = *use_;
+        if exact == 0 && wildcard == 0 {
+            self.port_use.remove(&index);
+        }
+        let bits = if exact > 0 { PORT_EXACT } else { 0 } | if wildcard > 0 { PORT_WILDCARD } else { 0 };
+        let (word, shift) = port_bit_position(index);
         let map_err = |map, source| DatapathError::Map { map, source };
-        let n = self
+        let old = self
             .ports
-            .get(&index, 0)
+            .get(&word, 0)
             .map_err(|e| map_err(map_names::PORTS, e))?;
-        let n = u32::try_from((i64::from(n) + delta).max(0)).unwrap_or(u32::MAX);
-        self.ports
-            .set(index, n, 0)
-            .map_err(|e| map_err(map_names::PORTS, e))?;
+        let new = (old & !((PORT_EXACT | PORT_WILDCARD) << shift)) | (bits << shift);
+        if new != old {
+            self.ports
+                .set(word, new, 0)
+                .map_err(|e| map_err(map_names::PORTS, e))?;
+        }
 
         let dest_key = ServiceKey { port: 0, ..*key };
-        let n = self.dests.get(&dest_key, 0).unwrap_or(0);
-        let n = u32::try_from((i64::from(n) + delta).max(0)).unwrap_or(u32::MAX);
+        let n = bump(self.dests.get(&dest_key, 0).unwrap_or(0));
         if n == 0 {
             let _ = self.dests.remove(&dest_key);
         } else {
@@ -371,8 +434,8 @@ impl GateMaps {
 
     // ---- identities ----
 
-    /// Binds the source prefix `net` to `identity_id`. Single hosts go to the exact-match map,
-    /// wider prefixes to the trie. Binding a prefix already bound to another identity is refused.
+    /// Binds the static source prefix `net` (a single host is a prefix too) to `identity_id`.
+    /// Binding a prefix already bound to another identity is refused.
     pub fn bind_identity(&mut self, net: IpNet, identity_id: u32) -> Result<()> {
         if identity_id == 0 {
             return Err(DatapathError::Invalid {
@@ -381,17 +444,9 @@ impl GateMaps {
             });
         }
         let net = net.trunc();
-        let value = IdentityValue {
-            identity_id,
-            _reserved: 0,
-        };
         let (prefix_len, addr) = identity_key(net);
-        let existing = if prefix_len == 128 {
-            self.id_hosts.get(&addr, 0).ok()
-        } else {
-            self.id_prefixes.get(&Key::new(prefix_len, addr), 0).ok()
-        };
-        if let Some(existing) = existing {
+        let key = Key::new(prefix_len, addr);
+        if let Ok(existing) = self.id_prefixes.get(&key, 0) {
             if existing.identity_id != identity_id {
                 return Err(DatapathError::IdentityConflict {
                     prefix: net,
@@ -401,48 +456,32 @@ impl GateMaps {
             }
             return Ok(());
         }
-        if prefix_len == 128 {
-            self.id_hosts
-                .insert(addr, value, 0)
-                .map_err(|e| self.insert_error(map_names::ID_HOSTS, e))
-        } else {
-            self.id_prefixes
-                .insert(&Key::new(prefix_len, addr), value, 0)
-                .map_err(|e| self.insert_error(map_names::ID_PREFIXES, e))
-        }
+        let value = IdentityValue {
+            identity_id,
+            _reserved: 0,
+        };
+        self.id_prefixes
+            .insert(&key, value, 0)
+            .map_err(|e| self.insert_error(map_names::ID_PREFIXES, e))
     }
 
     /// Removes the binding of `net`. Returns whether there was one.
     pub fn unbind_identity(&mut self, net: IpNet) -> Result<bool> {
         let (prefix_len, addr) = identity_key(net.trunc());
-        let result = if prefix_len == 128 {
-            self.id_hosts.remove(&addr)
-        } else {
-            self.id_prefixes.remove(&Key::new(prefix_len, addr))
-        };
-        match result {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(source) => Err(DatapathError::Map {
-                map: map_names::ID_PREFIXES,
-                source,
-            }),
-        }
+        absent_is_false(
+            self.id_prefixes.remove(&Key::new(prefix_len, addr)),
+            map_names::ID_PREFIXES,
+        )
     }
 
     /// Every identity binding, as `(prefix, identity id)`.
     pub fn identities(&self) -> Result<Vec<(IpNet, u32)>> {
-        let map_err = |map, source| DatapathError::Map { map, source };
         let mut out = Vec::new();
-        for item in self.id_hosts.iter() {
-            let (addr, v) = item.map_err(|e| map_err(map_names::ID_HOSTS, e))?;
-            out.push((net_from_key(128, addr), v.identity_id));
-        }
         for item in self.id_prefixes.iter() {
-            let (k, v) = item.map_err(|e| map_err(map_names::ID_PREFIXES, e))?;
+            let (k, v) = item.map_err(|source| DatapathError::Map {
+                map: map_names::ID_PREFIXES,
+                source,
+            })?;
             out.push((net_from_key(k.prefix_len(), k.data()), v.identity_id));
         }
         out.sort();
@@ -451,48 +490,138 @@ impl GateMaps {
 
     // ---- grants ----
 
-    /// Writes a grant. A full map is [`DatapathError::MapFull`]: nothing is evicted to make room.
-    pub fn put_grant(&mut self, grant: GrantEntry) -> Result<()> {
+    fn check_grant(grant: &GrantEntry) -> Result<()> {
         if grant.expires_at_ns <= grant.not_before_ns {
             return Err(DatapathError::Invalid {
                 field: "grant window",
                 reason: "expires_at must be after not_before".into(),
             });
         }
-        let key = GrantKey {
-            identity_id: grant.identity_id,
-            service_id: grant.service_id,
-        };
-        let value = GrantValue {
+        if grant.service_id >= MAX_SERVICES {
+            return Err(DatapathError::Invalid {
+                field: "service id",
+                reason: format!("{} is not below {MAX_SERVICES}", grant.service_id),
+            });
+        }
+        if grant.identity_id == 0 {
+            return Err(DatapathError::Invalid {
+                field: "identity id",
+                reason: "0 is reserved for \"no identity\"".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn grant_value(grant: &GrantEntry) -> GrantValue {
+        GrantValue {
             not_before_ns: grant.not_before_ns,
             expires_at_ns: grant.expires_at_ns,
             grant_id: grant.grant_id,
+            identity_id: grant.identity_id,
             flags: 0,
-            _pad: 0,
-        };
-        self.grants
-            .insert(key, value, 0)
-            .map_err(|e| self.insert_error(map_names::GRANTS, e))
+        }
     }
 
-    /// Deletes the grant of `identity_id` for `service_id`: the next packet of a live connection
-    /// is dropped. Returns whether there was one.
-    pub fn delete_grant(&mut self, identity_id: u32, service_id: u32) -> Result<bool> {
-        let key = GrantKey {
-            identity_id,
-            service_id,
-        };
-        match self.grants.remove(&key) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(false)
-            }
-            Err(source) => Err(DatapathError::Map {
-                map: map_names::GRANTS,
-                source,
-            }),
+    /// Writes a grant (replacing the one with the same key in place). A full map is
+    /// [`DatapathError::MapFull`]: nothing is evicted to make room.
+    ///
+    /// An identity-keyed grant is written before its service's identity-grant count is raised,
+    /// so a packet never follows the count to a grant that is not there yet (it is denied).
+    pub fn put_grant(&mut self, grant: GrantEntry) -> Result<()> {
+        Self::check_grant(&grant)?;
+        let key = grant.key();
+        let existed = self.grants.get(&key, 0).is_ok();
+        self.grants
+            .insert(key, Self::grant_value(&grant), 0)
+            .map_err(|e| self.insert_error(map_names::GRANTS, e))?;
+        if !existed && grant.scope == GrantScope::Identity {
+            self.bump_identity_grants(grant.service_id, 1)?;
         }
+        Ok(())
+    }
+
+    /// Writes many new grants at once (`BPF_MAP_UPDATE_BATCH`), for bulk loads: one system call
+    /// per batch instead of one per grant. Each grant must not be in the map yet.
+    pub fn put_new_grants(&mut self, grants: &[GrantEntry]) -> Result<()> {
+        const BATCH: usize = 65_536;
+        for g in grants {
+            Self::check_grant(g)?;
+        }
+        for chunk in grants.chunks(BATCH) {
+            let keys: Vec<GrantKey> = chunk.iter().map(GrantEntry::key).collect();
+            let values: Vec<GrantValue> = chunk.iter().map(Self::grant_value).collect();
+            self.update_batch(&keys, &values)?;
+            for g in chunk {
+                if g.scope == GrantScope::Identity {
+                    self.bump_identity_grants(g.service_id, 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn update_batch(&self, keys: &[GrantKey], values: &[GrantValue]) -> Result<()> {
+        use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+        let fd = aya::maps::IterableMap::map(&self.grants)
+            .fd()
+            .as_fd()
+            .as_raw_fd();
+        let mut done = 0usize;
+        while done < keys.len() {
+            // SAFETY: bpf_attr is a plain C union; all zeroes is its "no options" value.
+            let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+            let count = u32::try_from(keys.len() - done).unwrap_or(u32::MAX);
+            // The batch member of the union, which BPF_MAP_UPDATE_BATCH reads.
+            attr.batch.map_fd = u32::try_from(fd).unwrap_or(u32::MAX);
+            attr.batch.keys = keys[done..].as_ptr() as u64;
+            attr.batch.values = values[done..].as_ptr() as u64;
+            attr.batch.count = count;
+            // SAFETY: keys and values point at `count` elements each, alive during the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
+                    &raw mut attr,
+                    size_of::<bpf_attr>(),
+                )
+            };
+            // SAFETY: the kernel wrote back how many elements it processed.
+            let written = unsafe { attr.batch.count } as usize;
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(self.insert_error(
+                    map_names::GRANTS,
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error: e,
+                    }),
+                ));
+            }
+            done += written.max(1).min(keys.len() - done);
+        }
+        Ok(())
+    }
+
+    fn bump_identity_grants(&mut self, service_id: u32, delta: i64) -> Result<()> {
+        let map_err = |source| DatapathError::Map {
+            map: map_names::SERVICE_ID_GRANTS,
+            source,
+        };
+        let n = self.svc_id_grants.get(&service_id, 0).map_err(map_err)?;
+        let n = u32::try_from((i64::from(n) + delta).max(0)).unwrap_or(u32::MAX);
+        self.svc_id_grants.set(service_id, n, 0).map_err(map_err)
+    }
+
+    /// Deletes the grant with `key`: the next packet of a live connection is dropped. Returns
+    /// whether there was one. The identity-grant count of the service is lowered after the grant
+    /// is gone.
+    pub fn delete_grant(&mut self, key: &GrantKey) -> Result<bool> {
+        let removed = absent_is_false(self.grants.remove(key), map_names::GRANTS)?;
+        if removed && key.kind == GRANT_KIND_IDENTITY {
+            self.bump_identity_grants(key.service_id, -1)?;
+        }
+        Ok(removed)
     }
 
     /// Every grant the kernel holds.
@@ -503,17 +632,54 @@ impl GateMaps {
                 map: map_names::GRANTS,
                 source,
             })?;
+            let scope = match k.kind {
+                GRANT_KIND_HOST => GrantScope::Host(addr_from_source(k.source)),
+                _ => GrantScope::Identity,
+            };
             out.push(GrantEntry {
-                identity_id: k.identity_id,
+                scope,
+                identity_id: v.identity_id,
                 service_id: k.service_id,
                 grant_id: v.grant_id,
                 not_before_ns: v.not_before_ns,
                 expires_at_ns: v.expires_at_ns,
-                seen: v.flags & jit_common::GRANT_FLAG_SEEN != 0,
+                seen: v.flags & GRANT_FLAG_SEEN != 0,
             });
         }
-        out.sort_by_key(|g| (g.identity_id, g.service_id));
+        out.sort_by_key(|g| (g.service_id, g.scope, g.identity_id));
         Ok(out)
+    }
+
+    /// Brings the identity-grant counts in line with the grants map (after a crash between a
+    /// grant write and its count). Returns how many services were corrected.
+    pub fn recount_identity_grants(&mut self) -> Result<u32> {
+        let mut wanted: BTreeMap<u32, u32> = BTreeMap::new();
+        for g in self.grants()? {
+            if g.scope == GrantScope::Identity {
+                *wanted.entry(g.service_id).or_default() += 1;
+            }
+        }
+        let mut fixed = 0;
+        for service_id in 0..MAX_SERVICES {
+            let want = wanted.get(&service_id).copied().unwrap_or(0);
+            let have = self
+                .svc_id_grants
+                .get(&service_id, 0)
+                .map_err(|source| DatapathError::Map {
+                    map: map_names::SERVICE_ID_GRANTS,
+                    source,
+                })?;
+            if have != want {
+                self.svc_id_grants
+                    .set(service_id, want, 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: map_names::SERVICE_ID_GRANTS,
+                        source,
+                    })?;
+                fixed += 1;
+            }
+        }
+        Ok(fixed)
     }
 
     // ---- counters, config, fill ----
@@ -524,47 +690,63 @@ impl GateMaps {
         let mut out = Counters::default();
         for (i, name) in counter::NAMES.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
+            if index < counter::SERVICE_SLOTS || index == counter::EVENTS_RATE_LIMITED {
+                // Sums over services and over the rate state, below.
+                out.global.insert(name, 0);
+                continue;
+            }
             let values = self
                 .counters
                 .get(&index, 0)
                 .map_err(|e| map_err(map_names::COUNTERS, e))?;
             out.global.insert(name, values.iter().sum());
         }
-        for service in self.services()? {
+        let suppressed: u64 = self
+            .rate
+            .get(&0, 0)
+            .map_err(|e| map_err(map_names::RATE, e))?
+            .iter()
+            .map(|r| r.suppressed)
+            .sum();
+        out.global
+            .insert(counter::NAMES[counter::EVENTS_RATE_LIMITED as usize], suppressed);
+        for service_id in 0..MAX_SERVICES {
+            let per_cpu = self
+                .svc_counters
+                .get(&service_id, 0)
+                .map_err(|e| map_err(map_names::SERVICE_COUNTERS, e))?;
             let mut per = BTreeMap::new();
-            for slot in 0..counter::SERVICE_SLOTS {
-                let index = service.service_id * counter::SERVICE_SLOTS + slot;
-                let values = self
-                    .svc_counters
-                    .get(&index, 0)
-                    .map_err(|e| map_err(map_names::SERVICE_COUNTERS, e))?;
-                let sum: u64 = values.iter().sum();
+            for (slot, name) in counter::NAMES[..counter::SERVICE_SLOTS as usize]
+                .iter()
+                .enumerate()
+            {
+                let sum: u64 = per_cpu.iter().map(|c| c.verdicts[slot]).sum();
                 if sum != 0 {
-                    per.insert(counter::NAMES[slot as usize], sum);
+                    per.insert(*name, sum);
+                    *out.global.entry(name).or_default() += sum;
                 }
             }
             if !per.is_empty() {
-                out.per_service.insert(service.service_id, per);
+                out.per_service.insert(service_id, per);
             }
         }
         Ok(out)
     }
 
-    /// Sets how many events each CPU may write per second (0: the default).
-    pub fn set_events_per_sec(&mut self, events_per_sec: u32) -> Result<()> {
-        self.config
-            .set(
-                0,
-                GateConfig {
-                    events_per_sec,
-                    _reserved: 0,
-                },
-                0,
-            )
-            .map_err(|source| DatapathError::Map {
-                map: map_names::CONFIG,
-                source,
-            })
+    /// Starts a new event budget period: every CPU may write `events` more events (the event
+    /// reader calls it every second). Without it the kernel writes no events, and reads no clock
+    /// for them.
+    pub fn refill_event_tokens(&mut self, events: u32) -> Result<()> {
+        let map_err = |source| DatapathError::Map {
+            map: map_names::CONFIG,
+            source,
+        };
+        let old = self.config.get(&0, 0).map_err(map_err)?;
+        let cfg = GateConfig {
+            events_per_period: events,
+            event_epoch: old.event_epoch.wrapping_add(1),
+        };
+        self.config.set(0, cfg, 0).map_err(map_err)
     }
 
     /// How full the services, identity and grant maps are.
@@ -576,11 +758,28 @@ impl GateMaps {
         };
         vec![
             fill(map_names::SERVICES, self.services.keys().count()),
-            fill(map_names::ID_HOSTS, self.id_hosts.keys().count()),
             fill(map_names::ID_PREFIXES, self.id_prefixes.keys().count()),
             fill(map_names::GRANTS, self.grants.keys().count()),
         ]
     }
+}
+
+/// `Ok(true)` for a removed entry, `Ok(false)` for one that was not there.
+fn absent_is_false(result: std::result::Result<(), MapError>, map: &'static str) -> Result<bool> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(source) => Err(DatapathError::Map { map, source }),
+    }
+}
+
+/// The address of a host grant key's 16-byte source.
+fn addr_from_source(b: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(b);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
 /// `(family, 16 address bytes)` as service keys store them.

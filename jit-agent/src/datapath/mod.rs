@@ -15,9 +15,11 @@ pub use clock::{boottime_after, boottime_ns};
 pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
-    AttachMode, Attachment, DEFAULT_PIN_DIR, Gate, LoadOptions, attachments, check_interface,
-    check_interface_name, detach, link_pin_path, load_baseline,
+    AttachMode, Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments,
+    check_interface, check_interface_name, detach, device_kind, harness, link_pin_path,
+    load_harness, remove_stale_layouts,
 };
 pub use maps::{
-    Counters, GateMaps, GrantEntry, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
+    Counters, GateMaps, GrantEntry, GrantScope, MapFill, Mode, Protocol, ServiceDest,
+    ServiceEntry, grant_key, maps_dir,
 };

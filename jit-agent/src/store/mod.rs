@@ -100,6 +100,9 @@ pub trait Store: Send + Sync + 'static {
     fn grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError>;
     /// Applies `txn` atomically and durably; returns the new revision.
     fn commit(&self, txn: Txn) -> Result<u64, StoreError>;
+    /// Records that listings skipped because they could not be decoded (`table/key`). Listings
+    /// report such a record and go on: one bad record never hides the others.
+    fn corrupt_records(&self) -> Vec<String>;
     /// The numeric id of `name`, allocated on first use and stable forever after.
     fn numeric_id(&self, kind: IdKind, name: &str) -> Result<u32, StoreError>;
     /// The stream of committed changes from now on. A receiver that lags must re-read

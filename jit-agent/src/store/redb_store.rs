@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition, TableHandle as _};
 use tokio::sync::broadcast;
 
 use super::{Change, IdKind, Record, RecordKey, Store, StoreError, Txn, Versioned};
@@ -22,6 +22,8 @@ const NEXT_IDENTITY_ID: &str = "next_identity_id";
 pub struct RedbStore {
     db: Database,
     changes: broadcast::Sender<Change>,
+    /// Records that could not be decoded, by `table/key`, each reported once.
+    corrupt: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -41,7 +43,11 @@ impl RedbStore {
         tx.open_table(META).map_err(backend)?;
         tx.commit().map_err(backend)?;
         let (changes, _) = broadcast::channel(4096);
-        Ok(Self { db, changes })
+        Ok(Self {
+            db,
+            changes,
+            corrupt: std::sync::Mutex::default(),
+        })
     }
 
     fn get<T: serde::de::DeserializeOwned>(
@@ -66,7 +72,20 @@ impl RedbStore {
         let mut out = Vec::new();
         for item in t.iter().map_err(backend)? {
             let (k, v) = item.map_err(backend)?;
-            out.push(decode(k.value(), v.value())?);
+            match decode(k.value(), v.value()) {
+                Ok(record) => out.push(record),
+                // One bad record must not hide the others: report it once and go on.
+                Err(e) => {
+                    let name = format!("{}/{}", table.name(), k.value());
+                    let mut corrupt = self
+                        .corrupt
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if corrupt.insert(name.clone()) {
+                        log::error!("store record {name} cannot be decoded and is skipped: {e}");
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -116,6 +135,15 @@ impl Store for RedbStore {
 
     fn grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError> {
         self.all(GRANTS)
+    }
+
+    fn corrupt_records(&self) -> Vec<String> {
+        self.corrupt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     fn commit(&self, txn: Txn) -> Result<u64, StoreError> {

@@ -1,0 +1,149 @@
+//! Programs that measure and test the gate, never attached in production:
+//!
+//! - `harness_empty`: XDP that passes everything, the floor every cost is compared with;
+//! - `harness_reference`: the least a correct gate must do (parse Ethernet, IPv4 and TCP, one
+//!   exact-match lookup on `(source, port)`, one clock read, pass or drop), the yardstick of
+//!   `cargo xtask bench`;
+//! - `harness_rotate`: rewrites the IPv4 source address of each test frame to the next of
+//!   `HARNESS_ROTATE[0].count` addresses from `.base`, then tail-calls slot 0 of `HARNESS_NEXT`,
+//!   so a benchmark walks across its loaded grants instead of hitting one hot key;
+//! - `harness_tc_ok` / `harness_tc_next`: TCX neighbours that count packets in `HARNESS_SEEN` and
+//!   return "ok" (ends the chain) or "next", for the tests of the gate's place in the chain.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_UNSPEC, xdp_action},
+    helpers::bpf_ktime_get_boot_ns,
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    programs::{TcContext, XdpContext},
+};
+
+/// Key of the reference program's grants: IPv4 source (network order) and destination port.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RefKey {
+    pub src: u32,
+    pub port: u32,
+}
+
+/// Rotation settings at index 0: first address (host order) and how many to walk.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Rotate {
+    pub base: u32,
+    pub count: u32,
+}
+
+#[map]
+static HARNESS_REF: HashMap<RefKey, u64> = HashMap::with_max_entries(1_048_576, 0);
+
+#[map]
+static HARNESS_ROTATE: Array<Rotate> = Array::with_max_entries(1, 0);
+
+#[map]
+static HARNESS_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static HARNESS_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+#[map]
+static HARNESS_SEEN: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Passes everything.
+#[xdp]
+fn harness_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Ethernet + IPv4 (no options) + TCP, one lookup, one clock read.
+#[xdp]
+fn harness_reference(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 54 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the 54 bytes read below were bounds-checked above.
+    let (ether_type, proto, src, dport) = unsafe {
+        (
+            *((start + 12) as *const u16),
+            *((start + 23) as *const u8),
+            core::ptr::read_unaligned((start + 26) as *const u32),
+            *((start + 36) as *const u16),
+        )
+    };
+    if ether_type != 0x0800u16.to_be() || proto != 6 {
+        return xdp_action::XDP_PASS;
+    }
+    let key = RefKey {
+        src,
+        port: u32::from(u16::from_be(dport)),
+    };
+    // SAFETY: the value is copied at once.
+    match unsafe { HARNESS_REF.get(&key) } {
+        // SAFETY: a helper without arguments.
+        Some(expires) if unsafe { bpf_ktime_get_boot_ns() } < *expires => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// Next source address, then the program under test.
+#[xdp]
+fn harness_rotate(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 34 > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    let (Some(cfg), Some(cursor)) = (HARNESS_ROTATE.get(0), HARNESS_CURSOR.get_ptr_mut(0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a per-CPU slot; the program is not preempted on its CPU.
+    let cursor = unsafe { &mut *cursor };
+    let n = if cfg.count == 0 { 1 } else { cfg.count };
+    let mut next = *cursor + 1;
+    if next >= n {
+        next = 0;
+    }
+    *cursor = next;
+    let src = (cfg.base.wrapping_add(next)).to_be();
+    // SAFETY: bounds-checked above; the source address is bytes 26..30.
+    unsafe { core::ptr::write_unaligned((start + 26) as *mut u32, src) };
+    // SAFETY: slot 0 holds an XDP program; a failed tail call falls through.
+    let _ = unsafe { HARNESS_NEXT.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[inline(always)]
+fn seen(i: u32) {
+    if let Some(n) = HARNESS_SEEN.get_ptr_mut(i) {
+        // SAFETY: a valid slot of the array. Racing CPUs may lose an increment; tests only ask
+        // whether a program ran at all.
+        unsafe { *n += 1 };
+    }
+}
+
+/// A TCX neighbour that ends the chain with "ok".
+#[classifier]
+fn harness_tc_ok(_ctx: TcContext) -> i32 {
+    seen(0);
+    TC_ACT_OK
+}
+
+/// A TCX neighbour that passes to the next program.
+#[classifier]
+fn harness_tc_next(_ctx: TcContext) -> i32 {
+    seen(1);
+    TC_ACT_UNSPEC
+}
+
+/// Unreachable: the programs have no panicking path (see main.rs).
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
