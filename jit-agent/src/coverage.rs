@@ -158,9 +158,10 @@ pub fn exposures(
             .filter(|a| !a.is_loopback())
             .collect();
         let covers = |a: &IpAddr| {
-            on_port
-                .iter()
-                .any(|c| c.dest.addr == *a || (c.dest.addr.is_unspecified() && c.dest.addr.is_ipv4() == a.is_ipv4()))
+            on_port.iter().any(|c| {
+                c.dest.addr == *a
+                    || (c.dest.addr.is_unspecified() && c.dest.addr.is_ipv4() == a.is_ipv4())
+            })
         };
         let open_on: Vec<IpAddr> = reachable.into_iter().filter(|a| !covers(a)).collect();
         if !open_on.is_empty() {
@@ -293,8 +294,18 @@ mod tests {
     #[test]
     fn a_local_address_covers_every_local_address_and_broadcast() {
         let all = addresses("10.0.5.1".parse().unwrap(), &local());
-        for a in ["10.0.6.1", "fd00::1", "fe80::1", "10.0.5.255", "255.255.255.255", "ff02::1"] {
-            assert!(all.contains(&a.parse().unwrap()), "{a} missing from {all:?}");
+        for a in [
+            "10.0.6.1",
+            "fd00::1",
+            "fe80::1",
+            "10.0.5.255",
+            "255.255.255.255",
+            "ff02::1",
+        ] {
+            assert!(
+                all.contains(&a.parse().unwrap()),
+                "{a} missing from {all:?}"
+            );
         }
     }
 

@@ -84,14 +84,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("local-addrs".into())
             .spawn(move || {
-                let result = crate::local_addrs::follow(|addrs| match sync.set_local_addrs(addrs) {
-                    Ok(true) => log::info!("node addresses changed; services rewritten"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        log::error!("rewriting services after an address change: {e}");
-                        sync.request_reconcile();
-                    }
-                });
+                let result =
+                    crate::local_addrs::follow(|addrs| match sync.set_local_addrs(addrs) {
+                        Ok(true) => log::info!("node addresses changed; services rewritten"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            log::error!("rewriting services after an address change: {e}");
+                            sync.request_reconcile();
+                        }
+                    });
                 if let Err(e) = result {
                     log::error!(
                         "following the node's addresses stopped: {e}; services cover the addresses \

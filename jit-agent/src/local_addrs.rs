@@ -72,7 +72,11 @@ pub fn follow(mut changed: impl FnMut(LocalAddrs)) -> std::io::Result<()> {
     changed(LocalAddrs::read()?);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match recv(sock.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty()) {
+        match recv(
+            sock.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        ) {
             Ok(_) => {}
             // Overrun: changes were lost, which a fresh read covers.
             Err(nix::errno::Errno::ENOBUFS) => {}

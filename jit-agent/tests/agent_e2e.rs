@@ -11,7 +11,7 @@ use std::{
 use jit_tests::{
     PinDirGuard, TempDir,
     echo::{EchoServer, round_trip},
-    netns::{CLIENT_V4, Link, SERVER_V4},
+    netns::{CLIENT_V4, Link, SERVER_V4, SERVER_V6},
     remove_pin_dir, require_root, unique,
 };
 
@@ -1187,4 +1187,127 @@ fn policies_break_glass_webhooks_and_policy_reload() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Whether a TCP connection from the client namespace to `to` is accepted.
+fn reaches(link: &Link, to: SocketAddr) -> bool {
+    link.client
+        .run(move || TcpStream::connect_timeout(&to, Duration::from_millis(1200)).is_ok())
+}
+
+/// Entries of the services map, from `jit-agent bpf status --json`.
+fn kernel_services(w: &World) -> u64 {
+    let out = Command::new(AGENT)
+        .args(["bpf", "status", "--json", "--pin-dir"])
+        .arg(&w.pin_dir)
+        .output()
+        .expect("bpf status");
+    let v: serde_json::Value = serde_json::from_str(&ok(&out)).expect("JSON");
+    v["maps"]
+        .as_array()
+        .expect("maps")
+        .iter()
+        .find(|m| m["name"] == "JIT_SERVICES")
+        .and_then(|m| m["entries"].as_u64())
+        .expect("JIT_SERVICES fill")
+}
+
+/// Problem 2 of datapath v2: a service named by one of the node's addresses is covered on every
+/// address of the node, both families, link-local included, and on addresses added while the
+/// agent runs; check-config warns about a listening socket a configuration leaves reachable.
+#[test]
+fn a_service_named_by_one_address_is_covered_on_every_path() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    let (server_if, client_if) = (w.link.server_if.clone(), w.link.client_if.clone());
+    w.link
+        .server
+        .exec_ip(&["addr", "add", "10.213.0.9/24", "dev", &server_if]);
+    w.link
+        .server
+        .exec_ip(&["addr", "add", "fe80::213:1/64", "dev", &server_if, "nodad"]);
+    w.link
+        .client
+        .exec_ip(&["addr", "add", "fe80::213:2/64", "dev", &client_if, "nodad"]);
+    w.start_agent();
+    // A dual-stack server on every address, as most servers are.
+    let _echo = EchoServer::start(
+        &w.link.server,
+        format!("[::]:{ECHO_PORT}").parse().expect("addr"),
+    );
+    let client_index = w.link.client.run(move || {
+        let name = std::ffi::CString::new(client_if).expect("name");
+        // SAFETY: a valid C string.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    });
+    let link_local = SocketAddr::V6(std::net::SocketAddrV6::new(
+        "fe80::213:1".parse().expect("addr"),
+        ECHO_PORT,
+        0,
+        client_index,
+    ));
+    let paths: Vec<SocketAddr> = vec![
+        format!("{SERVER_V4}:{ECHO_PORT}").parse().expect("addr"),
+        format!("10.213.0.9:{ECHO_PORT}").parse().expect("addr"),
+        format!("[{SERVER_V6}]:{ECHO_PORT}").parse().expect("addr"),
+        link_local,
+    ];
+    for to in &paths {
+        assert!(!reaches(&w.link, *to), "{to} reached without a grant");
+    }
+
+    // An address added while the agent runs is covered as soon as the agent has seen it.
+    let before = kernel_services(&w);
+    w.link
+        .server
+        .exec_ip(&["addr", "add", "10.213.0.10/24", "dev", &server_if]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kernel_services(&w) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the new address was not covered:\n{}",
+            w.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let added: SocketAddr = format!("10.213.0.10:{ECHO_PORT}").parse().expect("addr");
+    assert!(!reaches(&w.link, added), "the new address is open");
+
+    // A grant bound to the requester's address opens the service on every path to it.
+    let out = ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "10m", "--reason", "paths"],
+    ));
+    ok(&w.ctl("bob", &["approve", &request_id(&out)]));
+    for to in [paths[0], paths[1], added] {
+        assert!(reaches(&w.link, to), "{to} closed with a grant");
+    }
+
+    // A configuration naming an address that is not this node's leaves the listening socket
+    // reachable on the node's own addresses: check-config says so.
+    let text = std::fs::read_to_string(&w.config).expect("config").replace(
+        &format!("\"{SERVER_V4}:{ECHO_PORT}/tcp\""),
+        &format!("\"10.213.0.99:{ECHO_PORT}/tcp\""),
+    );
+    let other = w.dir.0.join("elsewhere.toml");
+    std::fs::write(&other, text).expect("config");
+    let out = w
+        .link
+        .server
+        .command(AGENT)
+        .args(["check-config", "--config"])
+        .arg(&other)
+        .output()
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:")
+            && stderr.contains("reachable ungated")
+            && stderr.contains("10.213.0.9")
+            && stderr.contains("echo"),
+        "{stderr}"
+    );
 }

@@ -92,8 +92,12 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with(policies: &str) -> Fixture {
+    fixture_from(CONFIG, policies)
+}
+
+fn fixture_from(config: &str, policies: &str) -> Fixture {
     let dir = jit_tests::TempDir::new("jit-sm-");
-    let file: FileConfig = toml::from_str(CONFIG).expect("config");
+    let file: FileConfig = toml::from_str(config).expect("config");
     let cfg = Config::validate(std::path::Path::new("t.toml"), file, &Overrides::default())
         .expect("valid");
     let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
@@ -509,4 +513,114 @@ fn approvals_annotation_raises_the_count() {
     f.engine.approve(&who(2), &long.id, "").expect("1");
     let r = f.engine.approve(&who(3), &long.id, "").expect("2");
     assert_eq!(r.state, RequestState::Pending, "two of three");
+}
+
+const BOUND_CONFIG: &str = r#"
+[tls]
+ca = "x"
+cert = "x"
+key = "x"
+[policy]
+file = "p.cedar"
+[[groups]]
+name = "users"
+members = ["spiffe://t.test/u*"]
+[[groups]]
+name = "sre"
+members = ["spiffe://t.test/sre/*"]
+[[services]]
+name = "bound"
+destinations = ["10.0.0.1:3/tcp"]
+bind_requester_address = true
+require_reason = false
+[[services]]
+name = "boundauto"
+destinations = ["10.0.0.1:4/tcp"]
+bind_requester_address = true
+require_reason = false
+[[identities]]
+spiffe_id = "spiffe://t.test/u1"
+sources = ["10.1.0.0/24"]
+"#;
+
+const BOUND_POLICIES: &str = r#"
+permit (principal, action == Jit::Action::"request", resource);
+permit (principal in Jit::Group::"users", action == Jit::Action::"auto_approve", resource == Jit::Service::"boundauto");
+permit (principal in Jit::Group::"sre", action in [Jit::Action::"approve", Jit::Action::"revoke"], resource);
+"#;
+
+/// Problem 1 of datapath v2, in the state machine: an address inside another identity's static
+/// prefix is never bound to a requester (containment, not exact match), and the check is made
+/// again when an approval grants a request that waited.
+#[test]
+fn an_address_carries_only_the_grant_it_was_bound_for() {
+    let f = fixture_from(BOUND_CONFIG, BOUND_POLICIES);
+    let e = &f.engine;
+    let at = |peer: &str| RequestOptions {
+        peer: Some(peer.parse().expect("address")),
+        ..RequestOptions::default()
+    };
+    let u = |n: &str| Caller::Spiffe(format!("spiffe://t.test/{n}"));
+
+    // 10.1.0.77 lies in u1's static 10.1.0.0/24: nobody else may bind it.
+    let err = e
+        .request_access(&u("u2"), "boundauto", "5m", &at("10.1.0.77"))
+        .expect_err("inside another identity's prefix");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, EngineError::FailedPrecondition(_))
+            && msg.contains("10.1.0.0/24")
+            && msg.contains("spiffe://t.test/u1"),
+        "{msg}"
+    );
+    // Also spelled as an IPv4-mapped IPv6 address.
+    assert!(
+        e.request_access(&u("u2"), "boundauto", "5m", &at("::ffff:10.1.0.77"))
+            .is_err()
+    );
+    // Its owner may.
+    let own = e
+        .request_access(&u("u1"), "boundauto", "5m", &at("10.1.0.77"))
+        .expect("own prefix");
+    assert_eq!(own.state, RequestState::Granted);
+
+    // u2 asks for "bound" from 10.9.0.5 and waits; meanwhile u3 is granted that address.
+    let waiting = e
+        .request_access(&u("u2"), "bound", "5m", &at("10.9.0.5"))
+        .expect("pending");
+    assert_eq!(waiting.state, RequestState::Pending);
+    let taken = e
+        .request_access(&u("u3"), "boundauto", "5m", &at("10.9.0.5"))
+        .expect("free when asked");
+    assert_eq!(taken.state, RequestState::Granted);
+    // Approving u2's request now would bind u3's address to u2: refused, request still pending.
+    let err = e
+        .approve(&u("sre/x"), &waiting.id, "ok")
+        .expect_err("the address changed hands");
+    assert!(
+        matches!(err, EngineError::FailedPrecondition(_))
+            && err.to_string().contains("spiffe://t.test/u3"),
+        "{err}"
+    );
+    let still = e
+        .store()
+        .request(&waiting.id)
+        .expect("store")
+        .expect("request");
+    assert_eq!(still.value.state, RequestState::Pending);
+    // Once u3's grant ends, the approval goes through and binds the address to u2 alone.
+    e.revoke(
+        &u("sre/x"),
+        &RevokeTarget::Grant(taken.grant_id.clone()),
+        "done",
+    )
+    .expect("revoke");
+    let granted = e.approve(&u("sre/x"), &waiting.id, "ok").expect("approve");
+    assert_eq!(granted.state, RequestState::Granted);
+    let grant = e
+        .store()
+        .grant(&granted.grant_id)
+        .expect("store")
+        .expect("grant");
+    assert_eq!(grant.value.extra_sources, vec!["10.9.0.5/32".to_string()]);
 }

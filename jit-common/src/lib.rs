@@ -451,7 +451,10 @@ mod tests {
         let i = GrantKey::identity(3, 7);
         assert_ne!(h, i);
         assert_eq!(i.source[4..], [0; 12]);
-        assert_eq!(u32::from_ne_bytes([i.source[0], i.source[1], i.source[2], i.source[3]]), 7);
+        assert_eq!(
+            u32::from_ne_bytes([i.source[0], i.source[1], i.source[2], i.source[3]]),
+            7
+        );
     }
 
     #[test]

@@ -13,9 +13,7 @@ use jit_common::{
 };
 
 use crate::{
-    addr::{
-        EventHead, Words, event, host_grant_key, identity_grant_key, service_key, trie_key,
-    },
+    addr::{EventHead, Words, event, host_grant_key, identity_grant_key, service_key, trie_key},
     maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES, JIT_SVC_IDGR},
     parse::{Flow, Parsed, dst_addr, src_addr},
     report::{count, count_verdict, emit, now_ns},
@@ -271,7 +269,15 @@ fn allow(seen: &Seen<'_>, grant: &mut GrantValue, now: u64) -> Verdict {
         // Racing CPUs may both report the first packet; the flag only keeps it to a few.
         grant.flags |= GRANT_FLAG_SEEN;
         let (identity_id, grant_id) = (grant.identity_id, grant.grant_id);
-        emit(|_| seen.event(now, event_kind::FIRST_ALLOWED, counter::ALLOWED, identity_id, grant_id));
+        emit(|_| {
+            seen.event(
+                now,
+                event_kind::FIRST_ALLOWED,
+                counter::ALLOWED,
+                identity_id,
+                grant_id,
+            )
+        });
     }
     Verdict::Pass
 }
@@ -297,8 +303,8 @@ impl Seen<'_> {
         identity_id: u32,
         grant_id: u64,
     ) -> jit_common::Event {
-        let dst = dst_addr(self.start, self.end, self.flow.family, self.flow.l3)
-            .unwrap_or(Words::ZERO);
+        let dst =
+            dst_addr(self.start, self.end, self.flow.family, self.flow.l3).unwrap_or(Words::ZERO);
         event(
             &EventHead {
                 timestamp_ns: now,

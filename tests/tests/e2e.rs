@@ -131,7 +131,10 @@ fn story(mode: AttachMode) {
     );
 
     // Deleting the grant cuts the established connection at its next packet.
-    assert!(maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE)).expect("delete"));
+    assert!(
+        maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE))
+            .expect("delete")
+    );
     assert!(
         !round_trip(&mut conn, b"after revoke", CUT),
         "{mode}: data still flows after the grant was deleted"
@@ -235,7 +238,10 @@ fn enforcement_survives_the_loader_and_reload() {
     );
 
     // Detaching is explicit, and opens the port.
-    assert!(maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE)).expect("delete"));
+    assert!(
+        maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE))
+            .expect("delete")
+    );
     assert!(connect(&link.client, to4).is_none());
     datapath::detach(&pin_dir, &iface, AttachMode::Xdp).expect("detach");
     assert!(
@@ -244,4 +250,171 @@ fn enforcement_survives_the_loader_and_reload() {
             .is_empty()
     );
     assert!(connect(&link.client, to4).is_some(), "detached: no gate");
+}
+
+/// Problem 3 of datapath v2: in TC mode the gate goes first in the TCX chain, so a neighbour that
+/// passes everything ("ok", as a CNI might) cannot blind it, and the gate passes with "next", so
+/// the neighbours after it still run.
+#[test]
+fn tc_mode_is_a_good_neighbour_in_the_tcx_chain() {
+    use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
+    if !require_root() {
+        return;
+    }
+    let link = Link::new();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-e2e-")));
+    let _pins = PinDirGuard(pin_dir.clone());
+    let iface = link.server_if.clone();
+    let mut harness = datapath::load_harness().expect("harness programs");
+    // Already on the interface before the gate: "next" first, then "ok" at the end.
+    for (name, order) in [
+        (datapath::harness::TC_OK, LinkOrder::last()),
+        (datapath::harness::TC_NEXT, LinkOrder::first()),
+    ] {
+        let prog: &mut SchedClassifier = harness
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("harness classifier");
+        link.server
+            .run(|| {
+                prog.attach_with_options(
+                    &iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(order),
+                )
+            })
+            .unwrap_or_else(|e| panic!("attaching {name}: {e}"));
+    }
+    let mut gate = load(&pin_dir);
+    link.server
+        .run(|| gate.attach(&iface, AttachMode::Tc))
+        .expect("attaching the gate");
+    let mut maps = GateMaps::open(&pin_dir).expect("maps");
+    protect(&mut maps);
+    let _server = EchoServer::start(&link.server, addr(SERVER_V4, PORT));
+    let to4 = addr(SERVER_V4, PORT);
+    let seen = |h: &aya::Ebpf| -> (u64, u64) {
+        let a: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(h.map("HARNESS_SEEN").expect("map")).expect("array");
+        (
+            a.get(&0, 0).expect("ok count"),
+            a.get(&1, 0).expect("next count"),
+        )
+    };
+
+    // The "ok" neighbour would pass anything, yet the gate, first, drops it.
+    assert!(
+        connect(&link.client, to4).is_none(),
+        "a neighbour ending the chain blinded the gate"
+    );
+    // Granted traffic passes the gate with "next": both neighbours after it still see it.
+    let before = seen(&harness);
+    grant_for(&mut maps, CLIENT, SERVICE, Duration::from_secs(600));
+    let mut conn = connect(&link.client, to4).expect("granted connection");
+    assert!(round_trip(&mut conn, b"neighbours", ECHO));
+    let after = seen(&harness);
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "programs after the gate did not run: {before:?} -> {after:?}"
+    );
+}
+
+/// The RFC 1071 checksum of an IPv4 header.
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// Problem 4 of datapath v2: a tun device (packets start at the IP header) is gated in TC mode;
+/// XDP on it is refused with a reason.
+#[test]
+fn an_l3_device_is_gated_in_tc_mode_and_refused_in_xdp() {
+    use std::{io::Write as _, net::UdpSocket, os::fd::FromRawFd as _};
+    if !require_root() {
+        return;
+    }
+    let ns = jit_tests::netns::Netns::new("jits");
+    let dev = format!("jt{}", jit_tests::short_tag());
+    ns.exec_ip(&["tuntap", "add", "dev", &dev, "mode", "tun"]);
+    ns.exec_ip(&["addr", "add", "10.77.0.1/24", "dev", &dev]);
+    ns.exec_ip(&["link", "set", &dev, "up"]);
+    let name = dev.clone();
+    // Open the device's queue: what this test writes arrives at the device as received packets.
+    let mut tun = ns.run(move || {
+        // SAFETY: plain open/ioctl on a fresh descriptor that the File then owns.
+        unsafe {
+            let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+            assert!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
+            let file = std::fs::File::from_raw_fd(fd);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+                *d = *s as libc::c_char;
+            }
+            req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+            assert_eq!(
+                libc::ioctl(fd, libc::TUNSETIFF, &raw mut req),
+                0,
+                "TUNSETIFF: {}",
+                std::io::Error::last_os_error()
+            );
+            file
+        }
+    });
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-e2e-")));
+    let _pins = PinDirGuard(pin_dir.clone());
+    let mut gate = load(&pin_dir);
+    let err = ns
+        .run(|| gate.attach(&dev, AttachMode::Xdp))
+        .expect_err("XDP on a tun device")
+        .to_string();
+    assert!(
+        err.contains("L3 device") && err.contains("--mode tc"),
+        "{err}"
+    );
+    ns.run(|| gate.attach(&dev, AttachMode::Tc))
+        .expect("TC on a tun device");
+    let mut maps = GateMaps::open(&pin_dir).expect("maps");
+    maps.add_service(
+        ServiceDest {
+            addr: "10.77.0.1".parse().expect("address"),
+            port: 9999,
+            proto: Protocol::Udp,
+        },
+        SERVICE,
+        Mode::Enforce,
+    )
+    .expect("service");
+    maps.bind_identity("10.77.0.2/32".parse::<IpNet>().expect("net"), CLIENT)
+        .expect("identity");
+    let sock = ns.run(|| UdpSocket::bind("10.77.0.1:9999").expect("bind"));
+    sock.set_read_timeout(Some(Duration::from_millis(800)))
+        .expect("timeout");
+    let mut frame = jit_tests::frames::Packet::udp(
+        "10.77.0.2".parse().expect("address"),
+        "10.77.0.1".parse().expect("address"),
+        9999,
+    )
+    .build();
+    let mut packet = frame.split_off(14); // no Ethernet header on a tun device
+    let csum = ipv4_checksum(&packet[..20]);
+    packet[10..12].copy_from_slice(&csum.to_be_bytes());
+    let delivered = |tun: &mut std::fs::File| {
+        tun.write_all(&packet).expect("writing to the tun device");
+        let mut buf = [0u8; 64];
+        sock.recv(&mut buf).is_ok()
+    };
+    assert!(
+        !delivered(&mut tun),
+        "an L3 device let an ungranted packet through"
+    );
+    let counters = maps.counters().expect("counters");
+    assert!(counters.global["no_grant"] > 0, "{counters:?}");
+    grant_for(&mut maps, CLIENT, SERVICE, Duration::from_secs(600));
+    assert!(delivered(&mut tun), "a granted packet did not arrive");
 }

@@ -143,7 +143,10 @@ fn an_address_carries_only_the_grant_it_was_bound_for() {
     root_or_skip!();
     let mut g = setup(Mode::Enforce);
     grant_host(&mut g, "10.1.0.1", ID_PREFIX, SVC4);
-    assert!(g.passes(&to_svc4("10.1.0.1").build()), "the bound host passes");
+    assert!(
+        g.passes(&to_svc4("10.1.0.1").build()),
+        "the bound host passes"
+    );
     assert!(
         !g.passes(&to_svc4("10.1.0.2").build()),
         "another host of the same identity's prefix does not"
@@ -164,7 +167,11 @@ fn an_address_carries_only_the_grant_it_was_bound_for() {
     // Deleting the host grant closes exactly that pair.
     assert!(
         g.maps
-            .delete_grant(&grant_key(GrantScope::Host(ip("10.1.0.1")), ID_PREFIX, SVC4))
+            .delete_grant(&grant_key(
+                GrantScope::Host(ip("10.1.0.1")),
+                ID_PREFIX,
+                SVC4
+            ))
             .expect("delete")
     );
     assert!(!g.passes(&to_svc4("10.1.0.1").build()));
@@ -205,20 +212,32 @@ fn encapsulated_and_unknown_protocols_drop_when_the_address_is_protected() {
     for proto in opaque_v4 {
         let mut p = to_svc4("10.1.0.1");
         p.proto = proto;
-        assert!(!g.passes(&p.build()), "IPv4 protocol {proto} to a protected address");
+        assert!(
+            !g.passes(&p.build()),
+            "IPv4 protocol {proto} to a protected address"
+        );
         let mut q = Packet::tcp(ip("10.1.0.1"), ip("10.0.0.77"), 443);
         q.proto = proto;
-        assert!(g.passes(&q.build()), "IPv4 protocol {proto} elsewhere passes");
+        assert!(
+            g.passes(&q.build()),
+            "IPv4 protocol {proto} elsewhere passes"
+        );
     }
     // The same, the IPv6 IPIP (4), IPv6-in-IPv6 (41), GRE, ESP, AH, and unknown next headers.
     let opaque_v6 = [50u8, 51, 4, 41, 47, 253, 135, 200];
     for proto in opaque_v6 {
         let mut p = to_svc6("fd00:1::5");
         p.proto = proto;
-        assert!(!g.passes(&p.build()), "IPv6 next header {proto} to a protected address");
+        assert!(
+            !g.passes(&p.build()),
+            "IPv6 next header {proto} to a protected address"
+        );
         let mut q = Packet::tcp(ip("fd00:1::5"), ip("fd00::77"), 443);
         q.proto = proto;
-        assert!(g.passes(&q.build()), "IPv6 next header {proto} elsewhere passes");
+        assert!(
+            g.passes(&q.build()),
+            "IPv6 next header {proto} elsewhere passes"
+        );
     }
     assert_eq!(
         g.counter("opaque"),
@@ -256,8 +275,18 @@ fn broadcast_and_multicast_reach_a_local_service_only_through_the_gate() {
             )
             .expect("service");
     }
-    for dst in ["255.255.255.255", "224.0.0.251", "239.1.2.3", "ff02::1", "ff05::2"] {
-        let src = if dst.contains(':') { "fd00:2::5" } else { "10.9.9.9" };
+    for dst in [
+        "255.255.255.255",
+        "224.0.0.251",
+        "239.1.2.3",
+        "ff02::1",
+        "ff05::2",
+    ] {
+        let src = if dst.contains(':') {
+            "fd00:2::5"
+        } else {
+            "10.9.9.9"
+        };
         assert!(
             !g.passes(&Packet::udp(ip(src), ip(dst), 53).build()),
             "{dst} must be gated"
@@ -365,9 +394,17 @@ fn revoked_grant_drops_at_once() {
     grant(&mut g, ID_PREFIX, SVC4);
     let frame = to_svc4("10.1.0.1").build();
     assert!(g.passes(&frame));
-    assert!(g.maps.delete_grant(&grant_key(GrantScope::Identity, ID_PREFIX, SVC4)).expect("delete"));
+    assert!(
+        g.maps
+            .delete_grant(&grant_key(GrantScope::Identity, ID_PREFIX, SVC4))
+            .expect("delete")
+    );
     assert!(!g.passes(&frame));
-    assert!(!g.maps.delete_grant(&grant_key(GrantScope::Identity, ID_PREFIX, SVC4)).expect("delete twice"));
+    assert!(
+        !g.maps
+            .delete_grant(&grant_key(GrantScope::Identity, ID_PREFIX, SVC4))
+            .expect("delete twice")
+    );
 }
 
 #[test]
@@ -839,7 +876,7 @@ fn a_full_grants_map_is_a_clear_error_and_evicts_nothing() {
     let mut g = TestGate::load_with(4);
     let now = boottime_ns().expect("clock");
     let grant = |identity_id| GrantEntry {
-            scope: GrantScope::Identity,
+        scope: GrantScope::Identity,
         identity_id,
         service_id: 1,
         grant_id: u64::from(identity_id),
@@ -899,7 +936,7 @@ fn map_writes_refuse_bad_input() {
     assert!(
         g.maps
             .put_grant(GrantEntry {
-            scope: GrantScope::Identity,
+                scope: GrantScope::Identity,
                 identity_id: 1,
                 service_id: 1,
                 grant_id: 1,

@@ -484,7 +484,9 @@ impl<S: Store> JitGate for Api<S> {
                     active_grants: u32::try_from(live.len()).unwrap_or(u32::MAX),
                     kernel_grants: u32::try_from(n.sync.kernel_grants().map_err(|e| {
                         log::error!("reading the kernel grants: {e}");
-                        Status::unavailable("reading the kernel's grants map failed; see the agent log")
+                        Status::unavailable(
+                            "reading the kernel's grants map failed; see the agent log",
+                        )
                     })?)
                     .unwrap_or(u32::MAX),
                     kernel_repairs: n.sync.stats().repairs,

@@ -33,7 +33,8 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// Programs that measure and test the gate (`jit-ebpf/src/bin/jit-harness.rs`): an empty XDP
 /// program, the reference gate, the source rotator, and two TCX neighbours.
-static HARNESS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-harness"));
+static HARNESS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-harness"));
 
 /// Programs of the harness object, by name.
 pub mod harness {

@@ -16,9 +16,10 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use jit_common::{
-    FAMILY_V4, FAMILY_V6, GRANT_FLAG_SEEN, GRANT_KIND_HOST, GRANT_KIND_IDENTITY, GrantKey, GrantValue, IdentityValue, LAYOUT_VERSION, MAX_SERVICES, MODE_AUDIT, MODE_ENFORCE,
-    PORT_EXACT, PORT_WILDCARD, PROTO_TCP, PROTO_UDP, GateConfig, RateState, ServiceCounters, ServiceKey, ServiceValue, counter,
-    map_names, port_bit_position, port_index, v4_mapped,
+    FAMILY_V4, FAMILY_V6, GRANT_FLAG_SEEN, GRANT_KIND_HOST, GRANT_KIND_IDENTITY, GateConfig,
+    GrantKey, GrantValue, IdentityValue, LAYOUT_VERSION, MAX_SERVICES, MODE_AUDIT, MODE_ENFORCE,
+    PORT_EXACT, PORT_WILDCARD, PROTO_TCP, PROTO_UDP, RateState, ServiceCounters, ServiceKey,
+    ServiceValue, counter, map_names, port_bit_position, port_index, v4_mapped,
 };
 
 use super::error::{DatapathError, Result};
@@ -129,7 +130,12 @@ impl ServiceDest {
             });
         }
         let (family, addr) = addr_bytes(self.addr);
-        Ok(ServiceKey::new(family, self.proto.number(), self.port, addr))
+        Ok(ServiceKey::new(
+            family,
+            self.proto.number(),
+            self.port,
+            addr,
+        ))
     }
 }
 
@@ -194,7 +200,9 @@ pub fn grant_key(scope: GrantScope, identity_id: u32, service_id: u32) -> GrantK
 fn source_bytes(addr: IpAddr) -> [u8; 16] {
     match addr {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.octets(), |v4| v4_mapped(v4.octets())),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.octets(), |v4| v4_mapped(v4.octets())),
     }
 }
 
@@ -377,7 +385,8 @@ impl GateMaps {
         if exact == 0 && wildcard == 0 {
             self.port_use.remove(&index);
         }
-        let bits = if exact > 0 { PORT_EXACT } else { 0 } | if wildcard > 0 { PORT_WILDCARD } else { 0 };
+        let bits =
+            if exact > 0 { PORT_EXACT } else { 0 } | if wildcard > 0 { PORT_WILDCARD } else { 0 };
         let (word, shift) = port_bit_position(index);
         let map_err = |map, source| DatapathError::Map { map, source };
         let old = self
@@ -662,13 +671,13 @@ impl GateMaps {
         let mut fixed = 0;
         for service_id in 0..MAX_SERVICES {
             let want = wanted.get(&service_id).copied().unwrap_or(0);
-            let have = self
-                .svc_id_grants
-                .get(&service_id, 0)
-                .map_err(|source| DatapathError::Map {
-                    map: map_names::SERVICE_ID_GRANTS,
-                    source,
-                })?;
+            let have =
+                self.svc_id_grants
+                    .get(&service_id, 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: map_names::SERVICE_ID_GRANTS,
+                        source,
+                    })?;
             if have != want {
                 self.svc_id_grants
                     .set(service_id, want, 0)
@@ -708,8 +717,10 @@ impl GateMaps {
             .iter()
             .map(|r| r.suppressed)
             .sum();
-        out.global
-            .insert(counter::NAMES[counter::EVENTS_RATE_LIMITED as usize], suppressed);
+        out.global.insert(
+            counter::NAMES[counter::EVENTS_RATE_LIMITED as usize],
+            suppressed,
+        );
         for service_id in 0..MAX_SERVICES {
             let per_cpu = self
                 .svc_counters

@@ -20,6 +20,6 @@ pub use loader::{
     load_harness, remove_stale_layouts,
 };
 pub use maps::{
-    Counters, GateMaps, GrantEntry, GrantScope, MapFill, Mode, Protocol, ServiceDest,
-    ServiceEntry, grant_key, maps_dir,
+    Counters, GateMaps, GrantEntry, GrantScope, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
+    grant_key, maps_dir,
 };

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition, TableHandle as _};
+use redb::{
+    Database, ReadableDatabase as _, ReadableTable as _, TableDefinition, TableHandle as _,
+};
 use tokio::sync::broadcast;
 
 use super::{Change, IdKind, Record, RecordKey, Store, StoreError, Txn, Versioned};

@@ -81,7 +81,7 @@ fn harness_reference(ctx: XdpContext) -> u32 {
         port: u32::from(u16::from_be(dport)),
     };
     // SAFETY: the value is copied at once.
-    match unsafe { HARNESS_REF.get(&key) } {
+    match unsafe { HARNESS_REF.get(key) } {
         // SAFETY: a helper without arguments.
         Some(expires) if unsafe { bpf_ktime_get_boot_ns() } < *expires => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
@@ -110,7 +110,7 @@ fn harness_rotate(ctx: XdpContext) -> u32 {
     // SAFETY: bounds-checked above; the source address is bytes 26..30.
     unsafe { core::ptr::write_unaligned((start + 26) as *mut u32, src) };
     // SAFETY: slot 0 holds an XDP program; a failed tail call falls through.
-    let _ = unsafe { HARNESS_NEXT.tail_call(&ctx, 0) };
+    unsafe { HARNESS_NEXT.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
 }
 

@@ -110,7 +110,8 @@ fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> &'a Xdp {
 fn aim(h: &mut Ebpf, base: u32, count: u32, target: &ProgramFd) {
     let mut rot: Array<_, Rotate> =
         Array::try_from(h.map_mut("HARNESS_ROTATE").expect("rotate map")).expect("array");
-    rot.set(0, Rotate { base, count }, 0).expect("rotate settings");
+    rot.set(0, Rotate { base, count }, 0)
+        .expect("rotate settings");
     let mut next: ProgramArray<_> =
         ProgramArray::try_from(h.map_mut("HARNESS_NEXT").expect("next map")).expect("prog array");
     next.set(0, target, 0).expect("tail call target");
@@ -249,7 +250,11 @@ fn main() {
         let c = g.maps.counters().expect("counters");
         assert!(c.global["allowed"] > 0 && c.global["no_grant"] > 0, "{c:?}");
         let net = |f: Figure| f.median - wrapper.median;
-        let label = if count == 10_000 { "10 000" } else { "1 000 000" };
+        let label = if count == 10_000 {
+            "10 000"
+        } else {
+            "1 000 000"
+        };
         rows.push(Row {
             name: format!("rotator + empty, {label} sources"),
             fig: wrapper,

@@ -1,0 +1,298 @@
+//! The node's kernel sync against the real kernel: revoke means the kernel entry is gone,
+//! enforce racing revoke never writes a revoked grant back, reconciliation repairs drift both
+//! ways and counts it, a record that cannot be decoded stops nothing, and a failed delete is an
+//! error to the revoker while the grant stays revoked.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, Barrier},
+};
+
+use jit_agent::{
+    config::{Config, FileConfig, Overrides},
+    datapath::{GateMaps, GrantEntry, GrantScope, boottime_ns, grant_key, maps_dir},
+    engine::{Engine, RequestOptions, RevokeTarget},
+    identity::Caller,
+    kernel_sync::KernelSync,
+    model::GrantState,
+    node::{Node, NodeError},
+    notify::Notifier,
+    policy::{DEFAULT_SCHEMA, Policies, load_text},
+    store::{IdKind, RedbStore, Store},
+};
+use jit_tests::{TempDir, TestGate, frames::Packet, require_root};
+
+const CONFIG: &str = r#"
+[tls]
+ca = "x"
+cert = "x"
+key = "x"
+[policy]
+file = "p.cedar"
+[[services]]
+name = "db"
+destinations = ["10.99.0.1:5432/tcp"]
+require_reason = false
+[[services]]
+name = "web"
+destinations = ["10.99.0.1:443/tcp"]
+require_reason = false
+bind_requester_address = true
+[[identities]]
+spiffe_id = "spiffe://t.test/ci"
+sources = ["10.1.0.0/24"]
+"#;
+
+const POLICIES: &str = r#"
+permit (principal, action in [Jit::Action::"request", Jit::Action::"auto_approve"], resource);
+"#;
+
+struct World {
+    gate: TestGate,
+    node: Node<RedbStore>,
+    _dir: TempDir,
+}
+
+fn world_in(dir: TempDir) -> World {
+    let gate = TestGate::load();
+    let file: FileConfig = toml::from_str(CONFIG).expect("config");
+    let cfg = Arc::new(
+        Config::validate(std::path::Path::new("t.toml"), file, &Overrides::default())
+            .expect("valid"),
+    );
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+    let policies = Policies::from_loaded(
+        load_text("p.cedar", POLICIES, "schema", DEFAULT_SCHEMA).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    sync.resync().expect("resync");
+    let engine = Engine::new(
+        store,
+        cfg,
+        Arc::new(policies),
+        Arc::new(jit_agent::model::now_ms),
+    );
+    World {
+        gate,
+        node: Node {
+            engine,
+            sync,
+            notifier: Notifier::start(Vec::new()),
+        },
+        _dir: dir,
+    }
+}
+
+fn world() -> World {
+    world_in(TempDir::new("jit-ks-"))
+}
+
+fn ci() -> Caller {
+    Caller::Spiffe("spiffe://t.test/ci".into())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("address")
+}
+
+fn request(w: &World, service: &str, peer: &str) -> String {
+    let req = w
+        .node
+        .request_access(
+            &ci(),
+            service,
+            "10m",
+            &RequestOptions {
+                peer: Some(ip(peer)),
+                ..RequestOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("request {service}: {e}"));
+    assert!(!req.grant_id.is_empty(), "granted at once");
+    req.grant_id
+}
+
+fn db_frame(src: &str) -> Vec<u8> {
+    Packet::tcp(ip(src), ip("10.99.0.1"), 5432).build()
+}
+
+/// Problem 6 of datapath v2.
+#[test]
+fn the_kernel_can_never_lag_a_revoke() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let service_id = w
+        .node
+        .engine
+        .store()
+        .numeric_id(IdKind::Service, "db")
+        .expect("id");
+    let identity_id = w
+        .node
+        .engine
+        .store()
+        .numeric_id(IdKind::Identity, "spiffe://t.test/ci")
+        .expect("id");
+    let key = grant_key(GrantScope::Identity, identity_id, service_id);
+    let mut maps = GateMaps::open(w.gate.pin_dir()).expect("maps");
+    let in_kernel = |maps: &GateMaps| {
+        maps.grants()
+            .expect("grants")
+            .iter()
+            .any(|g| g.key() == key)
+    };
+
+    // Revoke returns only after the kernel entry is gone; a late sync of the same grant (an
+    // enforce or a change-stream apply racing the revoke) never writes it back.
+    for round in 0..20 {
+        let grant_id = request(&w, "db", "10.1.0.5");
+        assert!(in_kernel(&maps), "round {round}: granted means enforced");
+        assert!(w.gate.passes(&db_frame("10.1.0.5")));
+        let grant = w
+            .node
+            .engine
+            .store()
+            .grant(&grant_id)
+            .expect("store")
+            .expect("grant")
+            .value;
+        let barrier = Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                barrier.wait();
+                w.node
+                    .revoke(&ci(), &RevokeTarget::Grant(grant_id.clone()), "done")
+                    .expect("revoke");
+            });
+            s.spawn(|| {
+                barrier.wait();
+                for _ in 0..3 {
+                    w.node.sync.sync_grant(&grant).expect("sync");
+                }
+            });
+        });
+        assert!(
+            !in_kernel(&maps),
+            "round {round}: a revoked grant came back"
+        );
+        assert!(!w.gate.passes(&db_frame("10.1.0.5")));
+    }
+
+    // Reconciliation compares the kernel with the store and repairs both ways, counted.
+    let grant_id = request(&w, "db", "10.1.0.5");
+    assert!(
+        maps.delete_grant(&key)
+            .expect("delete behind the agent's back")
+    );
+    let now = boottime_ns().expect("clock");
+    maps.put_grant(GrantEntry {
+        scope: GrantScope::Host(ip("10.5.0.200")),
+        identity_id,
+        service_id,
+        grant_id: 4242,
+        not_before_ns: now,
+        expires_at_ns: now + 600_000_000_000,
+        seen: false,
+    })
+    .expect("a grant nobody approved");
+    assert!(!w.gate.passes(&db_frame("10.1.0.5")));
+    assert!(w.gate.passes(&db_frame("10.5.0.200")));
+    let before = w.node.sync.stats().repairs;
+    let repairs = w.node.sync.reconcile().expect("reconcile");
+    assert_eq!((repairs.written, repairs.deleted), (1, 1), "{repairs:?}");
+    assert_eq!(w.node.sync.stats().repairs, before + 2);
+    assert!(
+        w.gate.passes(&db_frame("10.1.0.5")),
+        "the live grant is back"
+    );
+    assert!(
+        !w.gate.passes(&db_frame("10.5.0.200")),
+        "the stray entry is gone"
+    );
+    assert_eq!(
+        w.node.sync.reconcile().expect("reconcile").total(),
+        0,
+        "nothing left to repair"
+    );
+
+    // A kernel delete that fails is an error to the revoker; the grant stays revoked in the
+    // store and the failure is counted (reconciliation keeps retrying it).
+    freeze(&w);
+    let failures = w.node.sync.stats().failures;
+    let err = w
+        .node
+        .revoke(&ci(), &RevokeTarget::Grant(grant_id.clone()), "frozen")
+        .expect_err("the delete cannot succeed on a frozen map");
+    assert!(
+        matches!(err, NodeError::KernelDeletePending { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&grant_id), "{err}");
+    let g = w
+        .node
+        .engine
+        .store()
+        .grant(&grant_id)
+        .expect("store")
+        .expect("grant")
+        .value;
+    assert_eq!(g.state, GrantState::Revoked);
+    assert!(w.node.sync.stats().failures > failures);
+    drop(maps);
+}
+
+/// `BPF_MAP_FREEZE` on the pinned grants map: every later write from user space fails.
+fn freeze(w: &World) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let map = aya::maps::MapData::from_pin(maps_dir(w.gate.pin_dir()).join("JIT_GRANTS"))
+        .expect("grants map");
+    let fd = u32::try_from(map.fd().as_fd().as_raw_fd()).expect("fd");
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    // SAFETY: a bpf_attr prefix holding only map_fd, alive during the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_FREEZE, &raw const fd, 4usize) };
+    assert_eq!(rc, 0, "freeze: {}", std::io::Error::last_os_error());
+}
+
+/// One store record that cannot be decoded is reported and skipped; every other grant still
+/// reaches the kernel.
+#[test]
+fn an_undecodable_record_stops_no_other_grant() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-ks-");
+    {
+        let w = world_in(TempDir(dir.path().to_path_buf()));
+        let _ = request(&w, "db", "10.1.0.5");
+        let _ = request(&w, "web", "10.7.0.9");
+        std::mem::forget(w._dir);
+    }
+    // Damage one record with the store closed, as a disk or a bad migration would.
+    {
+        let db = redb::Database::create(dir.path().join("s.redb")).expect("open");
+        let tx = db.begin_write().expect("tx");
+        {
+            let mut t = tx
+                .open_table(redb::TableDefinition::<&str, &[u8]>::new("grants"))
+                .expect("grants table");
+            t.insert("grant-000000000bad", b"{not json".as_slice())
+                .expect("insert");
+        }
+        tx.commit().expect("commit");
+    }
+    let w = world_in(TempDir(dir.path().to_path_buf()));
+    std::mem::forget(dir);
+    assert!(w.gate.passes(&db_frame("10.1.0.5")), "the identity grant");
+    assert!(
+        w.gate
+            .passes(&Packet::tcp(ip("10.7.0.9"), ip("10.99.0.1"), 443).build()),
+        "the host grant"
+    );
+    assert_eq!(
+        w.node.engine.store().corrupt_records(),
+        vec!["grants/grant-000000000bad".to_string()]
+    );
+}
