@@ -138,8 +138,8 @@ pub struct TlsSection {
 pub struct ServiceSection {
     /// Name used in requests.
     pub name: String,
-    /// Destinations, `"10.0.0.5:5432/tcp"`, `"[fd00::5]:443/tcp"`, `"0.0.0.0:22/tcp"` (any
-    /// local address).
+    /// Destinations, `"10.0.0.5:5432/tcp"`, `"[fd00::5]:443/tcp"`, `"*:22/tcp"` (any address of
+    /// both families; so do `0.0.0.0` and `[::]`). See `coverage` for what each covers.
     #[serde(default)]
     pub destinations: Vec<String>,
     /// `enforce` (default) or `audit`.
@@ -726,6 +726,29 @@ mod tests {
         assert_eq!(e.field, "policy.file");
         let e = load(&format!("{TLS}[agent]\nbogus=1\n")).unwrap_err();
         assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn wildcard_destinations_mean_both_families_and_group_addresses_are_refused() {
+        for any in ["*:22/tcp", "0.0.0.0:22/tcp", "[::]:22/tcp"] {
+            let d = parse_destination(any).expect(any);
+            assert_eq!(d.addr, IpAddr::from([0, 0, 0, 0]), "{any}");
+        }
+        assert_eq!(
+            parse_destination("[::ffff:10.0.0.5]:22/tcp")
+                .expect("mapped")
+                .addr,
+            IpAddr::from([10, 0, 0, 5])
+        );
+        for bad in [
+            "*:0/tcp",
+            "*/tcp",
+            "224.0.0.5:53/udp",
+            "255.255.255.255:53/udp",
+            "[ff02::1]:53/udp",
+        ] {
+            assert!(parse_destination(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
