@@ -435,7 +435,7 @@ impl Config {
                         format!("{src:?} is not a CIDR such as 10.1.0.0/24 or fd00::/64"),
                     )
                 })?;
-                let net = net.trunc();
+                let net = canonical_prefix(net).map_err(|m| err(&field, m))?;
                 if let Some(other) = owner.insert(net, id.spiffe_id.clone())
                     && other != id.spiffe_id
                 {
@@ -571,6 +571,37 @@ impl Config {
             .filter(|(_, n)| n.contains(&addr))
             .max_by_key(|(_, n)| n.prefix_len())
     }
+}
+
+/// A source prefix in the one form the kernel's trie and the ownership checks share: an
+/// IPv4-mapped IPv6 prefix (`::ffff:10.0.0.0/104`) becomes the IPv4 prefix it is (`10.0.0.0/8`);
+/// an IPv6 prefix that contains the whole IPv4-mapped range (`::/0`, `::/80`) is refused, since in
+/// the trie it would also match every IPv4 source.
+pub fn canonical_prefix(net: IpNet) -> Result<IpNet, String> {
+    let net = net.trunc();
+    let IpNet::V6(v6) = net else {
+        return Ok(net);
+    };
+    if v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+    {
+        return IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96)
+            .map(|n| n.trunc())
+            .map_err(|e| format!("{net}: {e}"));
+    }
+    let mapped = IpNet::new(
+        IpAddr::V6(std::net::Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0, 0])),
+        96,
+    )
+    .map_err(|e| e.to_string())?;
+    if net.contains(&mapped) {
+        return Err(format!(
+            "{net} contains the IPv4-mapped range ::ffff:0:0/96 and would also match every IPv4 \
+             source; name IPv6 prefixes that leave it out (e.g. 2000::/3, fc00::/7) and IPv4 \
+             prefixes separately"
+        ));
+    }
+    Ok(net)
 }
 
 /// A path from the config file, relative to the file's directory when not absolute.
@@ -726,6 +757,21 @@ mod tests {
         assert_eq!(e.field, "policy.file");
         let e = load(&format!("{TLS}[agent]\nbogus=1\n")).unwrap_err();
         assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn source_prefixes_take_one_form() {
+        let c = |s: &str| canonical_prefix(s.parse().unwrap());
+        assert_eq!(c("::ffff:10.0.0.0/104"), Ok("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(c("::ffff:10.1.2.3/128"), Ok("10.1.2.3/32".parse().unwrap()));
+        assert_eq!(c("10.1.2.3/24"), Ok("10.1.2.0/24".parse().unwrap()));
+        assert_eq!(c("fd00::1/64"), Ok("fd00::/64".parse().unwrap()));
+        for wide in ["::/0", "::/64", "::/80", "::/95"] {
+            assert!(c(wide).is_err(), "{wide}");
+        }
+        // The same prefix spelled two ways under two identities is one prefix, bound twice.
+        let e = load(&format!("{TLS}[[identities]]\nspiffe_id='spiffe://ex.org/a'\nsources=['10.0.0.0/8']\n[[identities]]\nspiffe_id='spiffe://ex.org/b'\nsources=['::ffff:10.0.0.0/104']\n")).unwrap_err();
+        assert!(e.to_string().contains("bound to both"), "{e}");
     }
 
     #[test]

@@ -55,59 +55,97 @@ fn addresses(addr: IpAddr, local: &LocalAddrs) -> Vec<IpAddr> {
     if !local.contains(addr) {
         return vec![addr.to_canonical()];
     }
-    let mut out: Vec<IpAddr> = local.unicast.iter().copied().collect();
+    let mut out: Vec<IpAddr> = vec![addr.to_canonical()];
+    out.extend(local.unicast.iter().copied());
+    out.extend(local.remembered.iter().copied());
     out.extend(local.broadcast.iter().copied());
     out.push(IpAddr::V4(Ipv4Addr::from(V4_BROADCAST)));
     out.push(IpAddr::V6(Ipv6Addr::from(V6_MULTICAST)));
     out
 }
 
-/// The kernel destinations of one service.
-fn service_dests(service: &Service, local: &LocalAddrs) -> Vec<ServiceDest> {
-    let mut out = Vec::new();
+/// The kernel destinations of one service, each marked whether the configuration names it
+/// as it is (`true`) or it was spread to it from a node address (`false`).
+fn service_dests(service: &Service, local: &LocalAddrs) -> Vec<(ServiceDest, bool)> {
+    let mut out: Vec<(ServiceDest, bool)> = Vec::new();
     for d in &service.destinations {
+        let named = d.addr.to_canonical();
         for addr in addresses(d.addr, local) {
             let dest = ServiceDest {
                 addr,
                 port: d.port,
                 proto: d.proto,
             };
-            if !out.contains(&dest) {
-                out.push(dest);
+            let explicit = addr == named || addr.is_unspecified();
+            match out.iter_mut().find(|(x, _)| *x == dest) {
+                Some((_, e)) => *e |= explicit,
+                None => out.push((dest, explicit)),
             }
         }
     }
     out
 }
 
-/// Every kernel destination of every configured service, and the overlaps (two services on the
-/// same port of this node's addresses).
+/// Every kernel destination of every configured service, and the overlaps. An address a service
+/// names itself beats one another service's destination was spread to (so a grant for one
+/// service never opens the address another service names); between two spread ones the first
+/// service by name keeps it. A service on a node address also takes that port from a `*`
+/// service on every node address (exact keys win in the kernel): reported as an overlap.
 #[must_use]
 pub fn expand(cfg: &Config, local: &LocalAddrs) -> (Vec<Covered>, Vec<Overlap>) {
-    let mut owner: BTreeMap<ServiceDest, Covered> = BTreeMap::new();
+    let mut owner: BTreeMap<ServiceDest, (Covered, bool)> = BTreeMap::new();
     let mut overlaps = Vec::new();
     for service in cfg.services.values() {
-        for dest in service_dests(service, local) {
+        for (dest, explicit) in service_dests(service, local) {
+            let this = Covered {
+                dest,
+                service: service.name.clone(),
+                mode: service.mode,
+            };
             match owner.get(&dest) {
-                Some(kept) => overlaps.push(Overlap {
-                    dest,
-                    kept: kept.service.clone(),
-                    dropped: service.name.clone(),
-                }),
-                None => {
-                    owner.insert(
+                Some((kept, kept_explicit)) => {
+                    let replace = explicit && !kept_explicit;
+                    let (winner, loser) = if replace {
+                        (service.name.clone(), kept.service.clone())
+                    } else {
+                        (kept.service.clone(), service.name.clone())
+                    };
+                    overlaps.push(Overlap {
                         dest,
-                        Covered {
-                            dest,
-                            service: service.name.clone(),
-                            mode: service.mode,
-                        },
-                    );
+                        kept: winner,
+                        dropped: loser,
+                    });
+                    if replace {
+                        owner.insert(dest, (this, explicit));
+                    }
+                }
+                None => {
+                    owner.insert(dest, (this, explicit));
                 }
             }
         }
     }
-    (owner.into_values().collect(), overlaps)
+    // Exact destinations shadow another service's wildcard on the same port.
+    for (c, _) in owner.values() {
+        if c.dest.addr.is_unspecified() {
+            continue;
+        }
+        let wildcard = owner.values().find(|(w, _)| {
+            w.dest.addr.is_unspecified()
+                && w.dest.addr.is_ipv4() == c.dest.addr.is_ipv4()
+                && w.dest.port == c.dest.port
+                && w.dest.proto == c.dest.proto
+                && w.service != c.service
+        });
+        if let Some((w, _)) = wildcard {
+            overlaps.push(Overlap {
+                dest: c.dest,
+                kept: c.service.clone(),
+                dropped: w.service.clone(),
+            });
+        }
+    }
+    (owner.into_values().map(|(c, _)| c).collect(), overlaps)
 }
 
 /// A listening socket of this node that a configured port leaves reachable around the gate.
@@ -318,6 +356,60 @@ mod tests {
         let any = addresses("0.0.0.0".parse().unwrap(), &local());
         assert_eq!(any.len(), 2);
         assert!(any.iter().any(IpAddr::is_ipv6));
+    }
+
+    fn config(services: &str) -> Config {
+        let text =
+            format!("[tls]\nca='x'\ncert='x'\nkey='x'\n[policy]\nfile='p.cedar'\n{services}");
+        let file: crate::config::FileConfig = toml::from_str(&text).unwrap();
+        Config::validate(
+            std::path::Path::new("t.toml"),
+            file,
+            &crate::config::Overrides::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_named_address_beats_one_spread_to_it() {
+        // Two daemons on one port, each bound to one node address.
+        let cfg = config(
+            "[[services]]\nname='a'\ndestinations=['10.0.5.1:22/tcp']\n\
+             [[services]]\nname='b'\ndestinations=['10.0.6.1:22/tcp']\n",
+        );
+        let (covered, overlaps) = expand(&cfg, &local());
+        let owner = |a: &str| {
+            covered
+                .iter()
+                .find(|c| c.dest.addr == a.parse::<IpAddr>().unwrap())
+                .map(|c| c.service.clone())
+        };
+        assert_eq!(owner("10.0.5.1").as_deref(), Some("a"));
+        assert_eq!(owner("10.0.6.1").as_deref(), Some("b"), "b names it");
+        assert!(!overlaps.is_empty());
+    }
+
+    #[test]
+    fn a_node_address_service_shadowing_a_wildcard_is_reported() {
+        let cfg = config(
+            "[[services]]\nname='any'\ndestinations=['*:22/tcp']\n\
+             [[services]]\nname='node'\ndestinations=['10.0.5.1:22/tcp']\n",
+        );
+        let (_, overlaps) = expand(&cfg, &local());
+        assert!(
+            overlaps
+                .iter()
+                .any(|o| o.kept == "node" && o.dropped == "any")
+        );
+    }
+
+    #[test]
+    fn a_service_address_that_leaves_the_node_is_still_covered_everywhere() {
+        let before = local();
+        let mut now = local();
+        now.unicast.remove(&"10.0.5.1".parse::<IpAddr>().unwrap());
+        let now = now.after(&before, ["10.0.5.1".parse::<IpAddr>().unwrap()]);
+        assert!(addresses("10.0.5.1".parse().unwrap(), &now).len() > 2);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
 use crate::{
     api::{Api, tls::ReloadingConfig},
+    attach::Attacher,
     config::Config,
     datapath::{Gate, GateMaps, LoadOptions},
     engine::Engine,
@@ -32,6 +33,37 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Removes the maps of an older layout once every pinned link runs this layout's program, which
+/// holds when every pinned link is on a configured interface (each was swapped at start). A link
+/// on an interface this agent does not manage keeps the old program and its maps: they stay, and
+/// the agent says so.
+fn remove_old_layout(cfg: &Config) -> anyhow::Result<()> {
+    let unmanaged: Vec<String> = crate::datapath::attachments(&cfg.pin_dir)
+        .context("listing the pinned links")?
+        .into_iter()
+        .filter(|a| {
+            !cfg.interfaces
+                .iter()
+                .any(|(iface, _)| *iface == a.interface)
+        })
+        .map(|a| format!("{}/{}", a.interface, a.hook))
+        .collect();
+    if !unmanaged.is_empty() {
+        log::warn!(
+            "links pinned on interfaces not in the configuration ({}) keep their program; maps of \
+             older layouts are kept for them (detach them with `jit-agent bpf detach`)",
+            unmanaged.join(", ")
+        );
+        return Ok(());
+    }
+    for stale in crate::datapath::remove_stale_layouts(&cfg.pin_dir)
+        .context("removing the maps of an older layout")?
+    {
+        log::info!("removed {} (an older map layout)", stale.display());
+    }
+    Ok(())
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -51,7 +83,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .context("loading the policies")?,
     );
 
-    let mut gate = Gate::load(&LoadOptions {
+    let gate = Gate::load(&LoadOptions {
         pin_dir: cfg.pin_dir.clone(),
         max_grants: cfg.max_grants,
     })
@@ -61,38 +93,39 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Reconcile before attaching: the kernel holds exactly the live grants of the store.
     sync.resync()
         .context("reconciling the kernel maps with the store")?;
-    for (iface, mode) in &cfg.interfaces {
-        let pin = gate
-            .attach(iface, *mode)
-            .with_context(|| format!("attaching the gate to {iface} ({mode})"))?;
+    let attacher = Arc::new(Attacher::new(gate, cfg.interfaces.clone()));
+    for (iface, mode, pin) in attacher
+        .attach_all()
+        .context("attaching the gate to the configured interfaces")?
+    {
         log::info!(
             "gate attached to {iface} ({mode}), link pinned at {}",
             pin.display()
         );
     }
-    // Every link now runs this layout's program: the maps of an older layout are unused.
-    for stale in crate::datapath::remove_stale_layouts(&cfg.pin_dir)
-        .context("removing the maps of an older layout")?
-    {
-        log::info!("removed {} (an older map layout)", stale.display());
-    }
+    remove_old_layout(&cfg)?;
     for warning in crate::coverage::node_warnings(&cfg) {
         log::warn!("{warning}");
     }
     {
         let sync = Arc::clone(&sync);
+        let attacher = Arc::clone(&attacher);
         std::thread::Builder::new()
             .name("local-addrs".into())
             .spawn(move || {
-                let result =
-                    crate::local_addrs::follow(|addrs| match sync.set_local_addrs(addrs) {
+                let result = crate::local_addrs::follow(|addrs| {
+                    for iface in attacher.follow_devices() {
+                        log::warn!("{iface} was created again: the gate is attached to it anew");
+                    }
+                    match sync.set_local_addrs(addrs) {
                         Ok(true) => log::info!("node addresses changed; services rewritten"),
                         Ok(false) => {}
                         Err(e) => {
                             log::error!("rewriting services after an address change: {e}");
                             sync.request_reconcile();
                         }
-                    });
+                    }
+                });
                 if let Err(e) = result {
                     log::error!(
                         "following the node's addresses stopped: {e}; services cover the addresses \
@@ -236,7 +269,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(&cfg.unix_socket);
-    // `gate` drops here: its handles close, the pinned links keep enforcing.
-    drop(gate);
+    // The gate's handles close when the process exits; the pinned links keep enforcing.
+    drop(attacher);
     Ok(())
 }

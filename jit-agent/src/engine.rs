@@ -73,6 +73,10 @@ pub struct Engine<S: Store> {
     cfg: Arc<Config>,
     policies: Arc<Policies>,
     clock: Clock,
+    /// Held from the check that a requester address is free to its commit, so two grants for two
+    /// identities can never bind one address between them. (One agent owns the embedded store; a
+    /// shared store needs a binding record compared in the transaction instead.)
+    binding: std::sync::Mutex<()>,
 }
 
 /// What a decision about a request is made on, besides who asks and for which service.
@@ -124,6 +128,36 @@ pub struct RequestOptions<'a> {
     pub peer: Option<IpAddr>,
 }
 
+/// Refuses requester addresses that do not name one host on a routed network: link-local
+/// addresses (a grant would match that address arriving on any attached link), loopback,
+/// unspecified, multicast and broadcast.
+fn check_bindable(net: &IpNet) -> Result<(), EngineError> {
+    let addr = net.addr();
+    let scoped = match addr {
+        IpAddr::V4(v4) => {
+            v4.is_link_local()
+                || v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unicast_link_local()
+                || v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+        }
+    };
+    if scoped {
+        return Err(EngineError::FailedPrecondition(format!(
+            "the requester's address {addr} is not a routable host address (link-local, loopback, \
+             multicast or unspecified), so it cannot be bound: connect to the agent from the \
+             address the service will see"
+        )));
+    }
+    Ok(())
+}
+
 fn short_id(prefix: &str) -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &u[..12])
@@ -141,7 +175,15 @@ impl<S: Store> Engine<S> {
             cfg,
             policies,
             clock,
+            binding: std::sync::Mutex::new(()),
         }
+    }
+
+    /// The lock that makes "the address is free" and "bind it" one step.
+    fn binding_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.binding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The policies in force.
@@ -349,6 +391,7 @@ impl<S: Store> Engine<S> {
                 policies,
             )
         };
+        let _binding = service.bind_requester_address.then(|| self.binding_lock());
         let extra_sources = self.requester_sources(requester, service, opts.peer)?;
         let now = self.now();
         let mut req = Request {
@@ -416,6 +459,7 @@ impl<S: Store> Engine<S> {
             ));
         };
         let net = IpNet::from(peer.to_canonical());
+        check_bindable(&net)?;
         self.check_address_free(requester, &net)?;
         Ok(vec![net])
     }
@@ -573,6 +617,7 @@ impl<S: Store> Engine<S> {
                 puts: Vec::new(),
             };
             if u32::try_from(r.approvals.len()).unwrap_or(u32::MAX) >= r.approvals_required {
+                let _binding = service.bind_requester_address.then(|| self.binding_lock());
                 let extra: Vec<IpNet> = if service.bind_requester_address {
                     let net = r.peer_address.parse::<IpNet>().map_err(|_| {
                         EngineError::FailedPrecondition(format!(
@@ -582,6 +627,7 @@ impl<S: Store> Engine<S> {
                         ))
                     })?;
                     // Ownership may have changed while the request waited.
+                    check_bindable(&net)?;
                     self.check_address_free(&r.requester, &net)?;
                     vec![net]
                 } else {

@@ -249,10 +249,33 @@ impl<S: Store> KernelSync<S> {
     /// Revoked and expired grants are never written back.
     pub fn resync(&self) -> Result<Repairs, SyncError> {
         let mut maps = self.maps();
-        let mut repairs = self.sync_services_locked(&mut maps)?;
-        let r = self.sync_identities_locked(&mut maps)?;
-        repairs.written += r.written;
-        repairs.deleted += r.deleted;
+        let mut repairs = Repairs::default();
+        // Every phase runs even when an earlier one fails (a full services map must not keep a
+        // revoked grant in the kernel); the first error is returned after all have run.
+        let services = self.sync_services_locked(&mut maps);
+        let identities = self.sync_identities_locked(&mut maps);
+        let grants = self.sync_grants_locked(&mut maps);
+        let mut first_error = None;
+        for phase in [services, identities, grants] {
+            match phase {
+                Ok(r) => {
+                    repairs.written += r.written;
+                    repairs.deleted += r.deleted;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(repairs),
+        }
+    }
+
+    /// Grants: the kernel holds exactly the live grants of the store.
+    fn sync_grants_locked(&self, maps: &mut GateMaps) -> Result<Repairs, SyncError> {
+        let mut repairs = Repairs::default();
         let grants: Vec<Grant> = self.store.grants()?.into_iter().map(|g| g.value).collect();
         let wanted = self.wanted(&grants)?;
         let mut held: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
@@ -281,6 +304,13 @@ impl<S: Store> KernelSync<S> {
     /// A reconciliation on a timer or after a failure: [`Self::resync`], counted.
     pub fn reconcile(&self) -> Result<Repairs, SyncError> {
         self.reconciliations.fetch_add(1, Ordering::Relaxed);
+        // The address follower may have missed a change (or stopped): read them again.
+        match LocalAddrs::read() {
+            Ok(addrs) => {
+                self.merge_local_addrs(addrs);
+            }
+            Err(e) => log::error!("re-reading the node's addresses: {e}"),
+        }
         match self.resync() {
             Ok(r) => {
                 if r.total() > 0 {
@@ -321,23 +351,35 @@ impl<S: Store> KernelSync<S> {
             wanted.insert(c.dest, (self.service_id(&c.service)?, c.mode));
         }
         let mut repairs = Repairs::default();
+        let mut first_error = None;
         for existing in maps.services()? {
             match wanted.get(&existing.dest) {
                 Some((id, mode)) if *id == existing.service_id && *mode == existing.mode => {
                     wanted.remove(&existing.dest);
                 }
                 Some(_) => {}
-                None => {
-                    maps.remove_service(existing.dest)?;
-                    repairs.deleted += 1;
+                None => match maps.remove_service(existing.dest) {
+                    Ok(_) => repairs.deleted += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                },
+            }
+        }
+        // One destination that cannot be written (a full map) must not leave the others out.
+        for (dest, (id, mode)) in wanted {
+            match maps.add_service(dest, id, mode) {
+                Ok(()) => repairs.written += 1,
+                Err(e) => {
+                    log::error!("protecting {}:{}/{}: {e}", dest.addr, dest.port, dest.proto);
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        for (dest, (id, mode)) in wanted {
-            maps.add_service(dest, id, mode)?;
-            repairs.written += 1;
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(repairs),
         }
-        Ok(repairs)
     }
 
     /// Identity bindings: exactly the static ones from the configuration. Requester addresses
@@ -408,17 +450,31 @@ impl<S: Store> KernelSync<S> {
         Ok(())
     }
 
+    /// Takes a new set of node addresses (remembering configured service addresses that left
+    /// the node); returns whether anything changed.
+    fn merge_local_addrs(&self, addrs: LocalAddrs) -> bool {
+        let named: Vec<IpAddr> = self
+            .cfg
+            .services
+            .values()
+            .flat_map(|s| s.destinations.iter().map(|d| d.addr))
+            .collect();
+        let mut local = self
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = addrs.after(&local, named);
+        if *local == next {
+            return false;
+        }
+        *local = next;
+        true
+    }
+
     /// Takes a new set of node addresses and, when it differs, rewrites the services.
     pub fn set_local_addrs(&self, addrs: LocalAddrs) -> Result<bool, SyncError> {
-        {
-            let mut local = self
-                .local
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if *local == addrs {
-                return Ok(false);
-            }
-            *local = addrs;
+        if !self.merge_local_addrs(addrs) {
+            return Ok(false);
         }
         let mut maps = self.maps();
         self.sync_services_locked(&mut maps)?;
@@ -483,12 +539,15 @@ impl Ord for GrantKeyOrd {
     }
 }
 
-/// Whether the kernel's entry is the wanted one. Times are compared to the millisecond: the
-/// conversion from wall-clock time drifts by a few nanoseconds between two reads.
+/// Whether the kernel's entry may stay as it is. The store's times are wall-clock and the
+/// kernel's are `CLOCK_BOOTTIME`, so a conversion drifts between two reads, and a wall clock set
+/// back would make the same grant look longer: for the same grant the kernel's window is only
+/// ever narrowed, never widened (a later start or an earlier end is rewritten; anything within
+/// 5 ms, or wider, is not).
 fn same_grant(held: &GrantEntry, wanted: &GrantEntry) -> bool {
-    let close = |a: u64, b: u64| a.abs_diff(b) < 5_000_000;
+    const SLACK_NS: u64 = 5_000_000;
     held.grant_id == wanted.grant_id
         && held.identity_id == wanted.identity_id
-        && close(held.not_before_ns, wanted.not_before_ns)
-        && close(held.expires_at_ns, wanted.expires_at_ns)
+        && wanted.not_before_ns <= held.not_before_ns.saturating_add(SLACK_NS)
+        && wanted.expires_at_ns.saturating_add(SLACK_NS) >= held.expires_at_ns
 }

@@ -1,6 +1,7 @@
 //! JIT Gate node agent, as a library: the binaries `jit-agent` and `jitctl` and the tests use it.
 
 pub mod api;
+pub mod attach;
 pub mod certs;
 pub mod cli;
 pub mod config;

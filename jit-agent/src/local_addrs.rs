@@ -14,8 +14,12 @@ use nix::sys::socket::{
 pub struct LocalAddrs {
     /// Unicast addresses of every interface, both families (link-local included).
     pub unicast: BTreeSet<IpAddr>,
-    /// IPv4 subnet broadcast addresses of those interfaces.
+    /// Other destinations the node may accept: IPv4 subnet broadcast and network addresses, IPv6
+    /// subnet-router anycast addresses.
     pub broadcast: BTreeSet<IpAddr>,
+    /// Configured service addresses that were the node's once and are not any more: they keep
+    /// counting as the node's, so a service's coverage never shrinks while the agent runs.
+    pub remembered: BTreeSet<IpAddr>,
 }
 
 impl LocalAddrs {
@@ -25,6 +29,17 @@ impl LocalAddrs {
         for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
             if let Some(ip) = ifa.address.as_ref().and_then(ip_of) {
                 out.unicast.insert(ip);
+                if let Some(net) = ifa
+                    .netmask
+                    .as_ref()
+                    .and_then(ip_of)
+                    .and_then(|mask| ipnet::IpNet::with_netmask(ip, mask).ok())
+                    && net.prefix_len() + 1 < net.max_prefix_len()
+                {
+                    // The subnet's own address: IPv6 subnet-router anycast, and on older
+                    // kernels an IPv4 broadcast.
+                    out.broadcast.insert(net.network());
+                }
             }
             if let Some(ip) = ifa.broadcast.as_ref().and_then(ip_of)
                 && ip.is_ipv4()
@@ -36,10 +51,24 @@ impl LocalAddrs {
         Ok(out)
     }
 
-    /// Whether `addr` is one of the node's own addresses.
+    /// Whether `addr` is (or, for a remembered service address, was) one of the node's own
+    /// addresses.
     #[must_use]
     pub fn contains(&self, addr: IpAddr) -> bool {
-        self.unicast.contains(&addr.to_canonical())
+        let addr = addr.to_canonical();
+        self.unicast.contains(&addr) || self.remembered.contains(&addr)
+    }
+
+    /// `self` as the next set after `previous`, remembering the configured addresses in `named`
+    /// that `previous` counted as the node's and `self` does not.
+    #[must_use]
+    pub fn after(mut self, previous: &Self, named: impl IntoIterator<Item = IpAddr>) -> Self {
+        for addr in named {
+            if previous.contains(addr) && !self.unicast.contains(&addr.to_canonical()) {
+                self.remembered.insert(addr.to_canonical());
+            }
+        }
+        self
     }
 }
 
@@ -50,12 +79,13 @@ fn ip_of(sa: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
     sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
 }
 
-/// rtnetlink multicast groups of IPv4 and IPv6 address changes.
+/// rtnetlink multicast groups of link changes and of IPv4 and IPv6 address changes.
+const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
-/// Calls `changed` with the new address set after every change of the node's addresses, until
-/// the netlink socket fails. Blocking: run it on a thread of its own. The first call reports the
+/// Calls `changed` with the address set after every change of the node's links or addresses
+/// (a recreated device shows up here too), until the netlink socket fails. Blocking: run it on a thread of its own. The first call reports the
 /// set as it is when the subscription is in place, so no change between a caller's first read and
 /// the subscription is missed.
 pub fn follow(mut changed: impl FnMut(LocalAddrs)) -> std::io::Result<()> {
@@ -67,7 +97,7 @@ pub fn follow(mut changed: impl FnMut(LocalAddrs)) -> std::io::Result<()> {
     )?;
     bind(
         sock.as_raw_fd(),
-        &NetlinkAddr::new(0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR),
+        &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR),
     )?;
     changed(LocalAddrs::read()?);
     let mut buf = vec![0u8; 64 * 1024];
@@ -93,6 +123,7 @@ pub fn follow(mut changed: impl FnMut(LocalAddrs)) -> std::io::Result<()> {
                 break;
             }
         }
+        log::debug!("rtnetlink: links or addresses changed");
         changed(LocalAddrs::read()?);
     }
 }

@@ -169,15 +169,24 @@ impl<S: Store> Node<S> {
             Err(e) => {
                 let full = matches!(e, SyncError::Datapath(DatapathError::MapFull { .. }));
                 let system = Caller::Local { uid: 0 };
-                if let Err(re) = self.engine.revoke(
+                match self.engine.revoke(
                     &system,
                     &RevokeTarget::Grant(req.grant_id.clone()),
                     &format!("kernel refused the grant: {e}"),
                 ) {
-                    log::error!(
+                    // Remove whatever part of the grant did reach the kernel.
+                    Ok(revoked) => {
+                        for g in &revoked {
+                            if let Err(de) = self.sync.sync_grant(g) {
+                                log::error!("deleting the partial kernel entry of {}: {de}", g.id);
+                                self.sync.request_reconcile();
+                            }
+                        }
+                    }
+                    Err(re) => log::error!(
                         "revoking grant {} after a kernel failure: {re}",
                         req.grant_id
-                    );
+                    ),
                 }
                 Err(if full {
                     NodeError::KernelFull(e.to_string())

@@ -12,7 +12,9 @@ use jit_tests::{
     PinDirGuard, TempDir,
     echo::{EchoServer, round_trip},
     netns::{CLIENT_V4, Link, SERVER_V4, SERVER_V6},
-    remove_pin_dir, require_root, unique,
+    remove_pin_dir, require_root,
+    tun::Tun,
+    unique,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_jit-agent");
@@ -1309,5 +1311,66 @@ fn a_service_named_by_one_address_is_covered_on_every_path() {
             && stderr.contains("10.213.0.9")
             && stderr.contains("echo"),
         "{stderr}"
+    );
+}
+
+/// A configured device that is deleted and created again (a VPN restarting its tun device) is
+/// gated again at once: the old link died with the old device.
+#[test]
+fn a_recreated_device_is_gated_again() {
+    use std::net::UdpSocket;
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    let name = format!("jt{}", jit_tests::short_tag());
+    let mut tun = Tun::create(&w.link.server, &name, "10.77.0.1/24");
+    let veth = format!("interfaces = [\"{}\"]", w.link.server_if);
+    let text = std::fs::read_to_string(&w.config).expect("config").replace(
+        &veth,
+        &format!("interfaces = [\"{}\", \"{name}:tc\"]", w.link.server_if),
+    );
+    let text = format!(
+        "{text}\n[[services]]\nname = \"tunnel\"\ndestinations = [\"10.77.0.1:9999/udp\"]\n\
+         require_reason = false\n"
+    );
+    std::fs::write(&w.config, text).expect("config");
+    w.start_agent();
+    let bind = |w: &World, port: u16| {
+        let sock = w
+            .link
+            .server
+            .run(move || UdpSocket::bind(("10.77.0.1", port)).expect("bind"));
+        sock.set_read_timeout(Some(Duration::from_millis(800)))
+            .expect("timeout");
+        sock
+    };
+    let arrives = |tun: &mut Tun, sock: &UdpSocket, port: u16| {
+        tun.send_udp([10, 77, 0, 2].into(), [10, 77, 0, 1].into(), port);
+        sock.recv(&mut [0u8; 64]).is_ok()
+    };
+    let (gated, open) = (bind(&w, 9999), bind(&w, 9998));
+    assert!(arrives(&mut tun, &open, 9998), "the tun path delivers");
+    assert!(!arrives(&mut tun, &gated, 9999), "gated before");
+
+    drop((tun, gated, open));
+    w.link
+        .server
+        .exec_ip(&["tuntap", "del", "dev", &name, "mode", "tun"]);
+    let mut tun = Tun::create(&w.link.server, &name, "10.77.0.1/24");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !w.agent_log().contains("created again") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not attach to the new device:\n{}",
+            w.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (gated, open) = (bind(&w, 9999), bind(&w, 9998));
+    assert!(arrives(&mut tun, &open, 9998), "the new tun path delivers");
+    assert!(
+        !arrives(&mut tun, &gated, 9999),
+        "the recreated device is not gated"
     );
 }

@@ -6,6 +6,13 @@
 //! from a map is never transmuted into a Rust enum.
 #![cfg_attr(not(test), no_std)]
 
+// Keys are built from native-endian words of their memory image (`jit-ebpf/src/addr.rs` shifts
+// bytes into place assuming little-endian); the agent and the kernel must agree.
+#[cfg(target_endian = "big")]
+compile_error!(
+    "JIT Gate's map keys assume a little-endian machine (x86-64, aarch64 little-endian)"
+);
+
 use core::mem::size_of;
 
 /// Address family code for IPv4 in map keys (our own code, not `AF_INET`).

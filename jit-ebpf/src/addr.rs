@@ -8,6 +8,13 @@
 //! at misaligned offsets (the program is built with misaligned access allowed, for packet loads,
 //! and the verifier refuses a misaligned store to the stack).
 
+// Keys are built from native-endian words of their memory image (`jit-ebpf/src/addr.rs` shifts
+// bytes into place assuming little-endian); the agent and the kernel must agree.
+#[cfg(target_endian = "big")]
+compile_error!(
+    "JIT Gate's map keys assume a little-endian machine (x86-64, aarch64 little-endian)"
+);
+
 use core::mem::MaybeUninit;
 
 use jit_common::{Event, FAMILY_V4, GRANT_KIND_HOST, GRANT_KIND_IDENTITY, GrantKey, ServiceKey};

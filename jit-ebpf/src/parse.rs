@@ -31,6 +31,9 @@ const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_GRE: u8 = 47;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_IPCOMP: u8 = 108;
+const IPPROTO_L2TP: u8 = 115;
+const IPPROTO_MPLS: u8 = 137;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_ESP: u8 = 50;
 const IPPROTO_AH: u8 = 51;
@@ -149,7 +152,14 @@ pub(crate) fn src_addr(start: usize, end: usize, family: u8, l3: usize) -> Optio
 const fn is_opaque(proto: u8) -> bool {
     matches!(
         proto,
-        IPPROTO_ESP | IPPROTO_AH | IPPROTO_IPIP | IPPROTO_IPV6 | IPPROTO_GRE
+        IPPROTO_ESP
+            | IPPROTO_AH
+            | IPPROTO_IPIP
+            | IPPROTO_IPV6
+            | IPPROTO_GRE
+            | IPPROTO_IPCOMP
+            | IPPROTO_L2TP
+            | IPPROTO_MPLS
     )
 }
 
@@ -204,8 +214,12 @@ fn parse_v4(start: usize, end: usize, l3: usize) -> Parsed {
         proto,
         l3,
     };
+    if ver_ihl >> 4 != 4 {
+        // Not the header the EtherType (or the skb) says: where anything is, is unknown.
+        return unknown(counter::UNPARSEABLE);
+    }
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 || usize::from(total_len) < ihl {
+    if ihl < 20 || usize::from(total_len) < ihl {
         return unclassified(counter::UNPARSEABLE);
     }
     if frag & 0x1fff != 0 {
@@ -230,12 +244,8 @@ fn parse_v6(start: usize, end: usize, l3: usize) -> Parsed {
     };
     let (version, first) = (byte(h, 0), byte(h, 6));
     if version >> 4 != 6 {
-        return Parsed::Unclassified {
-            reason: counter::UNPARSEABLE,
-            family: FAMILY_V6,
-            proto: 0,
-            l3,
-        };
+        // Not the header the EtherType (or the skb) says: where anything is, is unknown.
+        return unknown(counter::UNPARSEABLE);
     }
     let mut next = first;
     let mut off = 40;

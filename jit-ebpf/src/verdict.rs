@@ -12,6 +12,9 @@ use jit_common::{
     port_index,
 };
 
+/// The low 32 bits of the second word of an IPv4-mapped address (`::ffff:0:0/96`).
+const V4_MAPPED_TAG: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 use crate::{
     addr::{EventHead, Words, event, host_grant_key, identity_grant_key, service_key, trie_key},
     maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES, JIT_SVC_IDGR},
@@ -128,12 +131,17 @@ fn dest_protected(family: u8, proto: u8, addr: Words) -> bool {
     unsafe { JIT_DESTS.get(service_key(family, proto, 0, Words::ZERO)) }.is_some()
 }
 
-/// The service a flow is bound for, if any. `bits` are the port's bitmap bits (non-zero).
+/// The service a flow to `dst` is bound for, if any. `bits` are the port's bitmap bits
+/// (non-zero).
 #[inline(always)]
-fn service_of(start: usize, end: usize, flow: &Flow, bits: u64) -> Option<ServiceValue> {
+fn service_of(flow: &Flow, dst: Words, bits: u64) -> Option<ServiceValue> {
     if bits & PORT_EXACT != 0 {
-        let dst = canonical_dst(flow.family, dst_addr(start, end, flow.family, flow.l3)?);
-        let key = service_key(flow.family, flow.proto, flow.dst_port, dst);
+        let key = service_key(
+            flow.family,
+            flow.proto,
+            flow.dst_port,
+            canonical_dst(flow.family, dst),
+        );
         // SAFETY: map values are read once and copied; the agent replaces, never mutates them.
         if let Some(s) = unsafe { JIT_SERVICES.get(key) } {
             return Some(*s);
@@ -175,14 +183,20 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
     if bits == 0 {
         return Verdict::Pass;
     }
-    let Some(service) = service_of(start, end, flow, bits) else {
-        return Verdict::Pass;
-    };
-    // The parser checked that the fixed IP header is there, so this cannot fail; if it did,
-    // fail closed.
-    let Some(src) = src_addr(start, end, flow.family, flow.l3) else {
+    // The parser checked that the fixed IP header is there, so these reads cannot fail; if they
+    // did, fail closed.
+    let (Some(dst), Some(src)) = (
+        dst_addr(start, end, flow.family, flow.l3),
+        src_addr(start, end, flow.family, flow.l3),
+    ) else {
         return drop_unclassified(counter::UNPARSEABLE, flow.family, flow.proto, Words::ZERO);
     };
+    let Some(service) = service_of(flow, dst, bits) else {
+        return Verdict::Pass;
+    };
+    // An IPv6 packet whose source spells an IPv4 address (`::ffff:a.b.c.d`) would match that
+    // IPv4 host's grants and prefixes: it gets none.
+    let mapped_v6 = flow.family != FAMILY_V4 && src.hi == 0 && src.lo as u32 == V4_MAPPED_TAG;
     let seen = Seen {
         flow,
         start,
@@ -198,6 +212,9 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
         grant_id: 0,
     };
     let mut now = 0u64;
+    if mapped_v6 {
+        return deny(service.mode, &seen, &refused);
+    }
     if let Some(grant) = JIT_GRANTS.get_ptr_mut(host_grant_key(service.service_id, src)) {
         // SAFETY: the pointer comes from a successful lookup; hash map values stay valid for
         // the rest of this program run (RCU).

@@ -5,6 +5,7 @@
 pub mod echo;
 pub mod frames;
 pub mod netns;
+pub mod tun;
 
 use std::{
     path::{Path, PathBuf},

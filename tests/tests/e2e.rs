@@ -319,53 +319,17 @@ fn tc_mode_is_a_good_neighbour_in_the_tcx_chain() {
     );
 }
 
-/// The RFC 1071 checksum of an IPv4 header.
-fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !u16::try_from(sum).unwrap_or(u16::MAX)
-}
-
 /// Problem 4 of datapath v2: a tun device (packets start at the IP header) is gated in TC mode;
 /// XDP on it is refused with a reason.
 #[test]
 fn an_l3_device_is_gated_in_tc_mode_and_refused_in_xdp() {
-    use std::{io::Write as _, net::UdpSocket, os::fd::FromRawFd as _};
+    use std::net::UdpSocket;
     if !require_root() {
         return;
     }
     let ns = jit_tests::netns::Netns::new("jits");
     let dev = format!("jt{}", jit_tests::short_tag());
-    ns.exec_ip(&["tuntap", "add", "dev", &dev, "mode", "tun"]);
-    ns.exec_ip(&["addr", "add", "10.77.0.1/24", "dev", &dev]);
-    ns.exec_ip(&["link", "set", &dev, "up"]);
-    let name = dev.clone();
-    // Open the device's queue: what this test writes arrives at the device as received packets.
-    let mut tun = ns.run(move || {
-        // SAFETY: plain open/ioctl on a fresh descriptor that the File then owns.
-        unsafe {
-            let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-            assert!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
-            let file = std::fs::File::from_raw_fd(fd);
-            let mut req: libc::ifreq = std::mem::zeroed();
-            for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-                *d = *s as libc::c_char;
-            }
-            req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
-            assert_eq!(
-                libc::ioctl(fd, libc::TUNSETIFF, &raw mut req),
-                0,
-                "TUNSETIFF: {}",
-                std::io::Error::last_os_error()
-            );
-            file
-        }
-    });
+    let mut tun = jit_tests::tun::Tun::create(&ns, &dev, "10.77.0.1/24");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-e2e-")));
     let _pins = PinDirGuard(pin_dir.clone());
     let mut gate = load(&pin_dir);
@@ -395,17 +359,8 @@ fn an_l3_device_is_gated_in_tc_mode_and_refused_in_xdp() {
     let sock = ns.run(|| UdpSocket::bind("10.77.0.1:9999").expect("bind"));
     sock.set_read_timeout(Some(Duration::from_millis(800)))
         .expect("timeout");
-    let mut frame = jit_tests::frames::Packet::udp(
-        "10.77.0.2".parse().expect("address"),
-        "10.77.0.1".parse().expect("address"),
-        9999,
-    )
-    .build();
-    let mut packet = frame.split_off(14); // no Ethernet header on a tun device
-    let csum = ipv4_checksum(&packet[..20]);
-    packet[10..12].copy_from_slice(&csum.to_be_bytes());
-    let delivered = |tun: &mut std::fs::File| {
-        tun.write_all(&packet).expect("writing to the tun device");
+    let delivered = |tun: &mut jit_tests::tun::Tun| {
+        tun.send_udp([10, 77, 0, 2].into(), [10, 77, 0, 1].into(), 9999);
         let mut buf = [0u8; 64];
         sock.recv(&mut buf).is_ok()
     };

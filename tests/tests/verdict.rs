@@ -179,6 +179,17 @@ fn an_address_carries_only_the_grant_it_was_bound_for() {
 }
 
 #[test]
+fn an_ipv6_source_spelling_an_ipv4_address_gets_none_of_its_grants() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant_host(&mut g, "10.1.0.1", ID_PREFIX, SVC6);
+    grant(&mut g, ID_PREFIX, SVC6);
+    // Same 16-byte key as 10.1.0.1, and inside the identity's 10.1.0.0/16 in the trie.
+    assert!(!g.passes(&to_svc6("::ffff:10.1.0.1").build()));
+    assert!(!g.passes(&to_svc6("::ffff:10.1.0.2").build()));
+}
+
+#[test]
 fn an_expired_host_grant_falls_back_to_a_live_identity_grant() {
     root_or_skip!();
     let mut g = setup(Mode::Enforce);

@@ -76,8 +76,10 @@ fn device_kind_of(arphrd: u16) -> Option<DeviceKind> {
     match arphrd {
         // ETHER, LOOPBACK (which carries a zeroed Ethernet header)
         1 | 772 => Some(DeviceKind::Ethernet),
-        // NONE (tun, WireGuard), RAWIP, TUNNEL (ipip), TUNNEL6, SIT, IPGRE, IP6GRE
-        65534 | 519 | 768 | 769 | 776 | 778 | 823 => Some(DeviceKind::L3),
+        // NONE (tun, WireGuard), RAWIP, TUNNEL (ipip), TUNNEL6, SIT
+        65534 | 519 | 768 | 769 | 776 => Some(DeviceKind::L3),
+        // Everything else, GRE (778, 823) included: an NBMA GRE device hands programs its packets
+        // from the outer header, so where the inner IP header starts is not known.
         _ => None,
     }
 }
@@ -95,7 +97,8 @@ pub fn device_kind(iface: &str) -> Result<DeviceKind> {
         field: "interface",
         reason: format!(
             "{iface} is a device of type {arphrd} (ARPHRD), whose packets the gate cannot parse; \
-             it gates Ethernet devices and L3 devices (tun, WireGuard, IP tunnels)"
+             it gates Ethernet devices and L3 devices (tun, WireGuard, IP-in-IP, SIT); GRE \
+             devices are refused (their packets may start at the outer header)"
         ),
     })
 }
@@ -384,6 +387,21 @@ impl Gate {
         Ok(pin_path)
     }
 
+    /// Attaches to `iface` afresh, dropping the pin of a link whose device was deleted and
+    /// created again (such a link is attached to nothing; updating it would enforce nothing).
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<PathBuf> {
+        check_interface_name(iface)?;
+        let pin_path = link_pin_path(&self.pin_dir, iface, mode);
+        if pin_path.exists() {
+            std::fs::remove_file(&pin_path).map_err(|source| DatapathError::Io {
+                action: "removing the pin of a link to a deleted device",
+                path: pin_path.clone(),
+                source,
+            })?;
+        }
+        self.attach(iface, mode)
+    }
+
     fn replace_in_link(
         &mut self,
         iface: &str,
@@ -481,6 +499,15 @@ fn attach_error(
         action: format!("attaching to {iface} in {mode} mode"),
         source,
     }
+}
+
+/// The index of `iface` in the caller's network namespace, `None` when it does not exist.
+#[must_use]
+pub fn interface_index(iface: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Checks that `iface` is a valid interface name that exists in the caller's network namespace.
@@ -689,6 +716,15 @@ pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_types_the_gate_cannot_parse_are_refused() {
+        assert_eq!(device_kind_of(1), Some(DeviceKind::Ethernet));
+        assert_eq!(device_kind_of(65534), Some(DeviceKind::L3));
+        for refused in [778, 823, 512, 280, 24, 0xffff] {
+            assert_eq!(device_kind_of(refused), None, "ARPHRD {refused}");
+        }
+    }
 
     #[test]
     fn attach_modes_round_trip_and_reject_unknown() {

@@ -607,7 +607,14 @@ impl GateMaps {
                     }),
                 ));
             }
-            done += written.max(1).min(keys.len() - done);
+            if written == 0 {
+                // The kernel processed nothing and said nothing: never skip an element.
+                return Err(DatapathError::Invalid {
+                    field: "grants batch",
+                    reason: "the kernel wrote no element of the batch".into(),
+                });
+            }
+            done += written.min(keys.len() - done);
         }
         Ok(())
     }

@@ -16,8 +16,8 @@ pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
     AttachMode, Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments,
-    check_interface, check_interface_name, detach, device_kind, harness, link_pin_path,
-    load_harness, remove_stale_layouts,
+    check_interface, check_interface_name, detach, device_kind, harness, interface_index,
+    link_pin_path, load_harness, remove_stale_layouts,
 };
 pub use maps::{
     Counters, GateMaps, GrantEntry, GrantScope, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
