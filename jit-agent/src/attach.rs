@@ -9,33 +9,39 @@ use crate::datapath::{AttachMode, DatapathError, Gate, interface_index};
 
 /// The gate and the device each configured interface was attached to.
 pub struct Attacher {
-    gate: Mutex<Gate>,
+    state: Mutex<State>,
     interfaces: Vec<(String, AttachMode)>,
+}
+
+struct State {
+    gate: Gate,
     /// Interface name → index of the device the pinned link is attached to.
-    attached: Mutex<BTreeMap<String, u32>>,
+    attached: BTreeMap<String, u32>,
 }
 
 impl Attacher {
     /// An attacher of `gate` to `interfaces`.
     pub fn new(gate: Gate, interfaces: Vec<(String, AttachMode)>) -> Self {
         Self {
-            gate: Mutex::new(gate),
+            state: Mutex::new(State {
+                gate,
+                attached: BTreeMap::new(),
+            }),
             interfaces,
-            attached: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Attaches to every configured interface (swapping the program into pinned links). Fails on
     /// the first interface that cannot be attached.
     pub fn attach_all(&self) -> Result<Vec<(String, AttachMode, PathBuf)>, DatapathError> {
-        let mut gate = self
-            .gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut attached = self
-            .attached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state();
+        let State { gate, attached } = &mut *state;
         let mut out = Vec::new();
         for (iface, mode) in &self.interfaces {
             let pin = gate.attach(iface, *mode)?;
@@ -50,14 +56,8 @@ impl Attacher {
     /// Attaches afresh to every configured interface whose device is not the one attached to
     /// (created again, or created after start). Returns the interfaces attached.
     pub fn follow_devices(&self) -> Vec<String> {
-        let mut gate = self
-            .gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut attached = self
-            .attached
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state();
+        let State { gate, attached } = &mut *state;
         let mut out = Vec::new();
         for (iface, mode) in &self.interfaces {
             let Some(index) = interface_index(iface) else {

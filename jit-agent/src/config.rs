@@ -766,7 +766,7 @@ mod tests {
         assert_eq!(c("::ffff:10.1.2.3/128"), Ok("10.1.2.3/32".parse().unwrap()));
         assert_eq!(c("10.1.2.3/24"), Ok("10.1.2.0/24".parse().unwrap()));
         assert_eq!(c("fd00::1/64"), Ok("fd00::/64".parse().unwrap()));
-        for wide in ["::/0", "::/64", "::/80", "::/95"] {
+        for wide in ["::/0", "::/64", "::/80", "::fffe:0:0/95"] {
             assert!(c(wide).is_err(), "{wide}");
         }
         // The same prefix spelled two ways under two identities is one prefix, bound twice.
