@@ -91,6 +91,11 @@ pub mod map_names {
     /// Port bitmap: [`crate::PORT_BITS`] bits per `(proto, port)` ([`crate::PORT_EXACT`],
     /// [`crate::PORT_WILDCARD`]); see [`crate::port_bit_position`].
     pub const PORTS: &str = "JIT_PORTS";
+    /// `u32` per port index (see [`crate::port_index`]): `service_id + 1` when every destination
+    /// on that `(proto, port)` belongs to one service, else 0. A packet to such a port is allowed
+    /// by a live host grant of that service before the service lookup: a destination the service
+    /// does not cover is not protected at all, so the verdict is the same.
+    pub const PORT_SERVICES: &str = "JIT_PORT_SVC";
     /// [`crate::ServiceKey`] with port 0 → `u32` count of services on that address and protocol.
     /// Used only to decide whether an unclassifiable packet (a non-first fragment, a truncated L4
     /// header, an opaque protocol) is bound for a protected destination.

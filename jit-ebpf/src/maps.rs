@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use jit_common::{
     GateConfig, GrantKey, GrantValue, IdentityValue, MAX_SERVICE_DESTS, MAX_SERVICES,
-    PORT_BITMAP_WORDS, RateState, ServiceCounters, ServiceKey, ServiceValue, counter,
+    PORT_BITMAP_WORDS, PORT_INDEX_ENTRIES, RateState, ServiceCounters, ServiceKey, ServiceValue,
+    counter,
 };
 
 /// Protected destinations: exact `(family, proto, port, addr)`, or the same with an all-zero
@@ -20,6 +21,10 @@ pub(crate) static JIT_SERVICES: HashMap<ServiceKey, ServiceValue> =
 /// Port bitmap, two bits per `(proto, port)`: the one lookup an unprotected packet costs.
 #[map]
 pub(crate) static JIT_PORTS: Array<u64> = Array::pinned(PORT_BITMAP_WORDS, 0);
+
+/// The one service of each `(proto, port)`, plus one; 0 for none or several.
+#[map]
+pub(crate) static JIT_PORT_SVC: Array<u32> = Array::pinned(PORT_INDEX_ENTRIES, 0);
 
 /// Number of services on each `(family, proto, addr)` (port 0), wildcard address included.
 #[map]

@@ -17,7 +17,9 @@ const V4_MAPPED_TAG: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 use crate::{
     addr::{EventHead, Words, event, host_grant_key, identity_grant_key, service_key, trie_key},
-    maps::{JIT_DESTS, JIT_GRANTS, JIT_ID_PREFIX, JIT_PORTS, JIT_SERVICES, JIT_SVC_IDGR},
+    maps::{
+        JIT_DESTS, JIT_GRANTS, JIT_ID_PREFIX, JIT_PORT_SVC, JIT_PORTS, JIT_SERVICES, JIT_SVC_IDGR,
+    },
     parse::{Flow, Parsed, dst_addr, src_addr},
     report::{count, count_verdict, emit, now_ns},
 };
@@ -191,12 +193,58 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
     ) else {
         return drop_unclassified(counter::UNPARSEABLE, flow.family, flow.proto, Words::ZERO);
     };
+    // An IPv6 packet whose source spells an IPv4 address (`::ffff:a.b.c.d`) would match that
+    // IPv4 host's grants and prefixes: it gets none.
+    let mapped_v6 =
+        flow.family != FAMILY_V4 && src.hi == 0 && src.lo & 0xffff_ffff == u64::from(V4_MAPPED_TAG);
+    if mapped_v6 {
+        let Some(service) = service_of(flow, dst, bits) else {
+            return Verdict::Pass;
+        };
+        let seen = Seen {
+            flow,
+            start,
+            end,
+            source: src,
+            service_id: service.service_id,
+        };
+        return deny(service.mode, &seen, &Refused::NONE);
+    }
+
+    // What was approved for this very address: a host-bound grant. When one service owns every
+    // destination on the port, its host grant is looked up before the service itself: a live
+    // one lets the packet through whatever its destination (one the service does not cover is
+    // not protected), so the granted path is one exact-match lookup.
+    let mut refused = Refused::NONE;
+    let mut tried = u32::MAX;
+    let mut now = 0u64;
+    let hint = JIT_PORT_SVC.get(index).map_or(0, |v| *v);
+    if hint != 0 {
+        tried = hint - 1;
+        if let Some(grant) = JIT_GRANTS.get_ptr_mut(host_grant_key(tried, src)) {
+            // SAFETY: the pointer comes from a successful lookup; hash map values stay valid
+            // for the rest of this program run (RCU).
+            let grant = unsafe { &mut *grant };
+            now = now_ns();
+            match grant_refusal(grant, now) {
+                None => {
+                    let seen = Seen {
+                        flow,
+                        start,
+                        end,
+                        source: src,
+                        service_id: tried,
+                    };
+                    return allow(&seen, grant, now);
+                }
+                Some(reason) => refused = Refused::by(reason, grant),
+            }
+        }
+    }
+
     let Some(service) = service_of(flow, dst, bits) else {
         return Verdict::Pass;
     };
-    // An IPv6 packet whose source spells an IPv4 address (`::ffff:a.b.c.d`) would match that
-    // IPv4 host's grants and prefixes: it gets none.
-    let mapped_v6 = flow.family != FAMILY_V4 && src.hi == 0 && src.lo as u32 == V4_MAPPED_TAG;
     let seen = Seen {
         flow,
         start,
@@ -204,25 +252,16 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
         source: src,
         service_id: service.service_id,
     };
-
-    // What was approved for this very address: a host-bound grant.
-    let mut refused = Refused {
-        reason: counter::NO_GRANT,
-        identity_id: 0,
-        grant_id: 0,
-    };
-    let mut now = 0u64;
-    if mapped_v6 {
-        return deny(service.mode, &seen, &refused);
-    }
-    if let Some(grant) = JIT_GRANTS.get_ptr_mut(host_grant_key(service.service_id, src)) {
-        // SAFETY: the pointer comes from a successful lookup; hash map values stay valid for
-        // the rest of this program run (RCU).
-        let grant = unsafe { &mut *grant };
-        now = now_ns();
-        match grant_refusal(grant, now) {
-            None => return allow(&seen, grant, now),
-            Some(reason) => refused = Refused::by(reason, grant),
+    if tried != service.service_id {
+        refused = Refused::NONE;
+        if let Some(grant) = JIT_GRANTS.get_ptr_mut(host_grant_key(service.service_id, src)) {
+            // SAFETY: as above.
+            let grant = unsafe { &mut *grant };
+            now = now_ns();
+            match grant_refusal(grant, now) {
+                None => return allow(&seen, grant, now),
+                Some(reason) => refused = Refused::by(reason, grant),
+            }
         }
     }
 
@@ -268,6 +307,13 @@ struct Refused {
 }
 
 impl Refused {
+    /// No grant found (yet).
+    const NONE: Self = Self {
+        reason: counter::NO_GRANT,
+        identity_id: 0,
+        grant_id: 0,
+    };
+
     #[inline(always)]
     fn by(reason: u32, grant: &GrantValue) -> Self {
         Self {

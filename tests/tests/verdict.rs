@@ -189,6 +189,43 @@ fn an_ipv6_source_spelling_an_ipv4_address_gets_none_of_its_grants() {
     assert!(!g.passes(&to_svc6("::ffff:10.1.0.2").build()));
 }
 
+/// The per-port service hint lets a live host grant through before the service lookup only
+/// while one service owns the port: a second service on the same port never inherits it.
+#[test]
+fn a_host_grant_never_opens_another_service_on_its_port() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    grant_host(&mut g, "10.1.0.1", ID_PREFIX, SVC_UDP);
+    let to = |dst: &str| Packet::udp(ip("10.1.0.1"), ip(dst), 53).build();
+    assert!(g.passes(&to("10.0.0.1")));
+    assert!(
+        g.passes(&to("10.0.0.9")),
+        "an address no service covers is not protected"
+    );
+    let other = ServiceDest {
+        addr: ip("10.0.0.2"),
+        port: 53,
+        proto: Protocol::Udp,
+    };
+    g.maps
+        .add_service(other, 40, Mode::Enforce)
+        .expect("a second service on the port");
+    assert!(!g.passes(&to("10.0.0.2")), "the other service's address");
+    assert!(g.passes(&to("10.0.0.1")));
+    // Moving that destination to the first service in place, then removing it.
+    g.maps
+        .add_service(other, SVC_UDP, Mode::Enforce)
+        .expect("moved");
+    assert!(g.passes(&to("10.0.0.2")));
+    g.maps
+        .add_service(other, 40, Mode::Enforce)
+        .expect("moved back");
+    assert!(!g.passes(&to("10.0.0.2")));
+    assert!(g.maps.remove_service(other).expect("removed"));
+    assert!(g.passes(&to("10.0.0.2")), "unprotected again");
+    assert!(!g.passes(&Packet::udp(ip("10.1.0.2"), ip("10.0.0.1"), 53).build()));
+}
+
 #[test]
 fn an_expired_host_grant_falls_back_to_a_live_identity_grant() {
     root_or_skip!();

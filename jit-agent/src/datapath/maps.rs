@@ -243,6 +243,9 @@ pub struct GateMaps {
     /// Destinations per port index, `(exact, wildcard)`: what the port bitmap is derived from.
     /// Built from the services map when the maps are opened (this is their only writer).
     port_use: BTreeMap<u32, (u32, u32)>,
+    /// Destinations per port index and service: what the per-port service hint is derived from.
+    port_services: BTreeMap<u32, BTreeMap<u32, u32>>,
+    port_svc: Array<MapData, u32>,
 }
 
 /// Where the maps of the current layout are pinned under `pin_dir`.
@@ -278,6 +281,7 @@ impl GateMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let mut cap = BTreeMap::new();
         let dir = maps_dir(pin_dir);
+        let port_svc = open(&dir, map_names::PORT_SERVICES, &mut cap)?;
         let mut maps = Self {
             pin_dir: pin_dir.to_path_buf(),
             services: open(&dir, map_names::SERVICES, &mut cap)?,
@@ -292,6 +296,8 @@ impl GateMaps {
             config: open(&dir, map_names::CONFIG, &mut cap)?,
             capacity: cap,
             port_use: BTreeMap::new(),
+            port_services: BTreeMap::new(),
+            port_svc,
         };
         for entry in maps.services()? {
             let key = entry.dest.key()?;
@@ -302,6 +308,12 @@ impl GateMaps {
                 } else {
                     use_.0 += 1;
                 }
+                *maps
+                    .port_services
+                    .entry(index)
+                    .or_default()
+                    .entry(entry.service_id)
+                    .or_default() += 1;
             }
         }
         Ok(maps)
@@ -345,17 +357,32 @@ impl GateMaps {
             service_id,
             mode: mode.raw(),
         };
-        let existed = self.services.get(&key, 0).is_ok();
-        if !existed {
+        let existing = self.services.get(&key, 0).ok();
+        match existing {
             // Indexes first: a packet that sees the index but not yet the service just pays
             // one more lookup and passes, as it did before.
-            self.bump_indexes(&key, 1)?;
+            None => self.bump_indexes(&key, service_id, 1)?,
+            // Moving to another service: the port hint counts the new one before the entry
+            // changes (so it is never the old service alone while the new one is there).
+            Some(old) if old.service_id != service_id => {
+                self.bump_port_service(&key, service_id, 1)?;
+            }
+            Some(_) => {}
         }
         if let Err(e) = self.services.insert(key, value, 0) {
-            if !existed {
-                self.bump_indexes(&key, -1)?;
+            match existing {
+                None => self.bump_indexes(&key, service_id, -1)?,
+                Some(old) if old.service_id != service_id => {
+                    self.bump_port_service(&key, service_id, -1)?;
+                }
+                Some(_) => {}
             }
             return Err(self.insert_error(map_names::SERVICES, e));
+        }
+        if let Some(old) = existing
+            && old.service_id != service_id
+        {
+            self.bump_port_service(&key, old.service_id, -1)?;
         }
         Ok(())
     }
@@ -363,14 +390,45 @@ impl GateMaps {
     /// Stops protecting `dest`. Returns whether it was protected.
     pub fn remove_service(&mut self, dest: ServiceDest) -> Result<bool> {
         let key = dest.key()?;
+        let Ok(old) = self.services.get(&key, 0) else {
+            return Ok(false);
+        };
         let removed = absent_is_false(self.services.remove(&key), map_names::SERVICES)?;
         if removed {
-            self.bump_indexes(&key, -1)?;
+            self.bump_indexes(&key, old.service_id, -1)?;
         }
         Ok(removed)
     }
 
-    fn bump_indexes(&mut self, key: &ServiceKey, delta: i64) -> Result<()> {
+    /// Counts a destination of `service_id` on `key`'s port in or out of the per-port service
+    /// hint, and writes the hint: the service plus one when it is the port's only one, else 0.
+    fn bump_port_service(&mut self, key: &ServiceKey, service_id: u32, delta: i64) -> Result<()> {
+        let Some(index) = port_index(key.proto, key.port) else {
+            return Ok(());
+        };
+        let services = self.port_services.entry(index).or_default();
+        let n = services.entry(service_id).or_default();
+        *n = u32::try_from((i64::from(*n) + delta).max(0)).unwrap_or(u32::MAX);
+        if *n == 0 {
+            services.remove(&service_id);
+        }
+        let hint = match services.keys().collect::<Vec<_>>().as_slice() {
+            [only] => **only + 1,
+            _ => 0,
+        };
+        if services.is_empty() {
+            self.port_services.remove(&index);
+        }
+        self.port_svc
+            .set(index, hint, 0)
+            .map_err(|source| DatapathError::Map {
+                map: map_names::PORT_SERVICES,
+                source,
+            })
+    }
+
+    fn bump_indexes(&mut self, key: &ServiceKey, service_id: u32, delta: i64) -> Result<()> {
+        self.bump_port_service(key, service_id, delta)?;
         let Some(index) = port_index(key.proto, key.port) else {
             return Ok(());
         };
