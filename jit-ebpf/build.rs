@@ -8,11 +8,10 @@ fn main() {
             "cargo:warning=bpf-linker not found ({err}); run `cargo xtask setup` to install it"
         ),
     }
-    // ALU32 (kernel 5.1+): 32-bit subregisters, fewer instructions per packet. (rustc passes the
-    // CPU itself, so only features can be added here.) Misaligned loads: packet fields have no alignment, and without this LLVM reads them one
-    // byte at a time; the kernel allows misaligned packet access on the architectures we run on
-    // (the verifier rejects the program otherwise, it never runs misaligned on a strict one).
-    println!("cargo:rustc-link-arg=--cpu-features=+alu32");
+    // No extra CPU features: rustc passes the generic CPU (v1) and bpf-linker refuses a second
+    // --cpu; ALU32 without v3's 32-bit jumps made the packet path slower (32-bit compares need
+    // shifts), and misaligned loads make LLVM merge stack stores into misaligned ones the
+    // verifier refuses (see docs/ARCHITECTURE.md).
     // With `-bpf-expand-memcpy-in-order` (bpf-linker's default) LLVM expands memcpy itself but
     // leaves every memset, even of a few bytes of a map key, as a call to a byte-by-byte loop.
     println!("cargo:rustc-link-arg=--disable-expand-memcpy-in-order");

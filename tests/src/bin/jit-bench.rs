@@ -28,9 +28,11 @@ use jit_agent::datapath::{
 use jit_tests::{TestGate, frames::Packet};
 
 /// Packets per measurement.
-const REPEAT: u32 = 4_000_000;
-/// Measurements per figure; the median is reported with the spread.
-const ROUNDS: usize = 7;
+const REPEAT: u32 = 2_000_000;
+/// Measurements per figure; the median is reported with the spread. The measurements of the
+/// figures compared with each other are interleaved (one of each per round), so a machine that
+/// speeds up or slows down during the run moves them together.
+const ROUNDS: usize = 11;
 /// The protected service's address and port.
 const SERVICE: &str = "10.0.0.1";
 const PORT: u16 = 443;
@@ -75,25 +77,36 @@ impl Figure {
     }
 }
 
-fn measure(prog: &Xdp, frame: &[u8]) -> Figure {
-    let mut samples: Vec<f64> = (0..ROUNDS)
-        .map(|_| {
-            let mut o = TestRunOptions::new();
-            o.data_in = Some(frame);
-            o.repeat = REPEAT;
-            let started = Instant::now();
-            let r = prog.test_run(o).unwrap_or_else(|e| panic!("test run: {e}"));
-            let elapsed = started.elapsed();
-            assert!(r.return_value != 0, "the program aborted (XDP_ABORTED)");
-            elapsed.as_secs_f64() * 1e9 / f64::from(REPEAT)
-        })
-        .collect();
+/// One measurement: ns per packet over `REPEAT` runs.
+fn sample(prog: &Xdp, frame: &[u8]) -> f64 {
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(frame);
+    o.repeat = REPEAT;
+    let started = Instant::now();
+    let r = prog.test_run(o).unwrap_or_else(|e| panic!("test run: {e}"));
+    let elapsed = started.elapsed();
+    assert!(r.return_value != 0, "the program aborted (XDP_ABORTED)");
+    elapsed.as_secs_f64() * 1e9 / f64::from(REPEAT)
+}
+
+fn figure(mut samples: Vec<f64>) -> Figure {
     samples.sort_by(f64::total_cmp);
     Figure {
-        median: samples[ROUNDS / 2],
+        median: samples[samples.len() / 2],
         min: samples[0],
-        max: samples[ROUNDS - 1],
+        max: samples[samples.len() - 1],
     }
+}
+
+/// Interleaved figures: each round takes one sample of every case, in order.
+fn measure_all(mut cases: Vec<&mut dyn FnMut() -> f64>) -> Vec<Figure> {
+    let mut samples = vec![Vec::with_capacity(ROUNDS); cases.len()];
+    for _ in 0..ROUNDS {
+        for (case, out) in cases.iter_mut().zip(samples.iter_mut()) {
+            out.push(case());
+        }
+    }
+    samples.into_iter().map(figure).collect()
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -198,19 +211,22 @@ fn main() {
     let mut rows: Vec<Row> = Vec::new();
 
     println!(
-        "per-packet cost through BPF_PROG_TEST_RUN (XDP), median of {ROUNDS} x {REPEAT} packets \
-         [min .. max]; kernel {}",
+        "per-packet cost through BPF_PROG_TEST_RUN (XDP), median of {ROUNDS} interleaved runs of \
+         {REPEAT} packets [min .. max]; kernel {}",
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
     );
-    let empty = measure(xdp(&h, harness::EMPTY), &frame);
     let empty_fd = prog_fd(xdp(&h, harness::EMPTY));
     let reference_fd = prog_fd(xdp(&h, harness::REFERENCE));
 
     // Unprotected destination: no rotation needed (no lookup depends on the source).
     let (small, _) = gate_with(10);
-    let un = measure(small.gate.xdp(), &unprotected);
+    let figs = measure_all(vec![
+        &mut || sample(xdp(&h, harness::EMPTY), &frame),
+        &mut || sample(small.gate.xdp(), &unprotected),
+    ]);
+    let (empty, un) = (figs[0], figs[1]);
     rows.push(Row {
         name: "empty program".into(),
         fig: empty,
@@ -237,15 +253,21 @@ fn main() {
         }
         fill_reference(&mut h, GRANTED_BASE, count);
         let gate_fd = prog_fd(g.gate.xdp());
-        let rotate = |h: &mut Ebpf, base, target: &ProgramFd| {
-            aim(h, base, count, target);
-            measure(xdp(h, harness::ROTATE), &frame)
+        let h = std::cell::RefCell::new(&mut h);
+        let rotate = |base, target: &ProgramFd| {
+            let mut h = h.borrow_mut();
+            aim(&mut h, base, count, target);
+            sample(xdp(&h, harness::ROTATE), &frame)
         };
-        let wrapper = rotate(&mut h, GRANTED_BASE, &empty_fd);
-        let reference = rotate(&mut h, GRANTED_BASE, &reference_fd);
-        let granted = rotate(&mut h, GRANTED_BASE, &gate_fd);
-        let ref_drop = rotate(&mut h, STRANGER_BASE, &reference_fd);
-        let dropped = rotate(&mut h, STRANGER_BASE, &gate_fd);
+        let figs = measure_all(vec![
+            &mut || rotate(GRANTED_BASE, &empty_fd),
+            &mut || rotate(GRANTED_BASE, &reference_fd),
+            &mut || rotate(GRANTED_BASE, &gate_fd),
+            &mut || rotate(STRANGER_BASE, &reference_fd),
+            &mut || rotate(STRANGER_BASE, &gate_fd),
+        ]);
+        let (wrapper, reference, granted, ref_drop, dropped) =
+            (figs[0], figs[1], figs[2], figs[3], figs[4]);
         // Counter check: the rotated runs really were allowed and dropped.
         let c = g.maps.counters().expect("counters");
         assert!(c.global["allowed"] > 0 && c.global["no_grant"] > 0, "{c:?}");
