@@ -195,19 +195,20 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
     };
     // An IPv6 packet whose source spells an IPv4 address (`::ffff:a.b.c.d`) would match that
     // IPv4 host's grants and prefixes: it gets none.
+    let seen_for = |service_id| Seen {
+        flow,
+        start,
+        end,
+        source: src,
+        service_id,
+    };
     let mapped_v6 =
         flow.family != FAMILY_V4 && src.hi == 0 && src.lo & 0xffff_ffff == u64::from(V4_MAPPED_TAG);
     if mapped_v6 {
         let Some(service) = service_of(flow, dst, bits) else {
             return Verdict::Pass;
         };
-        let seen = Seen {
-            flow,
-            start,
-            end,
-            source: src,
-            service_id: service.service_id,
-        };
+        let seen = seen_for(service.service_id);
         return deny(service.mode, &seen, &Refused::NONE);
     }
 
@@ -228,13 +229,7 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
             now = now_ns();
             match grant_refusal(grant, now) {
                 None => {
-                    let seen = Seen {
-                        flow,
-                        start,
-                        end,
-                        source: src,
-                        service_id: tried,
-                    };
+                    let seen = seen_for(tried);
                     return allow(&seen, grant, now);
                 }
                 Some(reason) => refused = Refused::by(reason, grant),
@@ -245,13 +240,7 @@ fn decide_flow(start: usize, end: usize, flow: &Flow) -> Verdict {
     let Some(service) = service_of(flow, dst, bits) else {
         return Verdict::Pass;
     };
-    let seen = Seen {
-        flow,
-        start,
-        end,
-        source: src,
-        service_id: service.service_id,
-    };
+    let seen = seen_for(service.service_id);
     if tried != service.service_id {
         refused = Refused::NONE;
         if let Some(grant) = JIT_GRANTS.get_ptr_mut(host_grant_key(service.service_id, src)) {
