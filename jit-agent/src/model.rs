@@ -107,8 +107,9 @@ pub struct Grant {
     pub revoke_reason: String,
     /// When it ended (0 while active).
     pub ended_ms: i64,
-    /// Source prefixes bound to the identity for this grant only (the requester's own address),
-    /// on top of the identity's static bindings.
+    /// The host addresses this grant is bound to (the requester's own address, as `/32` or
+    /// `/128`). A grant with any opens its service to those addresses alone (a host grant); one
+    /// without opens it to the identity's static prefixes (an identity grant).
     pub extra_sources: Vec<String>,
     /// Granted through break-glass.
     #[serde(default)]

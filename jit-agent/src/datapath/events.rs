@@ -7,8 +7,9 @@ use jit_common::{Event, map_names};
 
 use super::error::{DatapathError, Result};
 
-/// Reads events from the pinned ring buffer. Events are rate-limited in the kernel (per CPU and
-/// second, see [`super::GateMaps::set_events_per_sec`]); what was left out is counted there.
+/// Reads events from the pinned ring buffer. The kernel writes events against a per-CPU budget
+/// that the reader renews every second ([`super::GateMaps::refill_event_tokens`]); what was left
+/// out is counted (`events_rate_limited`).
 pub struct EventReader {
     ring: RingBuf<MapData>,
 }
