@@ -113,6 +113,16 @@ fn request(w: &World, service: &str, peer: &str) -> String {
     req.grant_id
 }
 
+fn stored_grant(w: &World, id: &str) -> jit_agent::model::Grant {
+    w.node
+        .engine
+        .store()
+        .grant(id)
+        .expect("store")
+        .expect("grant")
+        .value
+}
+
 fn db_frame(src: &str) -> Vec<u8> {
     Packet::tcp(ip(src), ip("10.99.0.1"), 5432).build()
 }
@@ -151,14 +161,7 @@ fn the_kernel_can_never_lag_a_revoke() {
         let grant_id = request(&w, "db", "10.1.0.5");
         assert!(in_kernel(&maps), "round {round}: granted means enforced");
         assert!(w.gate.passes(&db_frame("10.1.0.5")));
-        let grant = w
-            .node
-            .engine
-            .store()
-            .grant(&grant_id)
-            .expect("store")
-            .expect("grant")
-            .value;
+        let grant = stored_grant(&w, &grant_id);
         let barrier = Barrier::new(2);
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -231,14 +234,7 @@ fn the_kernel_can_never_lag_a_revoke() {
         "{err}"
     );
     assert!(err.to_string().contains(&grant_id), "{err}");
-    let g = w
-        .node
-        .engine
-        .store()
-        .grant(&grant_id)
-        .expect("store")
-        .expect("grant")
-        .value;
+    let g = stored_grant(&w, &grant_id);
     assert_eq!(g.state, GrantState::Revoked);
     assert!(w.node.sync.stats().failures > failures);
     drop(maps);

@@ -255,37 +255,24 @@ fn encapsulated_and_unknown_protocols_drop_when_the_address_is_protected() {
     let mut g = setup(Mode::Enforce);
     grant(&mut g, ID_PREFIX, SVC4);
     grant(&mut g, ID_V6, SVC6);
-    // ESP, AH, IPIP, IPv6-in-IPv4, GRE.
+    // IPv4: ESP, AH, IPIP, IPv6-in-IPv4, GRE. IPv6: the same, and unknown next headers.
     let opaque_v4 = [50u8, 51, 4, 41, 47];
-    for proto in opaque_v4 {
-        let mut p = to_svc4("10.1.0.1");
-        p.proto = proto;
-        assert!(
-            !g.passes(&p.build()),
-            "IPv4 protocol {proto} to a protected address"
-        );
-        let mut q = Packet::tcp(ip("10.1.0.1"), ip("10.0.0.77"), 443);
-        q.proto = proto;
-        assert!(
-            g.passes(&q.build()),
-            "IPv4 protocol {proto} elsewhere passes"
-        );
-    }
-    // The same, the IPv6 IPIP (4), IPv6-in-IPv6 (41), GRE, ESP, AH, and unknown next headers.
     let opaque_v6 = [50u8, 51, 4, 41, 47, 253, 135, 200];
-    for proto in opaque_v6 {
-        let mut p = to_svc6("fd00:1::5");
-        p.proto = proto;
-        assert!(
-            !g.passes(&p.build()),
-            "IPv6 next header {proto} to a protected address"
-        );
-        let mut q = Packet::tcp(ip("fd00:1::5"), ip("fd00::77"), 443);
-        q.proto = proto;
-        assert!(
-            g.passes(&q.build()),
-            "IPv6 next header {proto} elsewhere passes"
-        );
+    let cases = [
+        (&opaque_v4[..], to_svc4("10.1.0.1"), "10.0.0.77"),
+        (&opaque_v6[..], to_svc6("fd00:1::5"), "fd00::77"),
+    ];
+    for (protos, protected, elsewhere) in &cases {
+        for proto in protos.iter().copied() {
+            let mut p = protected.clone();
+            p.proto = proto;
+            assert!(!g.passes(&p.build()), "protocol {proto} to {}", p.dst);
+            p.dst = ip(elsewhere);
+            assert!(
+                g.passes(&p.build()),
+                "protocol {proto} to {elsewhere} passes"
+            );
+        }
     }
     assert_eq!(
         g.counter("opaque"),
