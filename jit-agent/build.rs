@@ -6,23 +6,7 @@ use anyhow::{Context as _, anyhow};
 const EBPF_PACKAGE: &str = "jit-ebpf";
 
 fn main() -> anyhow::Result<()> {
-    build_proto()?;
     build_ebpf()
-}
-
-/// Generates the gRPC code from proto/jit/v1/*.proto (never committed), with a file descriptor
-/// set for server reflection. protoc comes from the protoc-bin-vendored crate.
-fn build_proto() -> anyhow::Result<()> {
-    let protoc = protoc_bin_vendored::protoc_bin_path().context("finding the vendored protoc")?;
-    // SAFETY: build scripts are single-threaded.
-    unsafe { std::env::set_var("PROTOC", protoc) };
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
-    println!("cargo:rerun-if-changed=../proto");
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("jit_v1_descriptor.bin"))
-        .compile_protos(&["../proto/jit/v1/jit.proto"], &["../proto"])
-        .context("compiling proto/jit/v1/jit.proto")?;
-    Ok(())
 }
 
 fn build_ebpf() -> anyhow::Result<()> {

@@ -5,7 +5,10 @@
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Mutex};
 
-use crate::datapath::{AttachMode, DatapathError, Gate, interface_index};
+use crate::{
+    datapath::{DatapathError, Gate, interface_index},
+    spec::AttachMode,
+};
 
 /// The gate and the device each configured interface was attached to.
 pub struct Attacher {

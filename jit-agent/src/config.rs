@@ -10,12 +10,10 @@ use std::{
 };
 
 use ipnet::IpNet;
+use jit_api::duration::parse_duration;
 use serde::Deserialize;
 
-use crate::{
-    datapath::{AttachMode, Mode, Protocol, ServiceDest},
-    duration::parse_duration,
-};
+use crate::spec::{AttachMode, Mode, Protocol, ServiceDest};
 
 /// A configuration error: which file, which field, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -217,19 +215,13 @@ pub struct Webhook {
     /// Slack-compatible body instead of the JSON schema.
     pub slack: bool,
     /// Events (empty: all).
-    pub events: Vec<String>,
+    pub events: Vec<jit_api::Event>,
     /// Services (empty: all).
     pub services: Vec<String>,
 }
 
-/// Notification event names, as webhooks receive them.
-pub const EVENTS: [&str; 5] = [
-    "request.pending",
-    "request.granted",
-    "request.denied",
-    "grant.break_glass",
-    "grant.revoked",
-];
+/// Where the agent keeps its state unless `agent.state_dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/jit-agent";
 
 /// A validated configuration.
 #[derive(Clone, Debug)]
@@ -319,10 +311,10 @@ impl Config {
         for (i, spec) in iface_list.iter().enumerate() {
             let (iface, mode) = spec.split_once(':').unwrap_or((spec.as_str(), "xdp"));
             let field = format!("agent.interfaces[{i}]");
-            crate::datapath::check_interface_name(iface).map_err(|e| err(&field, e.to_string()))?;
+            crate::spec::check_interface_name(iface).map_err(|e| err(&field, e.to_string()))?;
             let mode: AttachMode = mode
                 .parse()
-                .map_err(|e: crate::datapath::DatapathError| err(&field, e.to_string()))?;
+                .map_err(|e| err(&field, format!("attach mode {e}")))?;
             interfaces.push((iface.to_string(), mode));
         }
         let request_ttl = match f.agent.request_ttl {
@@ -382,7 +374,7 @@ impl Config {
                 None => Mode::Enforce,
                 Some(m) => m
                     .parse()
-                    .map_err(|e: crate::datapath::DatapathError| err(&at("mode"), e.to_string()))?,
+                    .map_err(|e: crate::spec::UnknownWord| err(&at("mode"), e.to_string()))?,
             };
             let max_duration = match s.max_duration {
                 Some(d) => {
@@ -493,13 +485,12 @@ impl Config {
                     ));
                 }
             };
+            let mut events = Vec::with_capacity(w.events.len());
             for (j, e) in w.events.iter().enumerate() {
-                if !EVENTS.contains(&e.as_str()) {
-                    return Err(err(
-                        &format!("webhooks[{i}].events[{j}]"),
-                        format!("{e:?}; expected one of {}", EVENTS.join(", ")),
-                    ));
-                }
+                events.push(
+                    e.parse::<jit_api::Event>()
+                        .map_err(|e| err(&format!("webhooks[{i}].events[{j}]"), e.to_string()))?,
+                );
             }
             for (j, sv) in w.services.iter().enumerate() {
                 if !services.contains_key(sv) {
@@ -512,7 +503,7 @@ impl Config {
             webhooks.push(Webhook {
                 url: w.url,
                 slack,
-                events: w.events,
+                events,
                 services: w.services,
             });
         }
@@ -529,7 +520,7 @@ impl Config {
                 .state_dir
                 .clone()
                 .or(f.agent.state_dir)
-                .unwrap_or_else(|| "/var/lib/jit-agent".into()),
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             pin_dir: overrides
                 .pin_dir
                 .clone()
@@ -621,8 +612,9 @@ pub fn parse_destination(s: &str) -> Result<ServiceDest, String> {
         .rsplit_once('/')
         .ok_or_else(|| format!("{s:?}: expected address:port/proto, e.g. 10.0.0.5:5432/tcp"))?;
     let proto: Protocol = proto
+        .to_ascii_lowercase()
         .parse()
-        .map_err(|e: crate::datapath::DatapathError| format!("{s:?}: {e}"))?;
+        .map_err(|e| format!("{s:?}: protocol {e}"))?;
     let sa: SocketAddr = match hostport.strip_prefix("*:") {
         Some(port) => format!("0.0.0.0:{port}").parse(),
         None => hostport.parse(),
@@ -786,7 +778,14 @@ mod tests {
                 .addr,
             IpAddr::from([10, 0, 0, 5])
         );
+        assert_eq!(
+            parse_destination("10.0.0.5:53/UDP")
+                .expect("any case")
+                .proto,
+            Protocol::Udp
+        );
         for bad in [
+            "10.0.0.5:53/icmp",
             "*:0/tcp",
             "*/tcp",
             "224.0.0.5:53/udp",

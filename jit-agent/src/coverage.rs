@@ -18,8 +18,8 @@ use jit_common::{V4_BROADCAST, V6_MULTICAST};
 
 use crate::{
     config::{Config, Service},
-    datapath::{Mode, Protocol, ServiceDest},
     local_addrs::LocalAddrs,
+    spec::{Mode, Protocol, ServiceDest},
 };
 
 /// One kernel destination of a service.

@@ -5,6 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
+use jit_api::pb::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
@@ -18,7 +19,6 @@ use crate::{
     node::Node,
     notify::Notifier,
     policy::Policies,
-    proto::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer},
     store::RedbStore,
 };
 
@@ -142,11 +142,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::clone(&policies),
         Arc::new(crate::model::now_ms),
     );
-    let node = Arc::new(Node {
+    let node = Arc::new(Node::new(
         engine,
-        sync: Arc::clone(&sync),
-        notifier: Notifier::start(cfg.webhooks.clone()),
-    });
+        Arc::clone(&sync),
+        Notifier::start(cfg.webhooks.clone()),
+    ));
     {
         let policies = Arc::clone(&policies);
         tokio::spawn(async move {
@@ -174,7 +174,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let n = Arc::clone(&node);
-                match tokio::task::spawn_blocking(move || n.engine.sweep()).await {
+                match tokio::task::spawn_blocking(move || n.sweep()).await {
                     Ok(Ok((g, r))) if g + r > 0 => {
                         log::info!("expired {g} grant(s) and {r} pending request(s)");
                     }

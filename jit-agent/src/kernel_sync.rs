@@ -24,9 +24,11 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::{
     config::Config,
     coverage,
-    datapath::{self, DatapathError, GateMaps, GrantEntry, GrantScope, ServiceDest, grant_key},
+    datapath::{self, DatapathError, GateMaps, GrantEntry, GrantScope, grant_key},
+    kernel_names::KernelNames,
     local_addrs::LocalAddrs,
     model::{Grant, now_ms},
+    spec::{Mode, ServiceDest},
     store::{Change, IdKind, Record, Store, StoreError},
 };
 
@@ -39,6 +41,15 @@ pub enum SyncError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A stored grant cannot be put in kernel form (a bound source or its id does not parse);
+    /// it opens nothing.
+    #[error("grant {grant}: {problem}; it opens nothing")]
+    BadGrant {
+        /// The grant id.
+        grant: String,
+        /// What does not parse.
+        problem: String,
+    },
 }
 
 /// Differences a reconciliation found between the kernel and the store, and repaired.
@@ -82,18 +93,21 @@ pub struct KernelSync<S: Store> {
     failures: AtomicU64,
     /// Wakes the reconciliation loop early (a kernel write failed).
     wake: tokio::sync::Notify,
+    /// The names behind the ids written so far (see `kernel_names`).
+    names: Mutex<KernelNames>,
 }
 
 /// How soon a failed reconciliation is tried again.
 const RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The numeric form of a grant id (`grant-<12 hex>`), carried in kernel events.
-#[must_use]
-pub fn numeric_grant_id(id: &str) -> u64 {
-    id.rsplit('-')
-        .next()
+pub fn numeric_grant_id(id: &str) -> Result<u64, SyncError> {
+    id.strip_prefix("grant-")
         .and_then(|h| u64::from_str_radix(h, 16).ok())
-        .unwrap_or(0)
+        .ok_or_else(|| SyncError::BadGrant {
+            grant: id.to_string(),
+            problem: "the id is not grant-<hex>".into(),
+        })
 }
 
 /// Converts a wall-clock instant (Unix ms) to the kernel's `CLOCK_BOOTTIME` ns, relative to now.
@@ -105,26 +119,23 @@ fn to_boottime_ns(wall_ms: i64) -> Result<u64, DatapathError> {
     Ok(u64::try_from(t.max(0)).unwrap_or(u64::MAX))
 }
 
-/// The host addresses a grant is bound to (its requester's address), if any.
-fn bound_hosts(g: &Grant) -> Vec<IpAddr> {
+/// The kernel scopes of a grant: its bound host addresses, or its identity's static prefixes.
+/// A binding that is not one host address is an error: what was approved cannot be known.
+fn scopes(g: &Grant) -> Result<Vec<GrantScope>, SyncError> {
+    if g.extra_sources.is_empty() {
+        return Ok(vec![GrantScope::Identity]);
+    }
     g.extra_sources
         .iter()
-        .filter_map(|s| {
-            let net = s.parse::<IpNet>().ok()?;
+        .map(|s| match s.parse::<IpNet>() {
             // Only single hosts are ever bound; anything wider is not what was approved.
-            (net.prefix_len() == net.max_prefix_len()).then_some(net.addr())
+            Ok(net) if net.prefix_len() == net.max_prefix_len() => Ok(GrantScope::Host(net.addr())),
+            _ => Err(SyncError::BadGrant {
+                grant: g.id.clone(),
+                problem: format!("bound source {s:?} is not one host address"),
+            }),
         })
         .collect()
-}
-
-/// The kernel scopes of a grant: its bound host addresses, or its identity's static prefixes.
-fn scopes(g: &Grant) -> Vec<GrantScope> {
-    if g.extra_sources.is_empty() {
-        vec![GrantScope::Identity]
-    } else {
-        // A grant bound to a host opens nothing else; an unparsable binding opens nothing.
-        bound_hosts(g).into_iter().map(GrantScope::Host).collect()
-    }
 }
 
 impl<S: Store> KernelSync<S> {
@@ -143,6 +154,27 @@ impl<S: Store> KernelSync<S> {
             reconciliations: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            names: Mutex::new(KernelNames::default()),
+        }
+    }
+
+    /// Records that `id` names `name` (for `jit-agent bpf status|grants`); writes the names
+    /// file when this is new. A failed write is logged: the names are advisory.
+    fn remember(&self, kind: IdKind, id: u32, name: &str) {
+        let mut names = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let table = match kind {
+            IdKind::Service => &mut names.services,
+            IdKind::Identity => &mut names.identities,
+        };
+        if table.get(&id).is_some_and(|n| n == name) {
+            return;
+        }
+        table.insert(id, name.to_string());
+        if let Err(e) = names.save(&self.cfg.state_dir) {
+            log::warn!("recording the kernel's names: {e}");
         }
     }
 
@@ -194,12 +226,16 @@ impl<S: Store> KernelSync<S> {
 
     /// Numeric id of a service.
     pub fn service_id(&self, name: &str) -> Result<u32, StoreError> {
-        self.store.numeric_id(IdKind::Service, name)
+        let id = self.store.numeric_id(IdKind::Service, name)?;
+        self.remember(IdKind::Service, id, name);
+        Ok(id)
     }
 
     /// Numeric id of an identity.
     pub fn identity_id(&self, name: &str) -> Result<u32, StoreError> {
-        self.store.numeric_id(IdKind::Identity, name)
+        let id = self.store.numeric_id(IdKind::Identity, name)?;
+        self.remember(IdKind::Identity, id, name);
+        Ok(id)
     }
 
     /// What the sync has done so far.
@@ -222,12 +258,23 @@ impl<S: Store> KernelSync<S> {
             }
             let identity_id = self.identity_id(&g.identity)?;
             let service_id = self.service_id(&g.service)?;
-            for scope in scopes(g) {
+            // A grant that cannot be put in kernel form opens nothing; it is reported (log,
+            // failure count) every time, never passed over in silence, and stops no other grant.
+            let (scopes, grant_id) = match scopes(g).and_then(|s| Ok((s, numeric_grant_id(&g.id)?)))
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    log::error!("{e}");
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            for scope in scopes {
                 let entry = GrantEntry {
                     scope,
                     identity_id,
                     service_id,
-                    grant_id: numeric_grant_id(&g.id),
+                    grant_id,
                     not_before_ns: to_boottime_ns(g.not_before_ms)?,
                     expires_at_ns: to_boottime_ns(g.expires_ms)?,
                     seen: false,
@@ -346,7 +393,7 @@ impl<S: Store> KernelSync<S> {
                 o.kept
             );
         }
-        let mut wanted: BTreeMap<ServiceDest, (u32, datapath::Mode)> = BTreeMap::new();
+        let mut wanted: BTreeMap<ServiceDest, (u32, Mode)> = BTreeMap::new();
         for c in covered {
             wanted.insert(c.dest, (self.service_id(&c.service)?, c.mode));
         }
@@ -418,7 +465,7 @@ impl<S: Store> KernelSync<S> {
         }
         let identity_id = self.identity_id(&grant.identity)?;
         let service_id = self.service_id(&grant.service)?;
-        let keys: Vec<GrantKey> = scopes(grant)
+        let keys: Vec<GrantKey> = scopes(grant)?
             .into_iter()
             .map(|s| grant_key(s, identity_id, service_id))
             .collect();

@@ -2,31 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where a request stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestState {
-    /// Waiting for approvals.
-    Pending,
-    /// Approved; a grant exists.
-    Granted,
-    /// Denied by policy or an approver.
-    Denied,
-    /// Not decided within the request TTL.
-    Expired,
-}
-
-/// Where a grant stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GrantState {
-    /// In force until it expires.
-    Active,
-    /// Taken away early.
-    Revoked,
-    /// Ran out.
-    Expired,
-}
+/// Where a request or a grant stands: the API's own state types, so every name of a state
+/// (stored records, JSON, tables, notifications) comes from one place (jit-api's `states`).
+pub use jit_api::{GrantState, RequestState};
 
 /// One approval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +92,14 @@ pub struct Grant {
     /// Granted through break-glass.
     #[serde(default)]
     pub break_glass: bool,
+}
+
+impl Request {
+    /// Whether the request still waits for a decision at `now_ms` (pending, TTL not passed).
+    #[must_use]
+    pub fn is_waiting(&self, now_ms: i64) -> bool {
+        self.state == RequestState::Pending && now_ms < self.pending_until_ms
+    }
 }
 
 impl Grant {

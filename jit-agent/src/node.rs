@@ -6,14 +6,18 @@
 
 use std::sync::Arc;
 
+use jit_api::{Event, pb};
+use tokio::sync::broadcast;
+
 use crate::{
     datapath::DatapathError,
     engine::{Engine, EngineError, RequestOptions, RevokeTarget},
     identity::Caller,
     kernel_sync::{KernelSync, SyncError},
+    messages,
     model::{Grant, Request, RequestState},
     notify::{Notice, Notifier},
-    store::Store,
+    store::{Change, Store},
 };
 
 /// Errors of node operations.
@@ -39,19 +43,29 @@ pub enum NodeError {
         /// Why the delete failed.
         error: String,
     },
+    /// Reading the kernel's state (for status) failed.
+    #[error("reading the kernel gate failed: {0}")]
+    KernelRead(String),
 }
 
-/// Engine and kernel sync of one node.
+/// Engine and kernel sync of one node: the one door the API goes through. The API never reads
+/// the store, the kernel sync or the datapath itself.
 pub struct Node<S: Store> {
-    /// The state machine.
-    pub engine: Engine<S>,
-    /// The kernel writer.
-    pub sync: Arc<KernelSync<S>>,
-    /// Webhooks.
-    pub notifier: Notifier,
+    engine: Engine<S>,
+    sync: Arc<KernelSync<S>>,
+    notifier: Notifier,
 }
 
 impl<S: Store> Node<S> {
+    /// A node deciding with `engine`, enforcing through `sync`, telling `notifier`.
+    pub fn new(engine: Engine<S>, sync: Arc<KernelSync<S>>, notifier: Notifier) -> Self {
+        Self {
+            engine,
+            sync,
+            notifier,
+        }
+    }
+
     /// Asks for access; enforces at once when granted, and tells the webhooks.
     pub fn request_access(
         &self,
@@ -65,9 +79,9 @@ impl<S: Store> Node<S> {
             .request_access(caller, service, duration, opts)?;
         let req = self.enforce(req)?;
         let event = match (req.state, req.break_glass) {
-            (RequestState::Pending, _) => "request.pending",
-            (RequestState::Granted, true) => "grant.break_glass",
-            _ => "request.granted",
+            (RequestState::Pending, _) => Event::RequestPending,
+            (RequestState::Granted, true) => Event::GrantBreakGlass,
+            _ => Event::RequestGranted,
         };
         self.notify(event, caller, &req);
         Ok(req)
@@ -78,7 +92,7 @@ impl<S: Store> Node<S> {
         let req = self.engine.approve(caller, id, comment)?;
         let req = self.enforce(req)?;
         if req.state == RequestState::Granted {
-            self.notify("request.granted", caller, &req);
+            self.notify(Event::RequestGranted, caller, &req);
         }
         Ok(req)
     }
@@ -86,27 +100,61 @@ impl<S: Store> Node<S> {
     /// Denies a pending request.
     pub fn deny(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
         let req = self.engine.deny(caller, id, comment)?;
-        self.notify("request.denied", caller, &req);
+        self.notify(Event::RequestDenied, caller, &req);
         Ok(req)
     }
 
-    fn notify(&self, event: &'static str, caller: &Caller, req: &Request) {
+    fn notify(&self, event: Event, caller: &Caller, req: &Request) {
+        if !self.notifier.is_enabled() {
+            return;
+        }
         let grant = if req.grant_id.is_empty() {
             None
         } else {
-            self.engine
-                .store()
-                .grant(&req.grant_id)
-                .ok()
-                .flatten()
-                .map(|g| g.value)
+            self.stored_grant(&req.grant_id)
         };
         self.notifier.send(Notice {
             event,
             actor: caller.name(),
-            request: Some(req.clone()),
-            grant,
+            request: Some(messages::request_msg(req)),
+            grant: grant.map(|g| self.grant_message(&g)),
         });
+    }
+
+    /// A stored grant for a notification; a read failure is logged and leaves the grant out.
+    fn stored_grant(&self, id: &str) -> Option<Grant> {
+        match self.engine.store().grant(id) {
+            Ok(g) => g.map(|g| g.value),
+            Err(e) => {
+                log::error!("reading grant {id} for a notification: {e}");
+                None
+            }
+        }
+    }
+
+    /// A stored request for a notification; a read failure is logged and leaves it out.
+    fn stored_request(&self, id: &str) -> Option<Request> {
+        match self.engine.store().request(id) {
+            Ok(r) => r.map(|r| r.value),
+            Err(e) => {
+                log::error!("reading request {id} for a notification: {e}");
+                None
+            }
+        }
+    }
+
+    /// A grant as the API shows it: its sources are the identity's static prefixes (identity
+    /// grants) and the addresses it binds (host grants).
+    #[must_use]
+    pub fn grant_message(&self, g: &Grant) -> pb::Grant {
+        let statics: Vec<String> = self
+            .engine
+            .config()
+            .identities
+            .get(&g.identity)
+            .map(|v| v.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        messages::grant_msg(g, &statics)
     }
 
     /// Revokes grants and deletes their kernel entries before returning: `Ok` means the kernel
@@ -128,19 +176,17 @@ impl<S: Store> Node<S> {
                 last_error = e.to_string();
             }
         }
-        for g in &revoked {
-            self.notifier.send(Notice {
-                event: "grant.revoked",
-                actor: caller.name(),
-                request: self
-                    .engine
-                    .store()
-                    .request(&g.request_id)
-                    .ok()
-                    .flatten()
-                    .map(|r| r.value),
-                grant: Some(g.clone()),
-            });
+        if self.notifier.is_enabled() {
+            for g in &revoked {
+                self.notifier.send(Notice {
+                    event: Event::GrantRevoked,
+                    actor: caller.name(),
+                    request: self
+                        .stored_request(&g.request_id)
+                        .map(|r| messages::request_msg(&r)),
+                    grant: Some(self.grant_message(g)),
+                });
+            }
         }
         if !pending.is_empty() {
             self.sync.request_reconcile();
@@ -150,6 +196,112 @@ impl<S: Store> Node<S> {
             });
         }
         Ok(revoked)
+    }
+
+    /// One request the caller may see.
+    pub fn get_request(&self, caller: &Caller, id: &str) -> Result<Request, NodeError> {
+        Ok(self.engine.get_request(caller, id)?)
+    }
+
+    /// Requests the caller may see, newest first.
+    pub fn list_requests(
+        &self,
+        caller: &Caller,
+        pending_only: bool,
+    ) -> Result<Vec<Request>, NodeError> {
+        Ok(self.engine.list_requests(caller, pending_only)?)
+    }
+
+    /// One grant the caller may see.
+    pub fn get_grant(&self, caller: &Caller, id: &str) -> Result<Grant, NodeError> {
+        Ok(self.engine.get_grant(caller, id)?)
+    }
+
+    /// Grants the caller may see, newest first.
+    pub fn list_grants(&self, caller: &Caller, active_only: bool) -> Result<Vec<Grant>, NodeError> {
+        Ok(self.engine.list_grants(caller, active_only)?)
+    }
+
+    /// Whether `caller` may see `req` (for the watch stream).
+    pub fn may_see_request(&self, caller: &Caller, req: &Request) -> bool {
+        self.engine.may_see_request(caller, req)
+    }
+
+    /// Every committed change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.engine.store().subscribe()
+    }
+
+    /// Ends what time has ended (see [`Engine::sweep`]).
+    pub fn sweep(&self) -> Result<(usize, usize), NodeError> {
+        Ok(self.engine.sweep()?)
+    }
+
+    /// What `caller` is and may do.
+    pub fn who_am_i(&self, caller: &Caller) -> pb::WhoAmIResponse {
+        let engine = &self.engine;
+        let services = &engine.config().services;
+        let names = |allowed: &dyn Fn(&crate::config::Service) -> bool| -> Vec<String> {
+            services
+                .values()
+                .filter(|s| allowed(s))
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        pb::WhoAmIResponse {
+            identity: caller.name(),
+            may_request: names(&|s| engine.may_request(caller, s)),
+            may_approve: names(&|s| engine.may_approve(caller, s)),
+            may_revoke_any: engine.is_admin(caller)
+                || services
+                    .values()
+                    .all(|s| engine.may_revoke_service(caller, s)),
+            may_break_glass: names(&|s| engine.may_break_glass(caller, s)),
+            groups: match caller {
+                Caller::Spiffe(id) => engine.config().groups_of(id),
+                Caller::Local { .. } => Vec::new(),
+            },
+        }
+    }
+
+    /// The node's state: services, counts, the gate's attachments and the kernel sync's record.
+    /// A failed read of the kernel is an error, never a zero.
+    pub fn status(&self) -> Result<pb::StatusResponse, NodeError> {
+        let cfg = self.engine.config();
+        let (waiting, live) = self.engine.counts()?;
+        let attachments = crate::datapath::attachments(&cfg.pin_dir)
+            .map_err(|e| NodeError::KernelRead(format!("listing the attachments: {e}")))?
+            .iter()
+            .map(|a| format!("{}/{}", a.interface, a.hook))
+            .collect();
+        let kernel_grants = self
+            .sync
+            .kernel_grants()
+            .map_err(|e| NodeError::KernelRead(format!("reading the grants map: {e}")))?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let stats = self.sync.stats();
+        Ok(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            attachments,
+            services: cfg
+                .services
+                .values()
+                .map(|s| pb::ServiceStatus {
+                    name: s.name.clone(),
+                    mode: s.mode.word().into(),
+                    destinations: s.destinations.iter().map(ToString::to_string).collect(),
+                    max_duration_seconds: s.max_duration.as_secs(),
+                    approvals_required: s.approvals_required,
+                    active_grants: count(live.iter().filter(|g| g.service == s.name).count()),
+                })
+                .collect(),
+            pending_requests: count(waiting.len()),
+            active_grants: count(live.len()),
+            kernel_grants: count(kernel_grants),
+            kernel_repairs: stats.repairs,
+            kernel_sync_failures: stats.failures,
+            corrupt_records: self.engine.store().corrupt_records(),
+        })
     }
 
     /// The durable-then-enforce step for a request the store now holds.

@@ -2,32 +2,22 @@
 //! Sent in the background, retried with backoff, never blocking a decision: a notification that
 //! cannot be queued (the queue is full) or delivered (all retries failed) is logged and dropped.
 //!
-//! JSON body (`format = "json"`, schema `jit.v1.notification`, stable):
-//! ```json
-//! {"schema": "jit.v1.notification", "event": "request.pending", "at_unix_ms": 1700000000000,
-//!  "actor": "spiffe://example.org/alice", "service": "payments-db",
-//!  "request": {"id": "req-…", "requester": "…", "service": "…", "duration_seconds": 900,
-//!              "reason": "…", "ticket": "…", "state": "pending", "approvals": 0,
-//!              "approvals_required": 2, "break_glass": false, "grant_id": ""},
-//!  "grant": null}
-//! ```
-//! `grant` (for `request.granted`, `grant.break_glass`, `grant.revoked`): `{"id", "identity",
-//! "service", "expires_unix_ms", "state", "break_glass", "revoked_by", "revoke_reason"}`.
-//! Slack format (`format = "slack"`): `{"text": "<one line>"}`.
+//! JSON body (`format = "json"`): the `jit.v1.Notification` message of proto/jit/v1/jit.proto in
+//! JSON, whose `request` and `grant` are the API's own `AccessRequest` and `Grant` messages (the
+//! same JSON `jitctl ls --json` prints). Event names are [`jit_api::Event`]. Slack format
+//! (`format = "slack"`): `{"text": "<one line>"}`.
 
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable as _};
+use jit_api::{Event, NOTIFICATION_SCHEMA, duration::format_duration, pb};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::{
-    config::Webhook,
-    engine::{grant_word, state_word},
-    model::{Grant, Request, now_ms},
-};
+use crate::{config::Webhook, model::now_ms};
 
 /// Delivery attempts per notification and webhook.
-const ATTEMPTS: u32 = 5;
+const ATTEMPTS: usize = 5;
 /// First retry delay; doubled each attempt.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Per-attempt timeout.
@@ -35,17 +25,18 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Notifications waiting for delivery before new ones are dropped.
 const QUEUE: usize = 1024;
 
-/// A notification event.
+/// A notification: what happened, who caused it, and the request and grant as the API shows
+/// them.
 #[derive(Clone, Debug)]
 pub struct Notice {
-    /// One of [`crate::config::EVENTS`].
-    pub event: &'static str,
+    /// What happened.
+    pub event: Event,
     /// Who caused it.
     pub actor: String,
     /// The request.
-    pub request: Option<Request>,
+    pub request: Option<pb::AccessRequest>,
     /// The grant.
-    pub grant: Option<Grant>,
+    pub grant: Option<pb::Grant>,
 }
 
 impl Notice {
@@ -57,39 +48,36 @@ impl Notice {
             .unwrap_or("")
     }
 
-    /// The documented JSON body.
+    /// The `jit.v1.Notification` message.
+    #[must_use]
+    pub fn message(&self) -> pb::Notification {
+        pb::Notification {
+            schema: NOTIFICATION_SCHEMA.into(),
+            event: self.event.name().into(),
+            at_unix_ms: now_ms(),
+            actor: self.actor.clone(),
+            service: self.service().into(),
+            request: self.request.clone(),
+            grant: self.grant.clone(),
+        }
+    }
+
+    /// The JSON body.
     #[must_use]
     pub fn json(&self) -> Value {
-        json!({
-            "schema": "jit.v1.notification",
-            "event": self.event,
-            "at_unix_ms": now_ms(),
-            "actor": self.actor,
-            "service": self.service(),
-            "request": self.request.as_ref().map(|r| json!({
-                "id": r.id, "requester": r.requester, "service": r.service,
-                "duration_seconds": r.duration_s, "reason": r.reason, "ticket": r.ticket,
-                "state": state_word(r.state), "approvals": r.approvals.len(),
-                "approvals_required": r.approvals_required, "break_glass": r.break_glass,
-                "grant_id": r.grant_id,
-            })),
-            "grant": self.grant.as_ref().map(|g| json!({
-                "id": g.id, "identity": g.identity, "service": g.service,
-                "expires_unix_ms": g.expires_ms, "state": grant_word(g.state),
-                "break_glass": g.break_glass, "revoked_by": g.revoked_by,
-                "revoke_reason": g.revoke_reason,
-            })),
-        })
+        serde_json::to_value(self.message()).unwrap_or(Value::Null)
     }
 
     /// A Slack-compatible body.
     #[must_use]
     pub fn slack(&self) -> Value {
+        let duration =
+            |r: &pb::AccessRequest| format_duration(Duration::from_secs(r.duration_seconds));
         let text = match (self.event, &self.request, &self.grant) {
-            ("request.pending", Some(r), _) => format!(
+            (Event::RequestPending, Some(r), _) => format!(
                 ":hourglass: {} asks for {} on *{}* ({}). `jitctl approve {}`",
                 r.requester,
-                crate::duration::format_duration(Duration::from_secs(r.duration_s)),
+                duration(r),
                 r.service,
                 if r.reason.is_empty() {
                     "no reason"
@@ -98,20 +86,20 @@ impl Notice {
                 },
                 r.id
             ),
-            ("grant.break_glass", Some(r), _) => format!(
+            (Event::GrantBreakGlass, Some(r), _) => format!(
                 ":rotating_light: BREAK-GLASS: {} granted itself {} on *{}*: {}",
                 r.requester,
-                crate::duration::format_duration(Duration::from_secs(r.duration_s)),
+                duration(r),
                 r.service,
                 r.reason
             ),
-            ("request.granted", Some(r), _) => {
+            (Event::RequestGranted, Some(r), _) => {
                 format!(
                     ":white_check_mark: {} was granted *{}* ({})",
                     r.requester, r.service, r.id
                 )
             }
-            ("request.denied", Some(r), _) => format!(
+            (Event::RequestDenied, Some(r), _) => format!(
                 ":no_entry: {}'s request for *{}* was denied by {}",
                 r.requester,
                 r.service,
@@ -121,7 +109,7 @@ impl Notice {
                     &r.denied_by
                 }
             ),
-            ("grant.revoked", _, Some(g)) => format!(
+            (Event::GrantRevoked, _, Some(g)) => format!(
                 ":lock: {}'s access to *{}* was revoked by {}",
                 g.identity, g.service, g.revoked_by
             ),
@@ -144,6 +132,12 @@ impl Notifier {
         Self { tx: None }
     }
 
+    /// Whether any webhook listens (building a notice is skipped when none does).
+    #[must_use]
+    pub const fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Starts the delivery task (on the current tokio runtime).
     #[must_use]
     pub fn start(hooks: Vec<Webhook>) -> Self {
@@ -161,8 +155,7 @@ impl Notifier {
         tokio::spawn(async move {
             while let Some(n) = rx.recv().await {
                 for hook in &hooks {
-                    let wants_event =
-                        hook.events.is_empty() || hook.events.iter().any(|e| e == n.event);
+                    let wants_event = hook.events.is_empty() || hook.events.contains(&n.event);
                     let wants_service =
                         hook.services.is_empty() || hook.services.iter().any(|s| s == n.service());
                     if !(wants_event && wants_service) {
@@ -189,32 +182,50 @@ impl Notifier {
     }
 }
 
-async fn deliver(client: &reqwest::Client, url: &str, event: &str, body: &Value) {
-    let mut delay = FIRST_BACKOFF;
-    for attempt in 1..=ATTEMPTS {
-        match client.post(url).json(body).send().await {
-            Ok(r) if r.status().is_success() => return,
-            Ok(r) => log::warn!(
-                "webhook {url} answered {} to {event} (attempt {attempt})",
-                r.status()
-            ),
-            Err(e) => log::warn!("webhook {url} failed for {event} (attempt {attempt}): {e}"),
+/// The retry schedule of one delivery: [`ATTEMPTS`] attempts, [`FIRST_BACKOFF`] doubling.
+pub(crate) fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_factor(2.0)
+        .with_max_times(ATTEMPTS - 1)
+}
+
+/// Why one delivery attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+}
+
+async fn deliver(client: &reqwest::Client, url: &str, event: Event, body: &Value) {
+    let attempt = || async {
+        let r = client.post(url).json(body).send().await?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(DeliveryError::Status(r.status()))
         }
-        if attempt < ATTEMPTS {
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-        }
+    };
+    if let Err(e) = attempt
+        .retry(backoff())
+        .notify(|e, after| {
+            log::warn!("webhook {url} failed for {event}: {e}; retrying in {after:?}")
+        })
+        .await
+    {
+        log::error!("webhook {url}: giving up on {event} after {ATTEMPTS} attempts: {e}");
     }
-    log::error!("webhook {url}: giving up on {event} after {ATTEMPTS} attempts");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::RequestState;
+    use crate::model::{Request, RequestState};
 
-    fn request() -> Request {
-        Request {
+    fn request() -> pb::AccessRequest {
+        crate::messages::request_msg(&Request {
             id: "req-1".into(),
             requester: "spiffe://ex.org/alice".into(),
             service: "db".into(),
@@ -233,13 +244,13 @@ mod tests {
             ticket: "OPS-1".into(),
             break_glass: false,
             policies: Vec::new(),
-        }
+        })
     }
 
     #[test]
     fn json_body_follows_the_documented_schema() {
         let n = Notice {
-            event: "request.pending",
+            event: Event::RequestPending,
             actor: "spiffe://ex.org/alice".into(),
             request: Some(request()),
             grant: None,
@@ -250,6 +261,8 @@ mod tests {
         assert_eq!(v["service"], "db");
         assert_eq!(v["request"]["approvals_required"], 2);
         assert_eq!(v["request"]["ticket"], "OPS-1");
+        assert_eq!(v["request"]["state"], "pending");
+        assert_eq!(v["request"]["approvals"], json!([]));
         assert!(v["grant"].is_null());
         let mut keys: Vec<&String> = v
             .as_object()
@@ -271,11 +284,22 @@ mod tests {
     }
 
     #[test]
+    fn deliveries_back_off_from_a_quarter_second_doubling() {
+        use backon::BackoffBuilder as _;
+        let delays: Vec<Duration> = backoff().build().collect();
+        assert_eq!(
+            delays,
+            [250, 500, 1000, 2000].map(Duration::from_millis),
+            "{ATTEMPTS} attempts: the first and four retries"
+        );
+    }
+
+    #[test]
     fn slack_body_is_one_line_of_text() {
         let mut r = request();
         r.break_glass = true;
         let n = Notice {
-            event: "grant.break_glass",
+            event: Event::GrantBreakGlass,
             actor: r.requester.clone(),
             request: Some(r),
             grant: None,

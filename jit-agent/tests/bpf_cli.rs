@@ -8,9 +8,8 @@ use std::{
     time::Duration,
 };
 
-use jit_agent::datapath::{
-    GateMaps, GrantEntry, GrantScope, Mode, Protocol, ServiceDest, boottime_ns,
-};
+use jit_agent::datapath::{GateMaps, GrantScope, boottime_ns};
+use jit_agent::spec::{Mode, Protocol, ServiceDest};
 use jit_tests::{
     PinDirGuard,
     echo::EchoServer,
@@ -64,6 +63,7 @@ fn pin(dir: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn bpf_commands_end_to_end() {
     if !require_root() {
         return;
@@ -146,15 +146,14 @@ fn bpf_commands_end_to_end() {
     };
     assert!(!connect());
     let now = boottime_ns().expect("clock");
-    maps.put_grant(GrantEntry {
-        scope: GrantScope::Identity,
-        identity_id: 11,
-        service_id: 3,
-        grant_id: 77,
-        not_before_ns: now,
-        expires_at_ns: now + 600_000_000_000,
-        seen: false,
-    })
+    maps.put_grant(jit_tests::fixtures::grant_between(
+        GrantScope::Identity,
+        11,
+        3,
+        77,
+        now,
+        now + 600_000_000_000,
+    ))
     .expect("grant");
     assert!(connect());
 

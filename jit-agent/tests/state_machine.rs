@@ -11,11 +11,9 @@ use std::{
 };
 
 use jit_agent::{
-    config::{Config, FileConfig, Overrides},
     engine::{Engine, EngineError, RequestOptions, RevokeTarget},
     identity::Caller,
     model::{GrantState, RequestState},
-    policy::{DEFAULT_SCHEMA, Policies, load_text},
     store::{RedbStore, Store},
 };
 
@@ -28,12 +26,6 @@ fn opts(reason: &str) -> RequestOptions<'_> {
 use proptest::prelude::*;
 
 const CONFIG: &str = r#"
-[tls]
-ca = "x"
-cert = "x"
-key = "x"
-[policy]
-file = "p.cedar"
 [[groups]]
 name = "users"
 members = ["spiffe://t.test/u*"]
@@ -97,19 +89,13 @@ fn fixture_with(policies: &str) -> Fixture {
 
 fn fixture_from(config: &str, policies: &str) -> Fixture {
     let dir = jit_tests::TempDir::new("jit-sm-");
-    let file: FileConfig = toml::from_str(config).expect("config");
-    let cfg = Config::validate(std::path::Path::new("t.toml"), file, &Overrides::default())
-        .expect("valid");
     let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
     let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
     let c = Arc::clone(&clock);
-    let policies = Policies::from_loaded(
-        load_text("p.cedar", policies, "schema", DEFAULT_SCHEMA).unwrap_or_else(|e| panic!("{e}")),
-    );
     let engine = Engine::new(
         store,
-        Arc::new(cfg),
-        Arc::new(policies),
+        jit_tests::fixtures::config(config),
+        jit_tests::fixtures::policies(policies),
         Arc::new(move || c.load(Ordering::SeqCst)),
     );
     Fixture {
@@ -516,12 +502,6 @@ fn approvals_annotation_raises_the_count() {
 }
 
 const BOUND_CONFIG: &str = r#"
-[tls]
-ca = "x"
-cert = "x"
-key = "x"
-[policy]
-file = "p.cedar"
 [[groups]]
 name = "users"
 members = ["spiffe://t.test/u*"]

@@ -3,6 +3,7 @@
 //! guard that removes what it made on drop, so a failing test cleans up too.
 
 pub mod echo;
+pub mod fixtures;
 pub mod frames;
 pub mod netns;
 pub mod tun;
@@ -79,8 +80,10 @@ pub fn sweep_stale() {
     });
 }
 
-/// Whether the calling test may touch the kernel. Root is needed; without it the test is skipped
-/// with a message naming it, except under CI (`CI` set), where running without root is a failure.
+/// Whether the calling test may touch the kernel. Such tests are also marked
+/// `#[ignore = "needs root"]`, so a plain `cargo test` counts them as skipped and `cargo xtask
+/// test` runs them as root (`--include-ignored`). Run without root anyway, the test is skipped
+/// with a message naming it, except under CI (`CI` set), where that is a failure.
 #[must_use]
 pub fn require_root() -> bool {
     let current = std::thread::current();

@@ -9,12 +9,13 @@ use std::{
 
 use ipnet::IpNet;
 use jit_agent::datapath::{
-    self, AttachMode, Gate, GateMaps, GrantEntry, GrantScope, LoadOptions, Mode, Protocol,
-    ServiceDest, boottime_after, boottime_ns, grant_key,
+    self, Gate, GateMaps, GrantScope, LoadOptions, boottime_after, boottime_ns, grant_key,
 };
+use jit_agent::spec::{AttachMode, Mode, Protocol, ServiceDest};
 use jit_tests::{
     PinDirGuard,
     echo::{EchoServer, round_trip},
+    fixtures,
     netns::{CLIENT_V4, CLIENT_V6, Link, Netns, SERVER_V4, SERVER_V6},
     require_root, unique,
 };
@@ -36,15 +37,14 @@ fn connect(ns: &Netns, to: SocketAddr) -> Option<TcpStream> {
 }
 
 fn grant_for(maps: &mut GateMaps, identity_id: u32, service_id: u32, d: Duration) {
-    maps.put_grant(GrantEntry {
-        scope: GrantScope::Identity,
+    maps.put_grant(fixtures::grant_between(
+        GrantScope::Identity,
         identity_id,
         service_id,
-        grant_id: 42,
-        not_before_ns: boottime_ns().expect("clock"),
-        expires_at_ns: boottime_after(d).expect("clock"),
-        seen: false,
-    })
+        42,
+        boottime_ns().expect("clock"),
+        boottime_after(d).expect("clock"),
+    ))
     .expect("grant");
 }
 
@@ -167,6 +167,7 @@ fn story(mode: AttachMode) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_end_to_end() {
     if !require_root() {
         return;
@@ -175,6 +176,7 @@ fn xdp_end_to_end() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tc_end_to_end() {
     if !require_root() {
         return;
@@ -185,6 +187,7 @@ fn tc_end_to_end() {
 /// The gate outlives the process that loaded it; a reload swaps the program in place and keeps
 /// the grants; only an explicit detach opens the service.
 #[test]
+#[ignore = "needs root"]
 fn enforcement_survives_the_loader_and_reload() {
     if !require_root() {
         return;
@@ -256,6 +259,7 @@ fn enforcement_survives_the_loader_and_reload() {
 /// passes everything ("ok", as a CNI might) cannot blind it, and the gate passes with "next", so
 /// the neighbours after it still run.
 #[test]
+#[ignore = "needs root"]
 fn tc_mode_is_a_good_neighbour_in_the_tcx_chain() {
     use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
     if !require_root() {
@@ -322,6 +326,7 @@ fn tc_mode_is_a_good_neighbour_in_the_tcx_chain() {
 /// Problem 4 of datapath v2: a tun device (packets start at the IP header) is gated in TC mode;
 /// XDP on it is refused with a reason.
 #[test]
+#[ignore = "needs root"]
 fn an_l3_device_is_gated_in_tc_mode_and_refused_in_xdp() {
     use std::net::UdpSocket;
     if !require_root() {

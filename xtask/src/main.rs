@@ -23,7 +23,8 @@ enum Task {
     /// Build the agent (and, through its build.rs, the kernel program).
     Build,
     /// rustfmt check, then clippy with warnings denied: host crates, then the eBPF crate on its
-    /// own for the BPF target.
+    /// own for the BPF target. Also checks that jitctl builds alone: no eBPF-toolchain crate in
+    /// its dependency tree, built on stable with no bpf-linker on PATH.
     Lint,
     /// Set up, build, and show the whole story in two network namespaces: a connection dropped,
     /// a request, an approval, the connection passing, a revoke cutting it, a grant expiring.
@@ -32,8 +33,9 @@ enum Task {
     /// Set up, build in release, and measure the gate's per-packet cost and grant loading as
     /// ratios against a pass-everything XDP program in the same run. Needs root.
     Bench,
-    /// Set up, lint, then run every test. Kernel tests need root; without root they are skipped
-    /// with a message, unless CI is set, where they fail instead.
+    /// Set up, lint, then run every test. Tests that need the kernel are marked
+    /// `#[ignore = "needs root"]` and run as root (`--include-ignored`); without root they are
+    /// counted as skipped, and with CI set the task refuses to run without root.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -74,6 +76,8 @@ fn main() -> anyhow::Result<()> {
                 "--quiet",
                 "--package",
                 "jit-agent",
+                "--package",
+                "jitctl",
                 "--bins",
                 "--package",
                 "jit-tests",
@@ -95,6 +99,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup::run()?;
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            if !root && std::env::var_os("CI").is_some() {
+                bail!(
+                    "CI is set but this is not root: the kernel tests (marked `needs root`) would \
+                     not run, and CI never skips them"
+                );
+            }
             lint()?;
             let mut test_args = vec![
                 "test",
@@ -102,15 +114,19 @@ fn main() -> anyhow::Result<()> {
                 "--exclude",
                 "jit-ebpf",
                 "--no-fail-fast",
+                "--",
             ];
-            if !args.is_empty() {
-                test_args.push("--");
-                test_args.extend(args.iter().map(String::as_str));
+            if root {
+                // Tests that need the kernel are `#[ignore = "needs root"]`: as root, all run.
+                test_args.push("--include-ignored");
             }
+            test_args.extend(args.iter().map(String::as_str));
             step("running the tests");
-            // SAFETY: geteuid has no preconditions.
-            if unsafe { libc::geteuid() } != 0 && std::env::var_os("CI").is_none() {
-                println!("    not root: tests that need the kernel will print SKIPPED and pass");
+            if !root {
+                println!(
+                    "    not root: tests marked `needs root` (BPF, namespaces, the binaries end to \
+                     end) are skipped and counted as skipped"
+                );
             }
             test_with_summary(&test_args)
         }
@@ -175,6 +191,7 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
+    jitctl_alone()?;
     step("clippy (jit-ebpf, BPF target)");
     // On its own: a workspace-wide run would unify features and pull std into the program.
     run(Command::new("cargo")
@@ -193,6 +210,86 @@ fn lint() -> anyhow::Result<()> {
             "warnings",
         ])
         .current_dir(workspace_root()))
+}
+
+/// Crates jitctl must never depend on: they need the eBPF toolchain (nightly, bpf-linker, LLVM)
+/// or are the agent's own.
+const NOT_FOR_JITCTL: &[&str] = &[
+    "aya",
+    "aya-obj",
+    "aya-build",
+    "aya-log",
+    "jit-ebpf",
+    "jit-common",
+    "jit-agent",
+    "redb",
+    "cedar-policy",
+];
+
+/// Keeps jitctl buildable anywhere: its dependency tree holds none of [`NOT_FOR_JITCTL`], and it
+/// builds on the stable toolchain with a PATH that holds no bpf-linker.
+fn jitctl_alone() -> anyhow::Result<()> {
+    step("jitctl builds alone (stable, no eBPF toolchain)");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "tree",
+            "--package",
+            "jitctl",
+            "--edges",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .context("running cargo tree")?;
+    if !out.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|name| NOT_FOR_JITCTL.contains(&name))
+        })
+        .collect();
+    if !bad.is_empty() {
+        bail!("jitctl must build without the eBPF toolchain, but depends on: {bad:?}");
+    }
+    // A PATH with cargo, rustc and rustup only (from the toolchain's bin directory), then the
+    // system's: a build step that needed bpf-linker would fail here.
+    let tools = std::env::temp_dir().join(format!("jitctl-alone-{}", std::process::id()));
+    std::fs::create_dir_all(&tools).context("creating a tools directory")?;
+    let result = (|| {
+        for tool in ["cargo", "rustc", "rustup"] {
+            let found = which_in_path(tool).with_context(|| format!("{tool} is not on PATH"))?;
+            let link = tools.join(tool);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&found, &link)
+                .with_context(|| format!("linking {}", found.display()))?;
+        }
+        let path = format!("{}:/usr/local/bin:/usr/bin:/bin", tools.display());
+        run(Command::new(tools.join("cargo"))
+            .args(["build", "--quiet", "--package", "jitctl", "--locked"])
+            .env("PATH", path)
+            .env("RUSTUP_TOOLCHAIN", "stable")
+            .current_dir(workspace_root()))
+    })();
+    let _ = std::fs::remove_dir_all(&tools);
+    result
+}
+
+fn which_in_path(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 /// Prints a progress line.

@@ -5,15 +5,15 @@ pub mod tls;
 
 use std::{pin::Pin, sync::Arc};
 
+use jit_api::pb::{self, jit_gate_server::JitGate};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::{
-    engine::{EngineError, RevokeTarget},
+    engine::{EngineError, RequestOptions, RevokeTarget},
     identity::{Caller, spiffe_id_from_der},
-    model::{self, GrantState, RequestState},
+    messages::request_msg,
     node::{Node, NodeError},
-    proto::{self as pb, jit_gate_server::JitGate},
     store::{Record, Store},
 };
 
@@ -85,86 +85,14 @@ fn node_status(e: NodeError) -> Status {
         }
         // The revoke is durable; only the kernel lags, and the agent keeps retrying.
         e @ NodeError::KernelDeletePending { .. } => Status::internal(e.to_string()),
-    }
-}
-
-/// Converts a request record to its message.
-#[must_use]
-pub fn request_msg(r: &model::Request) -> pb::AccessRequest {
-    pb::AccessRequest {
-        id: r.id.clone(),
-        requester: r.requester.clone(),
-        service: r.service.clone(),
-        duration_seconds: r.duration_s,
-        reason: r.reason.clone(),
-        state: match r.state {
-            RequestState::Pending => pb::RequestState::Pending,
-            RequestState::Granted => pb::RequestState::Granted,
-            RequestState::Denied => pb::RequestState::Denied,
-            RequestState::Expired => pb::RequestState::Expired,
-        } as i32,
-        created_unix_ms: r.created_ms,
-        pending_until_unix_ms: r.pending_until_ms,
-        approvals: r
-            .approvals
-            .iter()
-            .map(|a| pb::Approval {
-                approver: a.approver.clone(),
-                comment: a.comment.clone(),
-                at_unix_ms: a.at_ms,
-            })
-            .collect(),
-        approvals_required: r.approvals_required,
-        denied_by: r.denied_by.clone(),
-        denial_reason: r.denial_reason.clone(),
-        grant_id: r.grant_id.clone(),
-        peer_address: r.peer_address.clone(),
-        clamped: r.clamped,
-        ticket: r.ticket.clone(),
-        break_glass: r.break_glass,
-        policies: r.policies.clone(),
-    }
-}
-
-/// Converts a grant record to its message.
-#[must_use]
-pub fn grant_msg(g: &model::Grant, static_sources: &[String]) -> pb::Grant {
-    pb::Grant {
-        id: g.id.clone(),
-        request_id: g.request_id.clone(),
-        identity: g.identity.clone(),
-        service: g.service.clone(),
-        not_before_unix_ms: g.not_before_ms,
-        expires_unix_ms: g.expires_ms,
-        state: match g.state {
-            GrantState::Active => pb::GrantState::Active,
-            GrantState::Revoked => pb::GrantState::Revoked,
-            GrantState::Expired => pb::GrantState::Expired,
-        } as i32,
-        revoked_by: g.revoked_by.clone(),
-        ended_unix_ms: g.ended_ms,
-        sources: static_sources
-            .iter()
-            .cloned()
-            .chain(g.extra_sources.iter().cloned())
-            .collect(),
-        break_glass: g.break_glass,
+        e @ NodeError::KernelRead(_) => {
+            log::error!("{e}");
+            Status::unavailable(format!("{e}; see the agent log"))
+        }
     }
 }
 
 impl<S: Store> Api<S> {
-    fn grant_out(&self, g: &model::Grant) -> pb::Grant {
-        let statics: Vec<String> = self
-            .node
-            .engine
-            .config()
-            .identities
-            .get(&g.identity)
-            .map(|v| v.iter().map(ToString::to_string).collect())
-            .unwrap_or_default();
-        grant_msg(g, &statics)
-    }
-
     /// Runs blocking store work off the async executor.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -194,7 +122,7 @@ impl<S: Store> JitGate for Api<S> {
                     &who,
                     &m.service,
                     &m.duration,
-                    &crate::engine::RequestOptions {
+                    &RequestOptions {
                         reason: &m.reason,
                         ticket: &m.ticket,
                         break_glass: m.break_glass,
@@ -261,7 +189,7 @@ impl<S: Store> JitGate for Api<S> {
             .blocking(move |n| n.revoke(&who, &target, &m.reason).map_err(node_status))
             .await?;
         Ok(Response::new(pb::RevokeResponse {
-            revoked: revoked.iter().map(|g| self.grant_out(g)).collect(),
+            revoked: revoked.iter().map(|g| self.node.grant_message(g)).collect(),
         }))
     }
 
@@ -272,7 +200,7 @@ impl<S: Store> JitGate for Api<S> {
         let who = caller(&req)?;
         let id = req.into_inner().id;
         let r = self
-            .blocking(move |n| n.engine.get_request(&who, &id).map_err(status))
+            .blocking(move |n| n.get_request(&who, &id).map_err(node_status))
             .await?;
         Ok(Response::new(request_msg(&r)))
     }
@@ -284,7 +212,7 @@ impl<S: Store> JitGate for Api<S> {
         let who = caller(&req)?;
         let pending = req.into_inner().pending_only;
         let rs = self
-            .blocking(move |n| n.engine.list_requests(&who, pending).map_err(status))
+            .blocking(move |n| n.list_requests(&who, pending).map_err(node_status))
             .await?;
         Ok(Response::new(pb::ListRequestsResponse {
             requests: rs.iter().map(request_msg).collect(),
@@ -298,9 +226,9 @@ impl<S: Store> JitGate for Api<S> {
         let who = caller(&req)?;
         let id = req.into_inner().id;
         let g = self
-            .blocking(move |n| n.engine.get_grant(&who, &id).map_err(status))
+            .blocking(move |n| n.get_grant(&who, &id).map_err(node_status))
             .await?;
-        Ok(Response::new(self.grant_out(&g)))
+        Ok(Response::new(self.node.grant_message(&g)))
     }
 
     async fn list_grants(
@@ -310,10 +238,10 @@ impl<S: Store> JitGate for Api<S> {
         let who = caller(&req)?;
         let active = req.into_inner().active_only;
         let gs = self
-            .blocking(move |n| n.engine.list_grants(&who, active).map_err(status))
+            .blocking(move |n| n.list_grants(&who, active).map_err(node_status))
             .await?;
         Ok(Response::new(pb::ListGrantsResponse {
-            grants: gs.iter().map(|g| self.grant_out(g)).collect(),
+            grants: gs.iter().map(|g| self.node.grant_message(g)).collect(),
         }))
     }
 
@@ -327,17 +255,16 @@ impl<S: Store> JitGate for Api<S> {
         let only = req.into_inner().request_id;
         let node = Arc::clone(&self.node);
         // Subscribe before the snapshot so nothing falls between them.
-        let mut changes = node.engine.store().subscribe();
+        let mut changes = node.subscribe();
         let snapshot = {
             let (who, only) = (who.clone(), only.clone());
             self.blocking(move |n| {
                 if only.is_empty() {
-                    n.engine.list_requests(&who, false).map_err(status)
+                    n.list_requests(&who, false).map_err(node_status)
                 } else {
-                    n.engine
-                        .get_request(&who, &only)
+                    n.get_request(&who, &only)
                         .map(|r| vec![r])
-                        .map_err(status)
+                        .map_err(node_status)
                 }
             })
             .await?
@@ -368,7 +295,7 @@ impl<S: Store> JitGate for Api<S> {
                 let Record::Request(r) = change.record else {
                     continue;
                 };
-                if (!only.is_empty() && r.id != only) || !node.engine.may_see_request(&who, &r) {
+                if (!only.is_empty() && r.id != only) || !node.may_see_request(&who, &r) {
                     continue;
                 }
                 let ev = pb::WatchEvent {
@@ -387,34 +314,8 @@ impl<S: Store> JitGate for Api<S> {
         req: GrpcRequest<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let who = caller(&req)?;
-        let engine = &self.node.engine;
-        let services = &engine.config().services;
-        Ok(Response::new(pb::WhoAmIResponse {
-            identity: who.name(),
-            may_request: services
-                .values()
-                .filter(|s| engine.may_request(&who, s))
-                .map(|s| s.name.clone())
-                .collect(),
-            may_approve: services
-                .values()
-                .filter(|s| engine.may_approve(&who, s))
-                .map(|s| s.name.clone())
-                .collect(),
-            may_revoke_any: engine.is_admin(&who)
-                || services
-                    .values()
-                    .all(|s| engine.may_revoke_service(&who, s)),
-            may_break_glass: services
-                .values()
-                .filter(|s| engine.may_break_glass(&who, s))
-                .map(|s| s.name.clone())
-                .collect(),
-            groups: match &who {
-                Caller::Spiffe(id) => engine.config().groups_of(id),
-                Caller::Local { .. } => Vec::new(),
-            },
-        }))
+        let out = self.blocking(move |n| Ok(n.who_am_i(&who))).await?;
+        Ok(Response::new(out))
     }
 
     async fn status(
@@ -422,79 +323,7 @@ impl<S: Store> JitGate for Api<S> {
         req: GrpcRequest<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         caller(&req)?;
-        let out = self
-            .blocking(|n| {
-                let cfg = n.engine.config();
-                let now = model::now_ms();
-                let grants = n.engine.store().grants().map_err(|e| status(e.into()))?;
-                let requests = n.engine.store().requests().map_err(|e| status(e.into()))?;
-                let live: Vec<&model::Grant> = grants
-                    .iter()
-                    .map(|g| &g.value)
-                    .filter(|g| g.is_live(now))
-                    .collect();
-                let attachments = crate::datapath::attachments(&cfg.pin_dir)
-                    .map(|a| {
-                        a.iter()
-                            .map(|a| format!("{}/{}", a.interface, a.hook))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok(pb::StatusResponse {
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    attachments,
-                    services: cfg
-                        .services
-                        .values()
-                        .map(|s| pb::ServiceStatus {
-                            name: s.name.clone(),
-                            mode: match s.mode {
-                                crate::datapath::Mode::Enforce => "enforce".into(),
-                                crate::datapath::Mode::Audit => "audit".into(),
-                            },
-                            destinations: s
-                                .destinations
-                                .iter()
-                                .map(|d| {
-                                    format!(
-                                        "{}/{}",
-                                        std::net::SocketAddr::new(d.addr, d.port),
-                                        d.proto
-                                    )
-                                })
-                                .collect(),
-                            max_duration_seconds: s.max_duration.as_secs(),
-                            approvals_required: s.approvals_required,
-                            active_grants: u32::try_from(
-                                live.iter().filter(|g| g.service == s.name).count(),
-                            )
-                            .unwrap_or(u32::MAX),
-                        })
-                        .collect(),
-                    pending_requests: u32::try_from(
-                        requests
-                            .iter()
-                            .filter(|r| {
-                                r.value.state == RequestState::Pending
-                                    && now < r.value.pending_until_ms
-                            })
-                            .count(),
-                    )
-                    .unwrap_or(u32::MAX),
-                    active_grants: u32::try_from(live.len()).unwrap_or(u32::MAX),
-                    kernel_grants: u32::try_from(n.sync.kernel_grants().map_err(|e| {
-                        log::error!("reading the kernel grants: {e}");
-                        Status::unavailable(
-                            "reading the kernel's grants map failed; see the agent log",
-                        )
-                    })?)
-                    .unwrap_or(u32::MAX),
-                    kernel_repairs: n.sync.stats().repairs,
-                    kernel_sync_failures: n.sync.stats().failures,
-                    corrupt_records: n.engine.store().corrupt_records(),
-                })
-            })
-            .await?;
+        let out = self.blocking(|n| n.status().map_err(node_status)).await?;
         Ok(Response::new(out))
     }
 }

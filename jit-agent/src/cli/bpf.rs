@@ -6,10 +6,13 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::{PinArgs, table};
+use jit_api::table;
+
+use super::PinArgs;
 use crate::datapath::{
-    self, AttachMode, Attachment, Counters, Gate, GateMaps, GrantEntry, LoadOptions, MapFill,
+    self, Attachment, Counters, Gate, GateMaps, GrantEntry, LoadOptions, MapFill,
 };
+use crate::{kernel_names::KernelNames, spec::AttachMode};
 
 /// Kernel gate commands.
 #[derive(Debug, Subcommand)]
@@ -49,6 +52,8 @@ pub enum BpfCommand {
         json: bool,
         #[command(flatten)]
         pin: PinArgs,
+        #[command(flatten)]
+        names: NamesArgs,
     },
     /// Show the grants the kernel holds now.
     Grants {
@@ -57,7 +62,39 @@ pub enum BpfCommand {
         json: bool,
         #[command(flatten)]
         pin: PinArgs,
+        #[command(flatten)]
+        names: NamesArgs,
     },
+}
+
+/// Where the names of the kernel's numeric ids are found.
+#[derive(Debug, clap::Args)]
+pub struct NamesArgs {
+    /// The agent's state directory, where it records the names behind the kernel's service and
+    /// identity ids (shown next to the ids when found).
+    #[arg(long, env = "JIT_STATE_DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
+    state_dir: std::path::PathBuf,
+}
+
+impl NamesArgs {
+    /// The recorded names; none (with a note on stderr) when they cannot be read.
+    fn load(&self) -> KernelNames {
+        match KernelNames::load(&self.state_dir) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                eprintln!(
+                    "note: no names recorded in {} (is the agent's state there? --state-dir); \
+                     showing ids only",
+                    self.state_dir.display()
+                );
+                KernelNames::default()
+            }
+            Err(e) => {
+                eprintln!("note: {e}; showing ids only");
+                KernelNames::default()
+            }
+        }
+    }
 }
 
 /// Runs one `bpf` command.
@@ -88,8 +125,8 @@ pub(crate) fn run(cmd: BpfCommand) -> anyhow::Result<()> {
             println!("detached from {iface} ({mode})");
             Ok(())
         }
-        BpfCommand::Status { json, pin } => status(&pin, json),
-        BpfCommand::Grants { json, pin } => grants(&pin, json),
+        BpfCommand::Status { json, pin, names } => status(&pin, &names.load(), json),
+        BpfCommand::Grants { json, pin, names } => grants(&pin, &names.load(), json),
     }
 }
 
@@ -99,15 +136,23 @@ struct Status {
     attachments: Vec<Attachment>,
     maps: Vec<MapFill>,
     counters: Counters,
+    /// The names of the service ids the counters are keyed by (those recorded).
+    service_names: std::collections::BTreeMap<u32, String>,
 }
 
-fn status(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
+fn status(pin: &PinArgs, names: &KernelNames, json: bool) -> anyhow::Result<()> {
     let maps = GateMaps::open(&pin.pin_dir)?;
+    let counters = maps.counters()?;
     let status = Status {
         pin_dir: pin.pin_dir.display().to_string(),
         attachments: datapath::attachments(&pin.pin_dir)?,
         maps: maps.fill(),
-        counters: maps.counters()?,
+        service_names: counters
+            .per_service
+            .keys()
+            .filter_map(|id| Some((*id, names.services.get(id)?.clone())))
+            .collect(),
+        counters,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -161,8 +206,9 @@ fn status(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
             .per_service
             .iter()
             .flat_map(|(id, per)| {
+                let service = names.service(*id);
                 per.iter()
-                    .map(move |(k, v)| vec![id.to_string(), (*k).to_string(), v.to_string()])
+                    .map(move |(k, v)| vec![service.clone(), (*k).to_string(), v.to_string()])
             })
             .collect();
         print!(
@@ -177,13 +223,19 @@ fn status(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
 struct GrantRow {
     #[serde(flatten)]
     grant: GrantEntry,
+    /// The service's name, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_name: Option<String>,
+    /// The identity's SPIFFE ID, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity_name: Option<String>,
     /// Nanoseconds until expiry, 0 when expired.
     remaining_ns: u64,
     /// `live`, `expired` or `pending` (not yet valid).
     state: &'static str,
 }
 
-fn grants(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
+fn grants(pin: &PinArgs, names: &KernelNames, json: bool) -> anyhow::Result<()> {
     let maps = GateMaps::open(&pin.pin_dir)?;
     let now = datapath::boottime_ns()?;
     let rows: Vec<GrantRow> = maps
@@ -198,6 +250,8 @@ fn grants(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
             } else {
                 "live"
             },
+            service_name: names.services.get(&g.service_id).cloned(),
+            identity_name: names.identities.get(&g.identity_id).cloned(),
             grant: g,
         })
         .collect();
@@ -214,12 +268,12 @@ fn grants(pin: &PinArgs, json: bool) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.grant.grant_id.to_string(),
-                r.grant.identity_id.to_string(),
+                names.identity(r.grant.identity_id),
                 match r.grant.scope {
                     datapath::GrantScope::Host(addr) => addr.to_string(),
                     datapath::GrantScope::Identity => "identity prefixes".to_string(),
                 },
-                r.grant.service_id.to_string(),
+                names.service(r.grant.service_id),
                 r.state.to_string(),
                 human(Duration::from_nanos(r.remaining_ns)),
                 if r.grant.seen { "yes" } else { "no" }.to_string(),

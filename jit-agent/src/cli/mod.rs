@@ -1,7 +1,6 @@
 //! The `jit-agent` command line.
 
 mod bpf;
-mod table;
 
 use std::path::PathBuf;
 
@@ -145,12 +144,6 @@ pub struct PinArgs {
     pub pin_dir: PathBuf,
 }
 
-/// Renders a plain-text table (for people; scripts use `--json`).
-#[must_use]
-pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    table::render(header, rows)
-}
-
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -185,7 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     s.name,
                     s.mode,
                     s.destinations.len(),
-                    crate::duration::format_duration(s.max_duration),
+                    jit_api::duration::format_duration(s.max_duration),
                     s.approvals_required
                 );
             }
@@ -246,7 +239,8 @@ fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
             crate::config::service_names(&cfg)
         )
     })?;
-    let wanted = crate::duration::parse_duration(&a.duration).map_err(|e| anyhow!("--for {e}"))?;
+    let wanted =
+        jit_api::duration::parse_duration(&a.duration).map_err(|e| anyhow!("--for {e}"))?;
     let now_ms = match &a.at {
         Some(t) => {
             let st = humantime::parse_rfc3339_weak(t).with_context(|| {
@@ -260,17 +254,14 @@ fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
         None => crate::model::now_ms(),
     };
     let requester = a.requester.clone().unwrap_or_else(|| a.principal.clone());
+    let asked = crate::engine::clamp(service, wanted, false);
     println!(
         "{} on {} ({} environment) for {}{}, groups: {}",
         a.principal,
         service.name,
         service.environment,
-        crate::duration::format_duration(wanted.min(service.max_duration)),
-        if wanted > service.max_duration {
-            " (clamped)"
-        } else {
-            ""
-        },
+        jit_api::duration::format_duration(std::time::Duration::from_secs(asked.duration_s)),
+        if asked.clamped { " (clamped)" } else { "" },
         {
             let g = cfg.groups_of(&a.principal);
             if g.is_empty() {
@@ -281,29 +272,18 @@ fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
         }
     );
     for action in crate::policy::Action::ALL {
-        let cap = if action == crate::policy::Action::BreakGlass {
-            service.max_duration.min(service.break_glass_max)
-        } else {
-            service.max_duration
+        // The same clamp and facts the engine decides on.
+        let duration =
+            crate::engine::clamp(service, wanted, action == crate::policy::Action::BreakGlass);
+        let ask = crate::engine::Ask {
+            duration_s: duration.duration_s,
+            reason: &a.reason,
+            ticket: &a.ticket,
+            source_ip: a.source_ip,
+            requester: &requester,
+            approvals: a.approvals,
         };
-        let v = policies.decide(
-            action,
-            &crate::policy::Facts {
-                principal: &a.principal,
-                principal_groups: cfg.groups_of(&a.principal),
-                service: &service.name,
-                environment: &service.environment,
-                max_duration_seconds: service.max_duration.as_secs(),
-                duration_seconds: wanted.min(cap).as_secs().max(1),
-                reason: &a.reason,
-                ticket: &a.ticket,
-                source_ip: a.source_ip,
-                now_ms,
-                requester: &requester,
-                requester_groups: cfg.groups_of(&requester),
-                approvals: a.approvals,
-            },
-        );
+        let v = crate::engine::decide(&policies, &cfg, action, &a.principal, service, &ask, now_ms);
         println!(
             "  {:<13} {:<5} {}",
             action.name(),

@@ -8,7 +8,6 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
 use aya::{
@@ -27,6 +26,7 @@ use super::{
     error::{DatapathError, Result},
     maps::maps_dir,
 };
+use crate::spec::AttachMode;
 
 /// The kernel object, built from `jit-ebpf` by build.rs.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-ebpf"));
@@ -172,53 +172,12 @@ pub fn remove_stale_layouts(pin_dir: &Path) -> Result<Vec<PathBuf>> {
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/jit";
 
-/// Where and how the gate is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// XDP, native where the driver supports it, generic otherwise.
-    Xdp,
-    /// XDP in generic (skb) mode only.
-    XdpGeneric,
-    /// XDP in native (driver) mode only; fails where the driver has no XDP support.
-    XdpNative,
-    /// TC ingress (TCX on kernels ≥ 6.6).
-    Tc,
-}
-
 impl AttachMode {
     /// The suffix of the link's pin file: all XDP modes share one, as an interface has one XDP slot.
     const fn pin_suffix(self) -> &'static str {
         match self {
             Self::Xdp | Self::XdpGeneric | Self::XdpNative => "xdp",
             Self::Tc => "tc",
-        }
-    }
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Xdp => "xdp",
-            Self::XdpGeneric => "xdp-generic",
-            Self::XdpNative => "xdp-native",
-            Self::Tc => "tc",
-        })
-    }
-}
-
-impl FromStr for AttachMode {
-    type Err = DatapathError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "xdp" => Ok(Self::Xdp),
-            "xdp-generic" => Ok(Self::XdpGeneric),
-            "xdp-native" => Ok(Self::XdpNative),
-            "tc" => Ok(Self::Tc),
-            other => Err(DatapathError::Invalid {
-                field: "attach mode",
-                reason: format!("{other:?}; expected xdp, xdp-generic, xdp-native or tc"),
-            }),
         }
     }
 }
@@ -524,23 +483,12 @@ pub fn check_interface(iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks that `iface` is a well-formed interface name (it may no longer exist). Besides matching
-/// the kernel, this keeps link pin paths inside the pin directory.
-pub fn check_interface_name(iface: &str) -> Result<()> {
-    // The kernel's rules (dev_valid_name): 1-15 bytes, not "." or "..", no '/', ':' or space.
-    if iface.is_empty()
-        || iface.len() > 15
-        || iface == "."
-        || iface == ".."
-        || iface.contains(['/', ':'])
-        || iface.chars().any(char::is_whitespace)
-    {
-        return Err(DatapathError::Invalid {
-            field: "interface",
-            reason: format!("{iface:?} is not a valid interface name"),
-        });
-    }
-    Ok(())
+/// [`crate::spec::check_interface_name`], as a datapath error.
+fn check_interface_name(iface: &str) -> Result<()> {
+    crate::spec::check_interface_name(iface).map_err(|e| DatapathError::Invalid {
+        field: "interface",
+        reason: e.to_string(),
+    })
 }
 
 /// An error with its causes, for errors whose `Display` leaves the OS error out.
@@ -724,20 +672,6 @@ mod tests {
         for refused in [778, 823, 512, 280, 24, 0xffff] {
             assert_eq!(device_kind_of(refused), None, "ARPHRD {refused}");
         }
-    }
-
-    #[test]
-    fn attach_modes_round_trip_and_reject_unknown() {
-        for mode in [
-            AttachMode::Xdp,
-            AttachMode::XdpGeneric,
-            AttachMode::XdpNative,
-            AttachMode::Tc,
-        ] {
-            assert_eq!(mode.to_string().parse::<AttachMode>().ok(), Some(mode));
-        }
-        let err = "xdp-offload".parse::<AttachMode>().unwrap_err().to_string();
-        assert!(err.contains("xdp-offload") && err.contains("tc"), "{err}");
     }
 
     #[test]

@@ -3,11 +3,9 @@
 
 use std::{
     collections::BTreeMap,
-    fmt,
     net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
 use aya::maps::{
@@ -23,66 +21,23 @@ use jit_common::{
 };
 
 use super::error::{DatapathError, Result};
-
-/// A transport protocol the gate can protect.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
+use crate::spec::{Mode, Protocol, ServiceDest};
 
 impl Protocol {
-    const fn number(self) -> u8 {
+    pub(crate) const fn number(self) -> u8 {
         match self {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
         }
     }
 
-    const fn from_number(n: u8) -> Option<Self> {
+    pub(crate) const fn from_number(n: u8) -> Option<Self> {
         match n {
             PROTO_TCP => Some(Self::Tcp),
             PROTO_UDP => Some(Self::Udp),
             _ => None,
         }
     }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-impl FromStr for Protocol {
-    type Err = DatapathError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(Self::Tcp),
-            "udp" => Ok(Self::Udp),
-            _ => Err(DatapathError::Invalid {
-                field: "protocol",
-                reason: format!("{s:?}; expected tcp or udp"),
-            }),
-        }
-    }
-}
-
-/// How a service treats packets without a live grant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Drop them.
-    Enforce,
-    /// Count and report them, then pass them.
-    Audit,
 }
 
 impl Mode {
@@ -92,33 +47,6 @@ impl Mode {
             Self::Audit => MODE_AUDIT,
         }
     }
-}
-
-impl FromStr for Mode {
-    type Err = DatapathError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "enforce" => Ok(Self::Enforce),
-            "audit" => Ok(Self::Audit),
-            _ => Err(DatapathError::Invalid {
-                field: "mode",
-                reason: format!("{s:?}; expected enforce or audit"),
-            }),
-        }
-    }
-}
-
-/// A protected destination. An unspecified address (`0.0.0.0` or `::`) matches every destination
-/// address of that family arriving on an attached interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub struct ServiceDest {
-    /// Destination address, or unspecified for any.
-    pub addr: IpAddr,
-    /// Destination port, 1-65535.
-    pub port: u16,
-    /// Transport protocol.
-    pub proto: Protocol,
 }
 
 impl ServiceDest {
@@ -357,7 +285,16 @@ impl GateMaps {
             service_id,
             mode: mode.raw(),
         };
-        let existing = self.services.get(&key, 0).ok();
+        let existing = match self.services.get(&key, 0) {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(e) => {
+                return Err(DatapathError::Map {
+                    map: map_names::SERVICES,
+                    source: e,
+                });
+            }
+        };
         match existing {
             // Indexes first: a packet that sees the index but not yet the service just pays
             // one more lookup and passes, as it did before.
@@ -459,9 +396,17 @@ impl GateMaps {
         }
 
         let dest_key = ServiceKey { port: 0, ..*key };
-        let n = bump(self.dests.get(&dest_key, 0).unwrap_or(0));
+        let current = match self.dests.get(&dest_key, 0) {
+            Ok(n) => n,
+            Err(MapError::KeyNotFound) => 0,
+            Err(e) => return Err(map_err(map_names::DESTS, e)),
+        };
+        let n = bump(current);
         if n == 0 {
-            let _ = self.dests.remove(&dest_key);
+            match self.dests.remove(&dest_key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::DESTS, e)),
+            }
         } else {
             self.dests
                 .insert(dest_key, n, 0)
@@ -931,13 +876,5 @@ mod tests {
         assert!(k.addr[4..].iter().all(|b| *b == 0));
         let k = dest("::", 53).key().unwrap();
         assert_eq!((k.family, k.addr), (FAMILY_V6, [0; 16]));
-    }
-
-    #[test]
-    fn protocol_and_mode_parse() {
-        assert_eq!("TCP".parse::<Protocol>().ok(), Some(Protocol::Tcp));
-        assert!("icmp".parse::<Protocol>().is_err());
-        assert_eq!("audit".parse::<Mode>().ok(), Some(Mode::Audit));
-        assert!("permissive".parse::<Mode>().is_err());
     }
 }

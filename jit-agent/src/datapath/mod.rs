@@ -15,11 +15,10 @@ pub use clock::{boottime_after, boottime_ns};
 pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
-    AttachMode, Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments,
-    check_interface, check_interface_name, detach, device_kind, harness, interface_index,
-    link_pin_path, load_harness, remove_stale_layouts,
+    Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments, check_interface,
+    detach, device_kind, harness, interface_index, link_pin_path, load_harness,
+    remove_stale_layouts,
 };
 pub use maps::{
-    Counters, GateMaps, GrantEntry, GrantScope, MapFill, Mode, Protocol, ServiceDest, ServiceEntry,
-    grant_key, maps_dir,
+    Counters, GateMaps, GrantEntry, GrantScope, MapFill, ServiceEntry, grant_key, maps_dir,
 };

@@ -57,6 +57,36 @@ pub struct Txn {
     pub puts: Vec<Record>,
 }
 
+impl Record {
+    /// The record's key.
+    #[must_use]
+    pub fn key(&self) -> RecordKey {
+        match self {
+            Self::Request(r) => RecordKey::Request(r.id.clone()),
+            Self::Grant(g) => RecordKey::Grant(g.id.clone()),
+        }
+    }
+}
+
+impl Txn {
+    /// Writes `record` if it still has `revision` (0: if it does not exist yet).
+    #[must_use]
+    pub fn put(record: Record, revision: u64) -> Self {
+        Self {
+            compares: vec![(record.key(), revision)],
+            puts: vec![record],
+        }
+    }
+
+    /// Also writes `record` if it still has `revision` (0: if it does not exist yet).
+    #[must_use]
+    pub fn and_put(mut self, record: Record, revision: u64) -> Self {
+        self.compares.push((record.key(), revision));
+        self.puts.push(record);
+        self
+    }
+}
+
 /// Kinds of numeric ids the kernel needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdKind {

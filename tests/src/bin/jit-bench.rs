@@ -22,9 +22,8 @@ use aya::{
     maps::{Array, HashMap, ProgramArray},
     programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
 };
-use jit_agent::datapath::{
-    GrantEntry, GrantScope, Mode, Protocol, ServiceDest, boottime_ns, harness, load_harness,
-};
+use jit_agent::datapath::{GrantEntry, GrantScope, boottime_ns, harness, load_harness};
+use jit_agent::spec::{Mode, Protocol, ServiceDest};
 use jit_tests::{TestGate, frames::Packet};
 
 /// Packets per measurement.
@@ -172,14 +171,15 @@ fn gate_with(count: u32) -> (TestGate, f64) {
         .expect("service");
     let now = boottime_ns().expect("clock");
     let grants: Vec<GrantEntry> = (0..count)
-        .map(|i| GrantEntry {
-            scope: GrantScope::Host(IpAddr::V4(Ipv4Addr::from(GRANTED_BASE + i))),
-            identity_id: 1 + i % 1000,
-            service_id: 1,
-            grant_id: u64::from(i) + 1,
-            not_before_ns: now,
-            expires_at_ns: now + 3_600_000_000_000,
-            seen: false,
+        .map(|i| {
+            jit_tests::fixtures::grant_between(
+                GrantScope::Host(IpAddr::V4(Ipv4Addr::from(GRANTED_BASE + i))),
+                1 + i % 1000,
+                1,
+                u64::from(i) + 1,
+                now,
+                now + 3_600_000_000_000,
+            )
         })
         .collect();
     let started = Instant::now();

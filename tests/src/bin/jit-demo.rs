@@ -150,21 +150,7 @@ fn run() -> Result<(), String> {
     std::fs::write(
         &config,
         format!(
-            r#"[agent]
-listen = "{SERVER_V4}:7443"
-unix_socket = "{d}/agent.sock"
-state_dir = "{d}/state"
-pin_dir = "{pin}"
-interfaces = ["{iface}"]
-
-[tls]
-ca = "{c}/ca.pem"
-cert = "{c}/agent.pem"
-key = "{c}/agent.key"
-
-[policy]
-file = "{d}/policies.cedar"
-
+            r#"{agent}
 [[groups]]
 name = "sre"
 members = ["spiffe://demo.jit/sre/*"]
@@ -187,10 +173,15 @@ environment = "staging"
 max_duration = "4s"
 bind_requester_address = true
 "#,
-            d = dir.display(),
-            c = certs.display(),
-            pin = pin_dir.display(),
-            iface = link.server_if,
+            agent = jit_tests::fixtures::AgentFiles {
+                dir: &dir,
+                certs: &certs,
+                pin_dir: &pin_dir,
+                listen: &format!("{SERVER_V4}:7443"),
+                interfaces: &[&link.server_if],
+                request_ttl: None,
+            }
+            .sections(),
         ),
     )
     .map_err(|e| e.to_string())?;

@@ -1,7 +1,7 @@
 //! Plain-text tables for people (scripts use `--json`).
 
 /// Renders rows under a header, columns padded to their widest cell.
-pub(crate) fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

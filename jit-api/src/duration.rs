@@ -1,4 +1,5 @@
-//! The one parser for durations ("15m", "1h30m", "90s"), used by config, the API and jitctl.
+//! The one parser for durations ("15m", "1h30m", "90s"), used by the agent's configuration and API
+//! and by jitctl.
 
 use std::time::Duration;
 

@@ -1,0 +1,69 @@
+//! `jitctl`: the JIT Gate CLI for requesters, approvers and pipelines. It talks to an agent over
+//! the `jit.v1` gRPC API (jit-api) and needs nothing else: it builds with stable Rust alone.
+//!
+//! Modules: `settings` (flags, environment, settings file), `connect` (mTLS or the local socket,
+//! and errors that say what to do), `commands` (one API call or two per command), `render`
+//! (lines, tables, JSON).
+
+mod commands;
+mod connect;
+mod render;
+mod settings;
+
+use clap::Parser as _;
+
+/// Exit code: the request was denied.
+pub(crate) const EXIT_DENIED: u8 = 2;
+/// Exit code: the request was not decided in time (or expired).
+pub(crate) const EXIT_TIMEOUT: u8 = 3;
+/// Exit code: any other error, a usage error included.
+pub(crate) const EXIT_ERROR: u8 = 1;
+
+/// jitctl: ask for, approve and revoke just-in-time access through a JIT Gate agent.
+///
+/// Connection settings come from flags, then the environment (JIT_AGENT, JIT_CERT, JIT_KEY,
+/// JIT_CA, JIT_SOCKET), then the settings file (jit/config.toml in your configuration
+/// directory: $XDG_CONFIG_HOME, else ~/.config; or --config/JITCTL_CONFIG) with the keys agent,
+/// cert, key, ca and socket.
+///
+/// Exit codes: 0 done (granted), 1 error (usage errors too), 2 denied, 3 not decided in time or
+/// expired; `exec` passes its command's code through.
+#[derive(Debug, clap::Parser)]
+#[command(name = "jitctl", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    connection: settings::ConnectionArgs,
+    /// What to do.
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version end well; a usage error is an error (1), never "denied" (2).
+            return std::process::ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    let settings = cli.connection.resolve()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        let mut client = connect::connect(&settings).await?;
+        commands::run(&mut client, cli.command).await
+    })
+}
