@@ -31,10 +31,17 @@ fn build_ebpf() -> anyhow::Result<()> {
         std::fs::write(out.join(EBPF_PACKAGE), []).context("writing the stand-in object")?;
         std::fs::write(out.join("jit-harness"), []).context("writing the stand-in object")?;
     }
+    // The agent's `ebpf-log` feature turns on the program's aya-log records.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_EBPF_LOG").is_some() {
+        &["log"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: EBPF_PACKAGE,
             root_dir: root_dir.as_str(),
+            features,
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

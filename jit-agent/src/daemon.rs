@@ -83,11 +83,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .context("loading the policies")?,
     );
 
-    let gate = Gate::load(&LoadOptions {
+    #[cfg_attr(not(feature = "ebpf-log"), allow(unused_mut))]
+    let mut gate = Gate::load(&LoadOptions {
         pin_dir: cfg.pin_dir.clone(),
         max_grants: cfg.max_grants,
     })
     .context("loading the kernel gate")?;
+    #[cfg(feature = "ebpf-log")]
+    gate.forward_logs()
+        .context("forwarding the program's log records")?;
     let maps = GateMaps::open(&cfg.pin_dir)?;
     let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
     // Reconcile before attaching: the kernel holds exactly the live grants of the store.

@@ -7,6 +7,8 @@ mod addr;
 mod maps;
 mod parse;
 mod report;
+#[cfg(feature = "log")]
+mod trace;
 mod verdict;
 
 use aya_ebpf::{
@@ -28,7 +30,7 @@ const TC_PULL_LEN: u32 = 640;
 #[xdp]
 fn jit_gate_xdp(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    match decide(start, end, parse(start, end)) {
+    match traced(&ctx, "xdp", start, end, parse(start, end)) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
@@ -39,7 +41,7 @@ fn jit_gate_xdp(ctx: XdpContext) -> u32 {
 fn jit_gate_tc(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let (start, end) = (ctx.data(), ctx.data_end());
-    tc_verdict(decide(start, end, parse(start, end)))
+    tc_verdict(traced(&ctx, "tc", start, end, parse(start, end)))
 }
 
 /// TC ingress entry point for L3 devices (tun, WireGuard, IP tunnels): the packet starts at the
@@ -50,7 +52,32 @@ fn jit_gate_tc_l3(ctx: TcContext) -> i32 {
     // `protocol` holds the EtherType in network byte order in its low 16 bits.
     let ether_type = u16::from_be(ctx.skb.protocol() as u16);
     let (start, end) = (ctx.data(), ctx.data_end());
-    tc_verdict(decide(start, end, parse_l3(start, end, ether_type)))
+    tc_verdict(traced(
+        &ctx,
+        "tc-l3",
+        start,
+        end,
+        parse_l3(start, end, ether_type),
+    ))
+}
+
+/// [`decide`], with the packet logged when the `log` feature is on (never in the shipped object).
+#[inline(always)]
+fn traced<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    hook: &str,
+    start: usize,
+    end: usize,
+    parsed: parse::Parsed,
+) -> Verdict {
+    #[cfg(feature = "log")]
+    let summary = trace::Summary::of(&parsed);
+    let v = decide(start, end, parsed);
+    #[cfg(feature = "log")]
+    trace::packet(ctx, hook, summary, v);
+    #[cfg(not(feature = "log"))]
+    let _ = (ctx, hook);
+    v
 }
 
 /// Makes the headers linear so direct packet access sees them. When this fails the window is

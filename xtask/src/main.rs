@@ -128,48 +128,71 @@ fn main() -> anyhow::Result<()> {
                      end) are skipped and counted as skipped"
                 );
             }
-            test_with_summary(&test_args)
+            // The program's aya-log records, with the program and agent built with logging
+            // (a second build of both; the shipped ones have no log calls).
+            let mut log_args = vec![
+                "test",
+                "--package",
+                "jit-tests",
+                "--features",
+                "ebpf-log",
+                "--test",
+                "ebpf_log",
+                "--",
+            ];
+            if root {
+                log_args.push("--include-ignored");
+            }
+            log_args.extend(args.iter().map(String::as_str));
+            test_with_summary(&[&test_args, &log_args])
         }
     }
 }
 
-/// Runs `cargo test`, echoing its output, and ends with one line totalling every test binary's
-/// `test result:` line, so a reader (or CI) sees the whole count at the end.
-fn test_with_summary(args: &[&str]) -> anyhow::Result<()> {
+/// Runs each `cargo test` command, echoing its output, and ends with one line totalling every
+/// test binary's `test result:` line, so a reader (or CI) sees the whole count at the end. Every
+/// command runs even when one fails.
+fn test_with_summary(runs: &[&[&str]]) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader};
 
-    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(workspace_root())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line.context("reading cargo test output")?;
-            println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                for part in rest.split(';') {
-                    let mut words = part.split_whitespace().rev();
-                    let (Some(word), Some(n)) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    let n: u64 = n.trim_start_matches("ok.").trim().parse().unwrap_or(0);
-                    match word {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        "ignored" => ignored += n,
-                        _ => {}
+    let mut failures = Vec::new();
+    for args in runs {
+        let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(*args)
+            .current_dir(workspace_root())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting cargo test")?;
+        if let Some(out) = child.stdout.take() {
+            for line in BufReader::new(out).lines() {
+                let line = line.context("reading cargo test output")?;
+                println!("{line}");
+                if let Some(rest) = line.strip_prefix("test result: ") {
+                    for part in rest.split(';') {
+                        let mut words = part.split_whitespace().rev();
+                        let (Some(word), Some(n)) = (words.next(), words.next()) else {
+                            continue;
+                        };
+                        let n: u64 = n.trim_start_matches("ok.").trim().parse().unwrap_or(0);
+                        match word {
+                            "passed" => passed += n,
+                            "failed" => failed += n,
+                            "ignored" => ignored += n,
+                            _ => {}
+                        }
                     }
                 }
             }
         }
+        let status = child.wait().context("waiting for cargo test")?;
+        if !status.success() {
+            failures.push(format!("cargo {} ({status})", args.join(" ")));
+        }
     }
-    let status = child.wait().context("waiting for cargo test")?;
     println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() {
-        bail!("cargo test failed ({status})");
+    if !failures.is_empty() {
+        bail!("failed: {}", failures.join("; "));
     }
     if passed == 0 {
         bail!("cargo test ran no test");
@@ -191,25 +214,44 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
+    step("clippy (the ebpf-log build of the agent and its test)");
+    cargo(&[
+        "clippy",
+        "--package",
+        "jit-agent",
+        "--package",
+        "jit-tests",
+        "--features",
+        "jit-tests/ebpf-log",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     jitctl_alone()?;
     step("clippy (jit-ebpf, BPF target)");
     // On its own: a workspace-wide run would unify features and pull std into the program.
-    run(Command::new("cargo")
-        .args([
-            "+nightly",
-            "clippy",
-            "--package",
-            "jit-ebpf",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .current_dir(workspace_root()))
+    for features in ["", "log"] {
+        run(Command::new("cargo")
+            .args([
+                "+nightly",
+                "clippy",
+                "--package",
+                "jit-ebpf",
+                "--features",
+                features,
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(workspace_root()))?;
+    }
+    Ok(())
 }
 
 /// Crates jitctl must never depend on: they need the eBPF toolchain (nightly, bpf-linker, LLVM)

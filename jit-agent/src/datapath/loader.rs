@@ -208,6 +208,42 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// Forwards the program's aya-log records (the `ebpf-log` feature) to the agent's log, on
+    /// the current tokio runtime, for as long as the runtime runs.
+    #[cfg(feature = "ebpf-log")]
+    pub fn forward_logs(&mut self) -> Result<()> {
+        let logger =
+            aya_log::EbpfLogger::init(&mut self.ebpf).map_err(|e| DatapathError::Invalid {
+                field: "ebpf-log",
+                reason: format!("starting the program's logger: {e}"),
+            })?;
+        // SAFETY: the logger owns its ring buffer's fd for its whole life and always reports
+        // that same fd; the AsyncFd owns the logger.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| DatapathError::Io {
+            action: "polling",
+            path: PathBuf::from("aya-log ring buffer"),
+            source: e.into(),
+        })?;
+        tokio::spawn(async move {
+            loop {
+                match logger.readable_mut().await {
+                    Ok(mut guard) => {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        log::error!("reading the program's log records stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
     /// Loads the program, reusing maps already pinned under the pin directory (so a restart keeps
     /// every service, identity and grant) and pinning the rest. Mounts bpffs when needed.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
@@ -546,65 +582,43 @@ pub fn detach(pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<()> {
 }
 
 /// `BPF_OBJ_GET` on `path`, then `BPF_LINK_DETACH` on the link. aya 0.14 does not expose the
-/// forced detach, so this speaks the two commands directly.
+/// forced detach, so this speaks the two commands directly, with the kernel's `bpf_attr` as
+/// aya's generated bindings declare it.
 fn link_detach(path: &Path) -> std::io::Result<()> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
 
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
 
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    #[repr(C)]
-    struct LinkDetachAttr {
-        link_fd: u32,
-    }
-
+    let bpf = |cmd: bpf_cmd, attr: &mut bpf_attr| {
+        // SAFETY: `attr` is a whole, initialised bpf_attr that outlives the call; every pointer
+        // in it points at memory alive until the caller returns.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd as libc::c_long,
+                std::ptr::from_mut(attr),
+                size_of::<bpf_attr>(),
+            )
+        }
+    };
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call; the
-    // pathname points at a NUL-terminated string that lives until the end of this function.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            size_of::<ObjGetAttr>(),
-        )
-    };
+    // SAFETY: bpf_attr is a plain C union; all zeroes is its "no options" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The BPF_OBJ_GET member of the union: the path, NUL-terminated, alive until the end.
+    attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
+    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr);
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     let fd = i32::try_from(fd).map_err(|e| std::io::Error::other(e.to_string()))?;
     // SAFETY: the kernel just returned this fd to us; OwnedFd closes it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let attr = LinkDetachAttr {
-        link_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .map_err(|e| std::io::Error::other(e.to_string()))?,
-    };
-    // SAFETY: a valid bpf_attr prefix for BPF_LINK_DETACH.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &raw const attr,
-            size_of::<LinkDetachAttr>(),
-        )
-    };
-    if rc < 0 {
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.link_detach.link_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr) < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -664,6 +678,45 @@ pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The helpers aya-log's records use (ring buffer reserve, submit, discard); the gate's own
+    /// events use `bpf_ringbuf_output` only.
+    const LOG_HELPERS: [i32; 3] = [131, 132, 133];
+
+    fn helper_calls(object: &[u8]) -> (Vec<String>, Vec<i32>) {
+        let obj = aya_obj::Object::parse(object).expect("the embedded program parses");
+        let calls = obj
+            .functions
+            .values()
+            .flat_map(|f| f.instructions.iter())
+            // BPF_JMP | BPF_CALL with src_reg 0: a helper call, its number in imm.
+            .filter(|i| i.code == 0x85 && i.src_reg() == 0)
+            .map(|i| i.imm)
+            .collect();
+        (obj.maps.keys().cloned().collect(), calls)
+    }
+
+    /// Zero cost when off: the shipped object has no log map and no log helper call.
+    #[cfg(not(feature = "ebpf-log"))]
+    #[test]
+    fn the_shipped_program_has_no_log_calls() {
+        let (maps, calls) = helper_calls(PROGRAM_OBJECT);
+        assert!(maps.iter().any(|m| m == "JIT_GRANTS"), "{maps:?}");
+        assert!(!maps.iter().any(|m| m.starts_with("AYA_LOG")), "{maps:?}");
+        assert!(
+            !calls.iter().any(|c| LOG_HELPERS.contains(c)),
+            "log helper calls in the shipped program: {calls:?}"
+        );
+    }
+
+    /// With the feature on, the program does log (so the check above can fail).
+    #[cfg(feature = "ebpf-log")]
+    #[test]
+    fn the_logging_program_has_its_log_calls() {
+        let (maps, calls) = helper_calls(PROGRAM_OBJECT);
+        assert!(maps.iter().any(|m| m == "AYA_LOGS"), "{maps:?}");
+        assert!(calls.iter().any(|c| LOG_HELPERS.contains(c)), "{calls:?}");
+    }
 
     #[test]
     fn device_types_the_gate_cannot_parse_are_refused() {
