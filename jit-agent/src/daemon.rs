@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     datapath::{Gate, GateMaps, LoadOptions},
     engine::Engine,
+    file_watch::{FileWatch, Subscriber},
     kernel_sync::KernelSync,
     node::Node,
     notify::Notifier,
@@ -24,10 +25,6 @@ use crate::{
 
 /// How often expired grants and requests are swept.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
-/// How often certificate files are checked for changes.
-const TLS_CHECK_EVERY: Duration = Duration::from_secs(2);
-/// How often the policy files are checked for changes.
-const POLICY_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How often the kernel maps are reconciled with the store (and at once after a failed write).
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
@@ -151,26 +148,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::clone(&sync),
         Notifier::start(cfg.webhooks.clone()),
     ));
-    {
-        let policies = Arc::clone(&policies);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(POLICY_CHECK_EVERY);
-            loop {
-                tick.tick().await;
-                match policies.reload_if_changed() {
+    // One watcher for the files re-read while running; held until the agent stops.
+    let _file_watch = {
+        let (policies, tls) = (Arc::clone(&policies), Arc::clone(&tls));
+        FileWatch::start(vec![
+            Subscriber {
+                name: "the policies",
+                files: policies.files(),
+                check: Box::new(move || match policies.reload_if_changed() {
                     Ok(true) => log::info!("policies reloaded"),
                     Ok(false) => {}
                     Err(e) => log::error!(
                         "policy reload refused, the previous policies stay in force:\n{e}"
                     ),
-                }
-            }
-        });
-    }
+                }),
+            },
+            Subscriber {
+                name: "the TLS certificates",
+                files: tls.files().to_vec(),
+                check: Box::new(move || {
+                    tls.reload_if_changed();
+                }),
+            },
+        ])
+    };
 
     tokio::spawn(Arc::clone(&sync).run());
     tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY));
-    tokio::spawn(Arc::clone(&tls).watch(TLS_CHECK_EVERY));
     {
         let node = Arc::clone(&node);
         tokio::spawn(async move {

@@ -95,6 +95,8 @@ pub struct KernelSync<S: Store> {
     wake: tokio::sync::Notify,
     /// The names behind the ids written so far (see `kernel_names`).
     names: Mutex<KernelNames>,
+    /// Grants already reported as impossible to put in kernel form.
+    bad_grants: Mutex<BTreeSet<String>>,
 }
 
 /// How soon a failed reconciliation is tried again.
@@ -155,6 +157,21 @@ impl<S: Store> KernelSync<S> {
             failures: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             names: Mutex::new(KernelNames::default()),
+            bad_grants: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Reports a grant that cannot be put in kernel form: logged and counted once per grant
+    /// (it is left out of the kernel at every sync, and would otherwise be counted at each).
+    fn report_bad_grant(&self, id: &str, e: &SyncError) {
+        let first = self
+            .bad_grants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_string());
+        if first {
+            log::error!("{e}");
+            self.failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -264,8 +281,7 @@ impl<S: Store> KernelSync<S> {
             {
                 Ok(k) => k,
                 Err(e) => {
-                    log::error!("{e}");
-                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    self.report_bad_grant(&g.id, &e);
                     continue;
                 }
             };

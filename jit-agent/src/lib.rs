@@ -10,6 +10,7 @@ pub mod coverage;
 pub mod daemon;
 pub mod datapath;
 pub mod engine;
+pub mod file_watch;
 pub mod identity;
 pub mod kernel_names;
 pub mod kernel_sync;

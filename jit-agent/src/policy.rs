@@ -63,6 +63,13 @@ impl Action {
         Self::Deny,
         Self::Revoke,
     ];
+
+    /// Whether the action is decided when a request is made, with the requester as principal
+    /// (`request`, `auto_approve`, `break_glass`).
+    #[must_use]
+    pub const fn is_at_request(self) -> bool {
+        matches!(self, Self::Request | Self::AutoApprove | Self::BreakGlass)
+    }
 }
 
 /// A problem in a policy or schema file, with its position.
@@ -451,7 +458,7 @@ impl Policies {
             schema_file: schema_file.map(Path::to_path_buf),
             state: RwLock::new((Arc::new(loaded), Vec::new())),
         };
-        let times = mtimes(&me.files());
+        let times = mtimes(&me.file_refs());
         me.write().1 = times;
         Ok(me)
     }
@@ -466,7 +473,16 @@ impl Policies {
         }
     }
 
-    fn files(&self) -> Vec<&Path> {
+    /// The files the set is read from (policy, and schema when one is configured).
+    #[must_use]
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.file_refs()
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect()
+    }
+
+    fn file_refs(&self) -> Vec<&Path> {
         let mut v = vec![self.policy_file.as_path()];
         if let Some(s) = &self.schema_file {
             v.push(s.as_path());
@@ -502,7 +518,7 @@ impl Policies {
     /// Re-reads the files if they changed. `Ok(true)` when a new set took effect, `Err` with
     /// the problems when a changed set was refused (the previous one stays in force).
     pub fn reload_if_changed(&self) -> Result<bool, PolicyError> {
-        let now = mtimes(&self.files());
+        let now = mtimes(&self.file_refs());
         if self
             .state
             .read()

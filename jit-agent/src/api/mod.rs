@@ -85,9 +85,10 @@ fn node_status(e: NodeError) -> Status {
         }
         // The revoke is durable; only the kernel lags, and the agent keeps retrying.
         e @ NodeError::KernelDeletePending { .. } => Status::internal(e.to_string()),
+        // The details (paths, OS errors) go to the agent log, not to callers.
         e @ NodeError::KernelRead(_) => {
             log::error!("{e}");
-            Status::unavailable(format!("{e}; see the agent log"))
+            Status::unavailable("reading the kernel gate failed; see the agent log")
         }
     }
 }

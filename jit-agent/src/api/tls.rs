@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use rustls::{
@@ -188,12 +188,8 @@ impl ReloadingConfig {
         }
     }
 
-    /// Checks for changes every `every` until the process ends.
-    pub async fn watch(self: Arc<Self>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            self.reload_if_changed();
-        }
+    /// The files this configuration is read from (CA bundle, certificate, key).
+    pub fn files(&self) -> &[PathBuf; 3] {
+        &self.files
     }
 }

@@ -272,17 +272,20 @@ fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
         }
     );
     for action in crate::policy::Action::ALL {
-        // The same clamp and facts the engine decides on.
-        let duration =
-            crate::engine::clamp(service, wanted, action == crate::policy::Action::BreakGlass);
-        let ask = crate::engine::Ask {
-            duration_s: duration.duration_s,
+        // The ask the engine builds for this action, and the same facts and decision.
+        let question = crate::engine::Question {
+            wanted,
             reason: &a.reason,
             ticket: &a.ticket,
             source_ip: a.source_ip,
-            requester: &requester,
+            requester: if action.is_at_request() {
+                &a.principal
+            } else {
+                &requester
+            },
             approvals: a.approvals,
         };
+        let ask = crate::engine::ask_for(action, service, &question);
         let v = crate::engine::decide(&policies, &cfg, action, &a.principal, service, &ask, now_ms);
         println!(
             "  {:<13} {:<5} {}",
@@ -296,7 +299,7 @@ fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
     }
     if requester == a.principal {
         println!(
-            "  (approve/deny: a requester can never decide its own request, whatever the policies say)"
+            "  (approve: a requester can never approve its own request, whatever the policies say)"
         );
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 
 use crate::{
     config::{Config, Service},
-    model::Request,
+    model::{Grant, Request},
     policy::{Action, Facts, Policies, Verdict},
 };
 
@@ -68,6 +68,40 @@ impl<'a> Ask<'a> {
         }
     }
 
+    /// The ask of a new request (`request`, `auto_approve`, `break_glass`): the duration after
+    /// the clamp, the reason as kept (trimmed), no approvals yet. The requester is the caller.
+    #[must_use]
+    pub fn at_request(
+        duration_s: u64,
+        reason: &'a str,
+        ticket: &'a str,
+        source_ip: Option<IpAddr>,
+        requester: &'a str,
+    ) -> Self {
+        Self {
+            duration_s,
+            reason: reason.trim(),
+            ticket,
+            source_ip,
+            requester,
+            approvals: 0,
+        }
+    }
+
+    /// The ask a `revoke` of `g` is decided on: the grant's length and its holder, the revoke
+    /// reason (empty while it is active), no ticket, no source address, no approvals.
+    #[must_use]
+    pub fn of_grant(g: &'a Grant) -> Self {
+        Self {
+            duration_s: u64::try_from((g.expires_ms - g.not_before_ms) / 1000).unwrap_or(0),
+            reason: &g.revoke_reason,
+            ticket: "",
+            source_ip: None,
+            requester: &g.identity,
+            approvals: 0,
+        }
+    }
+
     /// A representative ask for "may X do Y on S at all" questions (whoami).
     #[must_use]
     pub fn probe(service: &Service, requester: &'a str) -> Self {
@@ -120,4 +154,48 @@ pub fn decide(
     now_ms: i64,
 ) -> Verdict {
     policies.decide(action, &facts(cfg, principal, service, ask, now_ms))
+}
+
+/// What `jit-agent policy explain` is asked about: one request, as the agent would see it.
+#[derive(Clone, Debug)]
+pub struct Question<'a> {
+    /// The duration asked for (before the clamp).
+    pub wanted: Duration,
+    /// The reason given.
+    pub reason: &'a str,
+    /// The ticket given.
+    pub ticket: &'a str,
+    /// The requester's address.
+    pub source_ip: Option<IpAddr>,
+    /// Who asks for access (the principal of `request`, `auto_approve`, `break_glass`).
+    pub requester: &'a str,
+    /// Approvals already given (for `approve` and `deny`).
+    pub approvals: u32,
+}
+
+/// The ask the engine decides `action` on for `q`, as its call sites build it: a new request's
+/// actions see [`Ask::at_request`] (break-glass with its own cap); `approve` and `deny` see the
+/// stored request ([`Ask::of_request`]) with the approvals given so far; `revoke` sees the grant
+/// such a request becomes ([`Ask::of_grant`], while it is active).
+#[must_use]
+pub fn ask_for<'a>(action: Action, service: &Service, q: &Question<'a>) -> Ask<'a> {
+    let source_ip = q.source_ip.map(|ip| ip.to_canonical());
+    let duration_s = clamp(service, q.wanted, action == Action::BreakGlass).duration_s;
+    match action {
+        a if a.is_at_request() => {
+            Ask::at_request(duration_s, q.reason, q.ticket, source_ip, q.requester)
+        }
+        Action::Approve | Action::Deny => Ask {
+            approvals: q.approvals,
+            ..Ask::at_request(duration_s, q.reason, q.ticket, source_ip, q.requester)
+        },
+        _ => Ask {
+            duration_s,
+            reason: "",
+            ticket: "",
+            source_ip: None,
+            requester: q.requester,
+            approvals: 0,
+        },
+    }
 }

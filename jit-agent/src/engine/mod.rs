@@ -19,7 +19,7 @@ mod transitions;
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-pub use ask::{Ask, Clamped, clamp, decide, facts};
+pub use ask::{Ask, Clamped, Question, ask_for, clamp, decide, facts};
 
 use crate::{
     config::{Config, Service, service_names},

@@ -61,16 +61,8 @@ impl<S: Store> Engine<S> {
             Caller::Local { .. } => self.is_admin(caller),
             Caller::Spiffe(id) if *id == grant.identity => true,
             Caller::Spiffe(id) => self.cfg.services.get(&grant.service).is_some_and(|s| {
-                let ask = Ask {
-                    duration_s: u64::try_from((grant.expires_ms - grant.not_before_ms) / 1000)
-                        .unwrap_or(0),
-                    reason: &grant.revoke_reason,
-                    ticket: "",
-                    source_ip: None,
-                    requester: &grant.identity,
-                    approvals: 0,
-                };
-                self.decide(Action::Revoke, id, s, &ask).allowed
+                self.decide(Action::Revoke, id, s, &Ask::of_grant(grant))
+                    .allowed
             }),
         }
     }

@@ -90,14 +90,13 @@ impl<S: Store> Engine<S> {
         check_text("reason", reason)?;
         check_text("ticket", opts.ticket)?;
         let duration = clamp(service, wanted, opts.break_glass);
-        let ask = Ask {
-            duration_s: duration.duration_s,
+        let ask = Ask::at_request(
+            duration.duration_s,
             reason,
-            ticket: opts.ticket,
-            source_ip: opts.peer,
+            opts.ticket,
+            opts.peer,
             requester,
-            approvals: 0,
-        };
+        );
         let (granted_now, approvals_required, policies) = if opts.break_glass {
             let v = self.decide(Action::BreakGlass, requester, service, &ask);
             if !v.allowed {
