@@ -361,10 +361,9 @@ mod tests {
     fn config(services: &str) -> Config {
         let text =
             format!("[tls]\nca='x'\ncert='x'\nkey='x'\n[policy]\nfile='p.cedar'\n{services}");
-        let file: crate::config::FileConfig = toml::from_str(&text).unwrap();
-        Config::validate(
+        Config::from_text(
             std::path::Path::new("t.toml"),
-            file,
+            &text,
             &crate::config::Overrides::default(),
         )
         .unwrap()

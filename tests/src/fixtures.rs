@@ -8,7 +8,7 @@ use std::{
 };
 
 use jit_agent::{
-    config::{Config, FileConfig, Overrides},
+    config::{Config, Overrides},
     datapath::{GrantEntry, GrantScope, boottime_ns},
     policy::{DEFAULT_SCHEMA, Policies, load_text},
 };
@@ -36,9 +36,8 @@ pub fn config_in(state_dir: &Path, body: &str) -> Arc<Config> {
 }
 
 fn parse_config(text: &str) -> Arc<Config> {
-    let file: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("config: {e}"));
     Arc::new(
-        Config::validate(Path::new("t.toml"), file, &Overrides::default())
+        Config::from_text(Path::new("t.toml"), text, &Overrides::default())
             .unwrap_or_else(|e| panic!("config: {e}")),
     )
 }

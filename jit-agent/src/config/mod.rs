@@ -9,11 +9,16 @@ use std::{
     time::Duration,
 };
 
+mod fields;
+
 use ipnet::IpNet;
-use jit_api::duration::parse_duration;
 use serde::Deserialize;
 
-use crate::spec::{AttachMode, Mode, Protocol, ServiceDest};
+pub use self::fields::{
+    Destination, Dur, HookFormat, HookUrl, Interface, Listen, Member, Prefix, SpiffeId,
+    canonical_prefix, parse_destination,
+};
+use crate::spec::{AttachMode, Mode, ServiceDest};
 
 /// A configuration error: which file, which field, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -75,21 +80,22 @@ pub struct GroupSection {
     pub name: String,
     /// Members: SPIFFE IDs, or prefixes ending in `*`.
     #[serde(default)]
-    pub members: Vec<String>,
+    pub members: Vec<Member>,
 }
 
 /// `[[webhooks]]`: where notifications go.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSection {
     /// `http://` or `https://` URL to POST to.
-    pub url: String,
-    /// `json` (the documented schema, default) or `slack` (`{"text": ...}`).
-    pub format: Option<String>,
+    pub url: HookUrl,
+    /// `json` (the `jit.v1.Notification` message, default) or `slack` (`{"text": ...}`).
+    #[serde(default)]
+    pub format: HookFormat,
     /// Events to send: `request.pending`, `request.granted`, `request.denied`,
     /// `grant.break_glass`, `grant.revoked`. Default: all.
     #[serde(default)]
-    pub events: Vec<String>,
+    pub events: Vec<jit_api::Event>,
     /// Only for these services. Default: all.
     #[serde(default)]
     pub services: Vec<String>,
@@ -100,7 +106,7 @@ pub struct WebhookSection {
 #[serde(deny_unknown_fields)]
 pub struct AgentSection {
     /// mTLS gRPC listen address. Default `127.0.0.1:7443`.
-    pub listen: Option<String>,
+    pub listen: Option<Listen>,
     /// Unix socket for node-local administration (root only). Default
     /// `/run/jit-agent/agent.sock`.
     pub unix_socket: Option<PathBuf>,
@@ -110,9 +116,9 @@ pub struct AgentSection {
     pub pin_dir: Option<PathBuf>,
     /// Interfaces to gate: `"eth0"` (XDP) or `"eth0:tc"`, `"eth0:xdp-generic"` ...
     #[serde(default)]
-    pub interfaces: Vec<String>,
+    pub interfaces: Vec<Interface>,
     /// How long a request may wait for approval. Default `1h`.
-    pub request_ttl: Option<String>,
+    pub request_ttl: Option<Dur>,
     /// Capacity of the kernel grants map. Default 65536.
     pub max_grants: Option<u32>,
 }
@@ -139,11 +145,11 @@ pub struct ServiceSection {
     /// Destinations, `"10.0.0.5:5432/tcp"`, `"[fd00::5]:443/tcp"`, `"*:22/tcp"` (any address of
     /// both families; so do `0.0.0.0` and `[::]`). See `coverage` for what each covers.
     #[serde(default)]
-    pub destinations: Vec<String>,
+    pub destinations: Vec<Destination>,
     /// `enforce` (default) or `audit`.
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
     /// Longest grant; longer requests are clamped. Default `1h`.
-    pub max_duration: Option<String>,
+    pub max_duration: Option<Dur>,
     /// Distinct approvals a request needs when policy does not grant it at once (at least 1;
     /// a permitting `request` policy may raise it with `@approvals("N")`). Default 1.
     pub approvals_required: Option<u32>,
@@ -152,21 +158,21 @@ pub struct ServiceSection {
     /// Environment label, `resource.environment` in policies. Default `production`.
     pub environment: Option<String>,
     /// Hard cap of a break-glass grant. Default `15m`.
-    pub break_glass_max: Option<String>,
+    pub break_glass_max: Option<Dur>,
     /// Also let the requester's own address through for the life of its grant.
     #[serde(default)]
     pub bind_requester_address: bool,
 }
 
 /// `[[identities]]`: static source bindings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySection {
     /// The identity (a SPIFFE ID).
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// Source prefixes that carry it, e.g. a CI runner subnet.
     #[serde(default)]
-    pub sources: Vec<String>,
+    pub sources: Vec<Prefix>,
 }
 
 /// Flags that override the file.
@@ -265,61 +271,59 @@ pub struct Config {
 impl Config {
     /// Reads, parses and validates `file`, then applies `overrides`.
     pub fn load(file: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let name = file.display().to_string();
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-            file: name.clone(),
+            file: file.display().to_string(),
             field: "(file)".into(),
             message: format!("cannot read it: {e}"),
         })?;
-        let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError {
-            file: name.clone(),
-            field: "(syntax)".into(),
-            message: e.to_string().trim().replace('\n', " "),
+        Self::from_text(file, &text, overrides)
+    }
+
+    /// Parses and validates the text of `file`, then applies `overrides`. Every field parses
+    /// itself (see `fields`), so an error names the field it is in.
+    pub fn from_text(file: &Path, text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let err = |field: String, message: String| ConfigError {
+            file: file.display().to_string(),
+            field,
+            message,
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| err("(syntax)".into(), toml_message(text, &e)))?;
+        let parsed: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "(file)".into() } else { path };
+            err(field, toml_message(text, e.inner()))
         })?;
         Self::validate(file, parsed, overrides)
     }
 
-    /// Validates a parsed file.
-    pub fn validate(
-        file: &Path,
-        f: FileConfig,
-        overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
+    /// Checks what spans fields (duplicates, ownership, references) and fills in defaults.
+    fn validate(file: &Path, f: FileConfig, overrides: &Overrides) -> Result<Self, ConfigError> {
         let name = file.display().to_string();
         let err = |field: &str, message: String| ConfigError {
             file: name.clone(),
             field: field.to_string(),
             message,
         };
-        let listen_s = overrides
-            .listen
-            .clone()
-            .or(f.agent.listen)
-            .unwrap_or_else(|| "127.0.0.1:7443".into());
-        let listen: SocketAddr = listen_s.parse().map_err(|_| {
-            err(
-                "agent.listen",
-                format!("{listen_s:?} is not an address:port such as 0.0.0.0:7443"),
-            )
-        })?;
-        let iface_list = if overrides.interfaces.is_empty() {
+        let listen = match &overrides.listen {
+            Some(s) => Listen::try_from(s.clone()).map_err(|m| err("agent.listen", m))?,
+            None => f
+                .agent
+                .listen
+                .unwrap_or(Listen(SocketAddr::from(([127, 0, 0, 1], 7443)))),
+        };
+        let interfaces = if overrides.interfaces.is_empty() {
             f.agent.interfaces
         } else {
-            overrides.interfaces.clone()
-        };
-        let mut interfaces = Vec::new();
-        for (i, spec) in iface_list.iter().enumerate() {
-            let (iface, mode) = spec.split_once(':').unwrap_or((spec.as_str(), "xdp"));
-            let field = format!("agent.interfaces[{i}]");
-            crate::spec::check_interface_name(iface).map_err(|e| err(&field, e.to_string()))?;
-            let mode: AttachMode = mode
-                .parse()
-                .map_err(|e| err(&field, format!("attach mode {e}")))?;
-            interfaces.push((iface.to_string(), mode));
-        }
-        let request_ttl = match f.agent.request_ttl {
-            Some(s) => parse_duration(&s).map_err(|e| err("agent.request_ttl", e.to_string()))?,
-            None => Duration::from_secs(3600),
+            overrides
+                .interfaces
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Interface::try_from(s.clone())
+                        .map_err(|m| err(&format!("agent.interfaces[{i}]"), m))
+                })
+                .collect::<Result<_, _>>()?
         };
         let max_grants = f.agent.max_grants.unwrap_or(65_536);
         if max_grants == 0 {
@@ -358,30 +362,14 @@ impl Config {
                     "needs at least one address:port/proto".into(),
                 ));
             }
-            let mut destinations = Vec::new();
-            for (j, d) in s.destinations.iter().enumerate() {
-                let dest = parse_destination(d)
-                    .map_err(|m| err(&format!("services[{i}].destinations[{j}]"), m))?;
-                if let Some(other) = seen_dests.insert(dest, s.name.clone()) {
+            for (j, Destination(dest)) in s.destinations.iter().enumerate() {
+                if let Some(other) = seen_dests.insert(*dest, s.name.clone()) {
                     return Err(err(
                         &format!("services[{i}].destinations[{j}]"),
-                        format!("{d} is already a destination of service {other:?}"),
+                        format!("{dest} is already a destination of service {other:?}"),
                     ));
                 }
-                destinations.push(dest);
             }
-            let mode = match s.mode.as_deref() {
-                None => Mode::Enforce,
-                Some(m) => m
-                    .parse()
-                    .map_err(|e: crate::spec::UnknownWord| err(&at("mode"), e.to_string()))?,
-            };
-            let max_duration = match s.max_duration {
-                Some(d) => {
-                    parse_duration(&d).map_err(|e| err(&at("max_duration"), e.to_string()))?
-                }
-                None => Duration::from_secs(3600),
-            };
             let approvals_required = s.approvals_required.unwrap_or(1);
             if approvals_required == 0 {
                 return Err(err(
@@ -389,12 +377,6 @@ impl Config {
                     "must be at least 1; grant at once with an auto_approve policy".into(),
                 ));
             }
-            let break_glass_max = match s.break_glass_max {
-                Some(d) => {
-                    parse_duration(&d).map_err(|e| err(&at("break_glass_max"), e.to_string()))?
-                }
-                None => Duration::from_secs(900),
-            };
             if services.contains_key(&s.name) {
                 return Err(err(&at("name"), format!("{:?} is defined twice", s.name)));
             }
@@ -402,13 +384,13 @@ impl Config {
                 s.name.clone(),
                 Service {
                     name: s.name,
-                    destinations,
-                    mode,
-                    max_duration,
+                    destinations: s.destinations.into_iter().map(|d| d.0).collect(),
+                    mode: s.mode.unwrap_or(Mode::Enforce),
+                    max_duration: s.max_duration.map_or(Duration::from_secs(3600), |d| d.0),
                     approvals_required,
                     require_reason: s.require_reason.unwrap_or(true),
                     environment: s.environment.unwrap_or_else(|| "production".into()),
-                    break_glass_max,
+                    break_glass_max: s.break_glass_max.map_or(Duration::from_secs(900), |d| d.0),
                     bind_requester_address: s.bind_requester_address,
                 },
             );
@@ -417,29 +399,17 @@ impl Config {
         let mut identities: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
         let mut owner: BTreeMap<IpNet, String> = BTreeMap::new();
         for (i, id) in f.identities.into_iter().enumerate() {
-            crate::identity::check_spiffe_id(&id.spiffe_id)
-                .map_err(|m| err(&format!("identities[{i}].spiffe_id"), m))?;
-            for (j, src) in id.sources.iter().enumerate() {
-                let field = format!("identities[{i}].sources[{j}]");
-                let net: IpNet = src.parse().map_err(|_| {
-                    err(
-                        &field,
-                        format!("{src:?} is not a CIDR such as 10.1.0.0/24 or fd00::/64"),
-                    )
-                })?;
-                let net = canonical_prefix(net).map_err(|m| err(&field, m))?;
-                if let Some(other) = owner.insert(net, id.spiffe_id.clone())
-                    && other != id.spiffe_id
+            let SpiffeId(spiffe_id) = id.spiffe_id;
+            for (j, Prefix(net)) in id.sources.into_iter().enumerate() {
+                if let Some(other) = owner.insert(net, spiffe_id.clone())
+                    && other != spiffe_id
                 {
                     return Err(err(
-                        &field,
-                        format!("{net} is bound to both {other} and {}", id.spiffe_id),
+                        &format!("identities[{i}].sources[{j}]"),
+                        format!("{net} is bound to both {other} and {spiffe_id}"),
                     ));
                 }
-                identities
-                    .entry(id.spiffe_id.clone())
-                    .or_default()
-                    .push(net);
+                identities.entry(spiffe_id.clone()).or_default().push(net);
             }
         }
         let policy_file = f.policy.file.ok_or_else(|| {
@@ -456,10 +426,8 @@ impl Config {
                     format!("{:?} is not a group name", g.name),
                 ));
             }
-            for (j, m) in g.members.iter().enumerate() {
-                check_pattern(m).map_err(|e| err(&format!("groups[{i}].members[{j}]"), e))?;
-            }
-            if groups.insert(g.name.clone(), g.members).is_some() {
+            let members = g.members.into_iter().map(|m| m.0).collect();
+            if groups.insert(g.name.clone(), members).is_some() {
                 return Err(err(
                     &format!("groups[{i}].name"),
                     format!("{:?} is defined twice", g.name),
@@ -468,30 +436,6 @@ impl Config {
         }
         let mut webhooks = Vec::new();
         for (i, w) in f.webhooks.into_iter().enumerate() {
-            let at = |k: &str| format!("webhooks[{i}].{k}");
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(err(
-                    &at("url"),
-                    format!("{:?} is not an http(s) URL", w.url),
-                ));
-            }
-            let slack = match w.format.as_deref() {
-                None | Some("json") => false,
-                Some("slack") => true,
-                Some(other) => {
-                    return Err(err(
-                        &at("format"),
-                        format!("{other:?}; expected json or slack"),
-                    ));
-                }
-            };
-            let mut events = Vec::with_capacity(w.events.len());
-            for (j, e) in w.events.iter().enumerate() {
-                events.push(
-                    e.parse::<jit_api::Event>()
-                        .map_err(|e| err(&format!("webhooks[{i}].events[{j}]"), e.to_string()))?,
-                );
-            }
             for (j, sv) in w.services.iter().enumerate() {
                 if !services.contains_key(sv) {
                     return Err(err(
@@ -501,16 +445,16 @@ impl Config {
                 }
             }
             webhooks.push(Webhook {
-                url: w.url,
-                slack,
-                events,
+                url: w.url.0,
+                slack: w.format == HookFormat::Slack,
+                events: w.events,
                 services: w.services,
             });
         }
 
         Ok(Self {
             file: file.to_path_buf(),
-            listen,
+            listen: listen.0,
             unix_socket: overrides
                 .unix_socket
                 .clone()
@@ -526,8 +470,11 @@ impl Config {
                 .clone()
                 .or(f.agent.pin_dir)
                 .unwrap_or_else(|| crate::datapath::DEFAULT_PIN_DIR.into()),
-            interfaces,
-            request_ttl,
+            interfaces: interfaces.into_iter().map(|i| (i.name, i.mode)).collect(),
+            request_ttl: f
+                .agent
+                .request_ttl
+                .map_or(Duration::from_secs(3600), |d| d.0),
             max_grants,
             tls_ca,
             tls_cert,
@@ -564,37 +511,6 @@ impl Config {
     }
 }
 
-/// A source prefix in the one form the kernel's trie and the ownership checks share: an
-/// IPv4-mapped IPv6 prefix (`::ffff:10.0.0.0/104`) becomes the IPv4 prefix it is (`10.0.0.0/8`);
-/// an IPv6 prefix that contains the whole IPv4-mapped range (`::/0`, `::/80`) is refused, since in
-/// the trie it would also match every IPv4 source.
-pub fn canonical_prefix(net: IpNet) -> Result<IpNet, String> {
-    let net = net.trunc();
-    let IpNet::V6(v6) = net else {
-        return Ok(net);
-    };
-    if v6.prefix_len() >= 96
-        && let Some(v4) = v6.addr().to_ipv4_mapped()
-    {
-        return IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96)
-            .map(|n| n.trunc())
-            .map_err(|e| format!("{net}: {e}"));
-    }
-    let mapped = IpNet::new(
-        IpAddr::V6(std::net::Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0, 0])),
-        96,
-    )
-    .map_err(|e| e.to_string())?;
-    if net.contains(&mapped) {
-        return Err(format!(
-            "{net} contains the IPv4-mapped range ::ffff:0:0/96 and would also match every IPv4 \
-             source; name IPv6 prefixes that leave it out (e.g. 2000::/3, fc00::/7) and IPv4 \
-             prefixes separately"
-        ));
-    }
-    Ok(net)
-}
-
 /// A path from the config file, relative to the file's directory when not absolute.
 fn resolve(config_file: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() {
@@ -604,55 +520,15 @@ fn resolve(config_file: &Path, p: PathBuf) -> PathBuf {
     }
 }
 
-/// Parses `"addr:port/proto"`; `[v6]:port/proto` for IPv6; `*:port/proto` for every address of
-/// both families. An unspecified address (`0.0.0.0`, `[::]`) also means every address of both
-/// families, and is returned as `0.0.0.0`.
-pub fn parse_destination(s: &str) -> Result<ServiceDest, String> {
-    let (hostport, proto) = s
-        .rsplit_once('/')
-        .ok_or_else(|| format!("{s:?}: expected address:port/proto, e.g. 10.0.0.5:5432/tcp"))?;
-    let proto: Protocol = proto
-        .to_ascii_lowercase()
-        .parse()
-        .map_err(|e| format!("{s:?}: protocol {e}"))?;
-    let sa: SocketAddr = match hostport.strip_prefix("*:") {
-        Some(port) => format!("0.0.0.0:{port}").parse(),
-        None => hostport.parse(),
+/// The message of a TOML error, with the line it is on.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    match line {
+        Some(line) => format!("{} (line {line})", e.message().trim()),
+        None => e.message().trim().to_string(),
     }
-    .map_err(|_| {
-        format!("{s:?}: {hostport:?} is not address:port ([addr]:port for IPv6, *:port for any)")
-    })?;
-    if sa.port() == 0 {
-        return Err(format!("{s:?}: port 0 is not a destination port"));
-    }
-    let addr: IpAddr = match sa.ip().to_canonical() {
-        a if a.is_unspecified() => IpAddr::from([0, 0, 0, 0]),
-        a => a,
-    };
-    if addr.is_multicast() || addr == IpAddr::from([255, 255, 255, 255]) {
-        return Err(format!(
-            "{s:?}: a broadcast or multicast address is not a service address; name one of the \
-             node's addresses (that covers broadcast and multicast too) or *"
-        ));
-    }
-    Ok(ServiceDest {
-        addr,
-        port: sa.port(),
-        proto,
-    })
-}
-
-fn check_pattern(p: &str) -> Result<(), String> {
-    if p == "*" {
-        return Ok(());
-    }
-    let base = p.strip_suffix('*').unwrap_or(p);
-    if !base.starts_with("spiffe://") {
-        return Err(format!(
-            "{p:?}: expected a SPIFFE ID (spiffe://...), a prefix ending in '*', or '*'"
-        ));
-    }
-    Ok(())
 }
 
 /// Whether `identity` matches any of `patterns` (exact, prefix ending in `*`, or `*`).
@@ -674,14 +550,10 @@ pub fn service_names(cfg: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::Protocol;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: "t.toml".into(),
-            field: "(syntax)".into(),
-            message: e.to_string(),
-        })?;
-        Config::validate(Path::new("t.toml"), f, &Overrides::default())
+        Config::from_text(Path::new("t.toml"), text, &Overrides::default())
     }
 
     const TLS: &str = "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n[policy]\nfile='p.cedar'\n";
