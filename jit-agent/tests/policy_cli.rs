@@ -118,7 +118,7 @@ fn check_config_validates_the_named_policies_too() {
     .expect("write");
     std::fs::write(
         tmp.path().join("agent.toml"),
-        "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n[policy]\nfile='p.cedar'\n",
+        jit_tests::fixtures::STUB_SECTIONS,
     )
     .expect("write");
     let out = Command::new(AGENT)

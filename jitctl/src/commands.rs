@@ -28,17 +28,8 @@ fn for_arg(s: &str) -> Result<String, String> {
 pub(crate) enum Command {
     /// Ask for access to a service.
     Request {
-        /// Service name.
-        service: String,
-        /// How long, e.g. 15m (clamped to the service's maximum).
-        #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true, value_parser = for_arg)]
-        duration: String,
-        /// Why.
-        #[arg(long, default_value = "")]
-        reason: String,
-        /// A ticket reference (policies see it as context.ticket).
-        #[arg(long, default_value = "")]
-        ticket: String,
+        #[command(flatten)]
+        access: AccessArgs,
         /// Emergency access for yourself: granted at once where a break_glass policy permits
         /// it, capped hard, announced to every approver. Needs --reason.
         #[arg(long)]
@@ -112,17 +103,8 @@ pub(crate) enum Command {
     /// Request access, wait for it, run a command, and release the grant the moment the command
     /// exits, whatever its outcome. The command's exit code is passed through.
     Exec {
-        /// Service name.
-        service: String,
-        /// Longest the access may last.
-        #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true, value_parser = for_arg)]
-        duration: String,
-        /// Why.
-        #[arg(long, default_value = "")]
-        reason: String,
-        /// A ticket reference (policies see it as context.ticket).
-        #[arg(long, default_value = "")]
-        ticket: String,
+        #[command(flatten)]
+        access: AccessArgs,
         /// How long to wait for approval.
         #[arg(long, default_value = "15m", value_name = "DURATION", allow_hyphen_values = true, value_parser = duration_arg)]
         timeout: Duration,
@@ -130,6 +112,22 @@ pub(crate) enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+}
+
+/// What is asked for: by `request` and `exec`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AccessArgs {
+    /// Service name.
+    service: String,
+    /// How long, e.g. 15m (clamped to the service's maximum).
+    #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true, value_parser = for_arg)]
+    duration: String,
+    /// Why.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// A ticket reference (policies see it as context.ticket).
+    #[arg(long, default_value = "")]
+    ticket: String,
 }
 
 /// What `ls` lists.
@@ -145,15 +143,12 @@ pub(crate) enum Listing {
 pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Request {
-            service,
-            duration,
-            reason,
-            ticket,
+            access,
             break_glass,
             wait,
             timeout,
         } => {
-            let r = request(c, service, duration, reason, ticket, break_glass).await?;
+            let r = request(c, access, break_glass).await?;
             println!("{}", render::describe(&r));
             finish_request(c, r, wait, timeout)
                 .await
@@ -162,33 +157,11 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
         Command::Approve {
             request_id,
             comment,
-        } => {
-            let r = c
-                .approve(pb::DecideRequest {
-                    request_id,
-                    comment,
-                })
-                .await
-                .map_err(|e| explain("approve", &e))?
-                .into_inner();
-            println!("{}", render::describe(&r));
-            Ok(0)
-        }
+        } => decide(c, true, request_id, comment).await,
         Command::Deny {
             request_id,
             comment,
-        } => {
-            let r = c
-                .deny(pb::DecideRequest {
-                    request_id,
-                    comment,
-                })
-                .await
-                .map_err(|e| explain("deny", &e))?
-                .into_inner();
-            println!("{}", render::describe(&r));
-            Ok(0)
-        }
+        } => decide(c, false, request_id, comment).await,
         Command::Revoke {
             grant_id,
             identity,
@@ -262,14 +235,11 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
             Ok(0)
         }
         Command::Exec {
-            service,
-            duration,
-            reason,
-            ticket,
+            access,
             timeout,
             command,
         } => {
-            let r = request(c, service, duration, reason, ticket, false).await?;
+            let r = request(c, access, false).await?;
             eprintln!("{}", render::describe(&r));
             let (code, grant) = finish_request(c, r, true, timeout).await?;
             let Some(grant_id) = grant else {
@@ -284,22 +254,40 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
 
 async fn request(
     c: &mut Client,
-    service: String,
-    duration: String,
-    reason: String,
-    ticket: String,
+    a: AccessArgs,
     break_glass: bool,
 ) -> anyhow::Result<pb::AccessRequest> {
     Ok(c.request_access(pb::RequestAccessRequest {
-        service,
-        duration,
-        reason,
-        ticket,
+        service: a.service,
+        duration: a.duration,
+        reason: a.reason,
+        ticket: a.ticket,
         break_glass,
     })
     .await
     .map_err(|e| explain("request", &e))?
     .into_inner())
+}
+
+/// Approves (`approve`) or denies a pending request and prints where it stands.
+async fn decide(
+    c: &mut Client,
+    approve: bool,
+    request_id: String,
+    comment: String,
+) -> anyhow::Result<u8> {
+    let m = pb::DecideRequest {
+        request_id,
+        comment,
+    };
+    let r = if approve {
+        c.approve(m).await.map_err(|e| explain("approve", &e))?
+    } else {
+        c.deny(m).await.map_err(|e| explain("deny", &e))?
+    }
+    .into_inner();
+    println!("{}", render::describe(&r));
+    Ok(0)
 }
 
 async fn revoke(

@@ -72,23 +72,12 @@ pub(crate) async fn connect(s: &Settings) -> anyhow::Result<Client> {
         .await
         .map_err(|e| {
             anyhow!(
-                "agent unreachable at {}: {} (is jit-agent running there? check --agent or JIT_AGENT)",
+                "agent unreachable at {}: {:#} (is jit-agent running there? check --agent or JIT_AGENT)",
                 s.agent,
-                error_chain(&e)
+                anyhow::Error::new(e)
             )
         })?;
     Ok(JitGateClient::new(channel))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut c = e.source();
-    while let Some(x) = c {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        c = x.source();
-    }
-    s
 }
 
 /// A status as a message that says what to do next.

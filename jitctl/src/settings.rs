@@ -13,6 +13,7 @@ pub(crate) const DEFAULT_AGENT: &str = "https://127.0.0.1:7443";
 
 /// Connection flags, accepted before or after the command.
 #[derive(Debug, Default, clap::Args)]
+#[command(next_help_heading = "Connection")]
 pub(crate) struct ConnectionArgs {
     /// Agent URL [default: https://127.0.0.1:7443]
     #[arg(long, global = true, env = "JIT_AGENT", value_name = "URL")]
