@@ -143,7 +143,12 @@ pub fn remove_stale_layouts(pin_dir: &Path) -> Result<Vec<PathBuf>> {
             });
         }
     };
-    for entry in entries.flatten() {
+    for entry in entries {
+        let entry = entry.map_err(|source| DatapathError::Io {
+            action: "listing",
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let old_map = name.starts_with("JIT_");
         let old_layout = name.len() > 1
@@ -655,7 +660,12 @@ pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
                 });
             }
         };
-        for entry in entries.flatten() {
+        for entry in entries {
+            let entry = entry.map_err(|source| DatapathError::Io {
+                action: "listing",
+                path: dir.clone(),
+                source,
+            })?;
             let iface = entry.file_name().to_string_lossy().replace(':', ".");
             let info = PinnedLink::from_pin(entry.path())
                 .ok()

@@ -458,7 +458,17 @@ impl GateMaps {
         let net = net.trunc();
         let (prefix_len, addr) = identity_key(net);
         let key = Key::new(prefix_len, addr);
-        if let Ok(existing) = self.id_prefixes.get(&key, 0) {
+        let existing = match self.id_prefixes.get(&key, 0) {
+            Ok(v) => Some(v),
+            Err(MapError::KeyNotFound) => None,
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    map: map_names::ID_PREFIXES,
+                    source,
+                });
+            }
+        };
+        if let Some(existing) = existing {
             if existing.identity_id != identity_id {
                 return Err(DatapathError::IdentityConflict {
                     prefix: net,
