@@ -47,11 +47,14 @@ pub(crate) async fn connect(s: &Settings) -> anyhow::Result<Client> {
         return Ok(JitGateClient::new(channel));
     }
     let (Some(cert), Some(key)) = (&s.cert, &s.key) else {
+        let file = s
+            .file
+            .clone()
+            .or_else(|| crate::settings::default_files().into_iter().next())
+            .map_or_else(|| "jit/config.toml".into(), |p| p.display().to_string());
         bail!(
             "no client certificate found: pass --cert and --key, set JIT_CERT and JIT_KEY, or put \
-             cert/key in {} (try `jit-agent certs init` for a development set)",
-            crate::settings::default_file()
-                .map_or_else(|| "jit/config.toml".into(), |p| p.display().to_string())
+             cert/key in {file} (try `jit-agent certs init` for a development set)"
         );
     };
     let ca = s.ca.as_ref().ok_or_else(|| {

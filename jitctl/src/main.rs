@@ -23,8 +23,9 @@ pub(crate) const EXIT_ERROR: u8 = 1;
 ///
 /// Connection settings come from flags, then the environment (JIT_AGENT, JIT_CERT, JIT_KEY,
 /// JIT_CA, JIT_SOCKET), then the settings file (jit/config.toml in your configuration
-/// directory: $XDG_CONFIG_HOME, else ~/.config; or --config/JITCTL_CONFIG) with the keys agent,
-/// cert, key, ca and socket.
+/// directory: $XDG_CONFIG_HOME, else ~/.config; else ~/.config/jit/config.toml; or
+/// --config/JITCTL_CONFIG) with the keys agent, cert, key, ca and socket. An agent named by flag
+/// or environment wins over a socket named only in the file.
 ///
 /// Exit codes: 0 done (granted), 1 error (usage errors too), 2 denied, 3 not decided in time or
 /// expired; `exec` passes its command's code through.

@@ -1,8 +1,10 @@
 //! Connection settings. Flags come first, then the environment (both read by clap: `--agent` or
 //! `JIT_AGENT`, and so on), then the settings file, then the defaults. The settings file is
 //! `jit/config.toml` in the platform's configuration directory (`$XDG_CONFIG_HOME`, else
-//! `~/.config`, on Linux), or the file `--config`/`JITCTL_CONFIG` names, with the keys `agent`,
-//! `cert`, `key`, `ca` and `socket`.
+//! `~/.config`, on Linux; `~/Library/Application Support` on macOS), else `~/.config/jit/config.toml`
+//! where earlier versions read it, or the file `--config`/`JITCTL_CONFIG` names, with the keys
+//! `agent`, `cert`, `key`, `ca` and `socket`. An agent named by flag or environment wins over a
+//! socket named only in the file.
 
 use std::path::{Path, PathBuf};
 
@@ -65,11 +67,23 @@ pub(crate) struct Settings {
     pub(crate) ca: Option<PathBuf>,
     /// Unix socket.
     pub(crate) socket: Option<PathBuf>,
+    /// The settings file read, if any.
+    pub(crate) file: Option<PathBuf>,
 }
 
-/// `jit/config.toml` in the platform's configuration directory.
-pub(crate) fn default_file() -> Option<PathBuf> {
-    dirs::config_dir().map(|d| d.join("jit").join("config.toml"))
+/// Where the settings file is looked for, in order: `jit/config.toml` in the platform's
+/// configuration directory, then `~/.config/jit/config.toml` (where earlier versions read it).
+pub(crate) fn default_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = dirs::config_dir()
+        .map(|d| d.join("jit").join("config.toml"))
+        .into_iter()
+        .collect();
+    if let Some(legacy) = dirs::home_dir().map(|h| h.join(".config/jit/config.toml"))
+        && !files.contains(&legacy)
+    {
+        files.push(legacy);
+    }
+    files
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
@@ -81,19 +95,28 @@ fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
 impl ConnectionArgs {
     /// Fills what flags and environment left open from the settings file, then the defaults.
     pub(crate) fn resolve(self) -> anyhow::Result<Settings> {
-        let file = match (&self.config, default_file()) {
-            (Some(explicit), _) => {
+        let path = match &self.config {
+            Some(explicit) => {
                 if !explicit.exists() {
                     bail!(
                         "the settings file {} does not exist (named by --config or JITCTL_CONFIG)",
                         explicit.display()
                     );
                 }
-                read_file(explicit)?
+                Some(explicit.clone())
             }
-            (None, Some(default)) if default.exists() => read_file(&default)?,
-            (None, _) => FileSettings::default(),
+            None => default_files().into_iter().find(|f| f.exists()),
         };
+        let file = match &path {
+            Some(p) => read_file(p)?,
+            None => FileSettings::default(),
+        };
+        // A socket from the file yields to an agent named on the command line or environment.
+        let socket = self.socket.or(if self.agent.is_some() {
+            None
+        } else {
+            file.socket
+        });
         Ok(Settings {
             agent: self
                 .agent
@@ -102,7 +125,8 @@ impl ConnectionArgs {
             cert: self.cert.or(file.cert),
             key: self.key.or(file.key),
             ca: self.ca.or(file.ca),
-            socket: self.socket.or(file.socket),
+            socket,
+            file: path,
         })
     }
 }

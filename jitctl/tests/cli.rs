@@ -108,6 +108,24 @@ fn settings_come_from_flag_then_environment_then_the_config_directory() {
     let out = jitctl(&home, &[], &["whoami"]);
     assert!(stderr(&out).contains("\"home agent\""), "{}", stderr(&out));
 
+    // A socket named only in the file yields to an agent named on the command line or environment.
+    let with_socket = home.0.join("socket.toml");
+    std::fs::write(&with_socket, "socket = \"/nonexistent/agent.sock\"\n").expect("write");
+    let file = ("JITCTL_CONFIG", with_socket.to_str().expect("utf-8"));
+    let out = jitctl(&home, &[file], &["whoami"]);
+    assert!(
+        stderr(&out).contains("local socket /nonexistent/agent.sock"),
+        "{}",
+        stderr(&out)
+    );
+    let out = jitctl(&home, &[file], &["whoami", "--agent", "flag agent"]);
+    assert!(
+        stderr(&out).contains("no client certificate found")
+            && stderr(&out).contains("socket.toml"),
+        "the flag's agent is used, and the message names the file read: {}",
+        stderr(&out)
+    );
+
     // A file named explicitly must exist; a file with unknown keys is refused, naming it.
     let out = jitctl(&home, &[], &["whoami", "--config", "/nonexistent/jit.toml"]);
     assert_eq!(out.status.code(), Some(1));

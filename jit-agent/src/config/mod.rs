@@ -291,7 +291,11 @@ impl Config {
             .map_err(|e| err("(syntax)".into(), toml_message(text, &e)))?;
         let parsed: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "(file)".into() } else { path };
+            let field = if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            };
             err(field, toml_message(text, e.inner()))
         })?;
         Self::validate(file, parsed, overrides)
