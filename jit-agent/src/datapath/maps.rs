@@ -67,6 +67,16 @@ impl ServiceDest {
     }
 }
 
+/// A map lookup: the value, `None` when the key is absent, an error when the read failed (a
+/// failed read is never taken for "absent").
+fn present<V>(read: std::result::Result<V, MapError>, map: &'static str) -> Result<Option<V>> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(DatapathError::Map { map, source }),
+    }
+}
+
 /// A service as the kernel holds it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ServiceEntry {
@@ -285,16 +295,7 @@ impl GateMaps {
             service_id,
             mode: mode.raw(),
         };
-        let existing = match self.services.get(&key, 0) {
-            Ok(v) => Some(v),
-            Err(MapError::KeyNotFound) => None,
-            Err(e) => {
-                return Err(DatapathError::Map {
-                    map: map_names::SERVICES,
-                    source: e,
-                });
-            }
-        };
+        let existing = present(self.services.get(&key, 0), map_names::SERVICES)?;
         match existing {
             // Indexes first: a packet that sees the index but not yet the service just pays
             // one more lookup and passes, as it did before.
@@ -396,11 +397,7 @@ impl GateMaps {
         }
 
         let dest_key = ServiceKey { port: 0, ..*key };
-        let current = match self.dests.get(&dest_key, 0) {
-            Ok(n) => n,
-            Err(MapError::KeyNotFound) => 0,
-            Err(e) => return Err(map_err(map_names::DESTS, e)),
-        };
+        let current = present(self.dests.get(&dest_key, 0), map_names::DESTS)?.unwrap_or(0);
         let n = bump(current);
         if n == 0 {
             match self.dests.remove(&dest_key) {
@@ -458,16 +455,7 @@ impl GateMaps {
         let net = net.trunc();
         let (prefix_len, addr) = identity_key(net);
         let key = Key::new(prefix_len, addr);
-        let existing = match self.id_prefixes.get(&key, 0) {
-            Ok(v) => Some(v),
-            Err(MapError::KeyNotFound) => None,
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    map: map_names::ID_PREFIXES,
-                    source,
-                });
-            }
-        };
+        let existing = present(self.id_prefixes.get(&key, 0), map_names::ID_PREFIXES)?;
         if let Some(existing) = existing {
             if existing.identity_id != identity_id {
                 return Err(DatapathError::IdentityConflict {
