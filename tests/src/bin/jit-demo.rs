@@ -353,6 +353,8 @@ permit (principal in Jit::Group::"sre",
     let out = Command::new(&agent_bin)
         .args(["bpf", "status", "--pin-dir"])
         .arg(&pin_dir)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
         .output()
         .map_err(|e| e.to_string())?;
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(2) {
