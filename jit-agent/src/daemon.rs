@@ -9,9 +9,12 @@ use jit_api::pb::{FILE_DESCRIPTOR_SET, jit_gate_server::JitGateServer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
+use jit_api::audit::{Event as AuditEvent, FileDigest};
+
 use crate::{
     api::{Api, tls::ReloadingConfig},
     attach::Attacher,
+    audit::{AuditLog, AuditOptions},
     config::Config,
     datapath::{Gate, GateMaps, LoadOptions},
     engine::Engine,
@@ -61,6 +64,27 @@ fn remove_old_layout(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often held audit records are retried and time-due checkpoints written.
+const AUDIT_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// This node's name on its audit records (the host name).
+fn node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A file and the SHA-256 of its content (empty when it cannot be read, which is on the record).
+fn digest(path: &std::path::Path) -> FileDigest {
+    FileDigest {
+        path: path.display().to_string(),
+        sha256: std::fs::read(path)
+            .map(|b| jit_api::audit::content_hash(&b))
+            .unwrap_or_default(),
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -78,6 +102,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let policies = Arc::new(
         Policies::load(&cfg.policy_file, cfg.policy_schema.as_deref())
             .context("loading the policies")?,
+    );
+    // The audit log opens before anything is decided or enforced.
+    let (audit, recovered) = AuditLog::open(AuditOptions {
+        dir: cfg.audit.dir.clone(),
+        key_file: cfg.audit.signing_key.clone(),
+        rotate_bytes: cfg.audit.rotate_bytes,
+        checkpoint_every_records: cfg.audit.checkpoint_every_records,
+        checkpoint_every: cfg.audit.checkpoint_every,
+        node: node_name(),
+    })
+    .context("opening the audit log")?;
+    let audit = Arc::new(audit);
+    audit
+        .record(AuditEvent::AgentStart {
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: digest(&cfg.file),
+            policies: policies.files().iter().map(|f| digest(f)).collect(),
+            recovered,
+        })
+        .context("writing the audit log's first record")?;
+    log::info!(
+        "audit log {} (checkpoints signed by {})",
+        audit.current_file().display(),
+        audit.public_key()
     );
 
     #[cfg_attr(not(feature = "ebpf-log"), allow(unused_mut))]
@@ -147,20 +195,37 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         engine,
         Arc::clone(&sync),
         Notifier::start(cfg.webhooks.clone()),
+        Arc::clone(&audit),
     ));
     // One watcher for the files re-read while running; held until the agent stops.
     let _file_watch = {
-        let (policies, tls) = (Arc::clone(&policies), Arc::clone(&tls));
+        let (policies, tls, audit) = (Arc::clone(&policies), Arc::clone(&tls), Arc::clone(&audit));
         FileWatch::start(vec![
             Subscriber {
                 name: "the policies",
                 files: policies.files(),
-                check: Box::new(move || match policies.reload_if_changed() {
-                    Ok(true) => log::info!("policies reloaded"),
-                    Ok(false) => {}
-                    Err(e) => log::error!(
-                        "policy reload refused, the previous policies stay in force:\n{e}"
-                    ),
+                check: Box::new(move || {
+                    let (accepted, error) = match policies.reload_if_changed() {
+                        Ok(true) => {
+                            log::info!("policies reloaded");
+                            (true, String::new())
+                        }
+                        Ok(false) => return,
+                        Err(e) => {
+                            log::error!(
+                                "policy reload refused, the previous policies stay in force:\n{e}"
+                            );
+                            (false, e.to_string())
+                        }
+                    };
+                    let files = policies.files().iter().map(|f| digest(f)).collect();
+                    if let Err(e) = audit.record(AuditEvent::PolicyReload {
+                        accepted,
+                        files,
+                        error,
+                    }) {
+                        log::error!("audit: {e}");
+                    }
                 }),
             },
             Subscriber {
@@ -173,6 +238,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ])
     };
 
+    {
+        // Held records written as soon as the log is writable again; checkpoints by time.
+        let audit = Arc::clone(&audit);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(AUDIT_FLUSH_EVERY);
+            loop {
+                tick.tick().await;
+                let a = Arc::clone(&audit);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.flush()).await {
+                    log::warn!("audit: {e}");
+                }
+            }
+        });
+    }
     tokio::spawn(Arc::clone(&sync).run());
     tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY));
     {
@@ -277,6 +356,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(&cfg.unix_socket);
+    // Sealed: agent.stop and a signed checkpoint.
+    if let Err(e) = audit.close() {
+        log::error!("audit: sealing the log at shutdown: {e}");
+    }
     // The gate's handles close when the process exits; the pinned links keep enforcing.
     drop(attacher);
     Ok(())

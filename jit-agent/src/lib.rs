@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod attach;
+pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod config;

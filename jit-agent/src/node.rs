@@ -3,13 +3,20 @@
 //! store has committed it; if the kernel refuses it (its grants map is full), the grant is revoked
 //! again and the caller learns why. Revocation and expiry never depend on this path: the kernel
 //! sync applies them from the change stream, and the kernel expires grants by itself.
+//!
+//! Every decision is on the audit log (`audit.rs`). A grant's `grant.issued` record is durable
+//! before the grant reaches the kernel; while the log cannot be written, no grant is issued
+//! (unless `audit.on_failure = "continue"`), and revocations and expiries still take effect, their
+//! records held until the log is writable again.
 
 use std::sync::Arc;
 
-use jit_api::{Event, pb};
+use jit_api::{Event, audit::Event as Audited, pb};
 use tokio::sync::broadcast;
 
 use crate::{
+    audit::AuditLog,
+    config::AuditFailure,
     datapath::DatapathError,
     engine::{Engine, EngineError, RequestOptions, RevokeTarget},
     identity::Caller,
@@ -46,6 +53,9 @@ pub enum NodeError {
     /// Reading the kernel's state (for status) failed.
     #[error("reading the kernel gate failed: {0}")]
     KernelRead(String),
+    /// The audit log cannot be written: no grant is issued until it can (fail closed).
+    #[error("the audit log cannot be written ({0}); no grant is issued until it can")]
+    AuditUnavailable(String),
 }
 
 /// Engine and kernel sync of one node: the one door the API goes through. The API never reads
@@ -54,15 +64,41 @@ pub struct Node<S: Store> {
     engine: Engine<S>,
     sync: Arc<KernelSync<S>>,
     notifier: Notifier,
+    audit: Arc<AuditLog>,
+    on_audit_failure: AuditFailure,
 }
 
 impl<S: Store> Node<S> {
-    /// A node deciding with `engine`, enforcing through `sync`, telling `notifier`.
-    pub fn new(engine: Engine<S>, sync: Arc<KernelSync<S>>, notifier: Notifier) -> Self {
+    /// A node deciding with `engine`, enforcing through `sync`, recording on `audit`, telling
+    /// `notifier`.
+    pub fn new(
+        engine: Engine<S>,
+        sync: Arc<KernelSync<S>>,
+        notifier: Notifier,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        let on_audit_failure = engine.config().audit.on_failure;
         Self {
             engine,
             sync,
             notifier,
+            audit,
+            on_audit_failure,
+        }
+    }
+
+    /// Records `event`; a failure is logged (the record is held and written when it can be).
+    fn record(&self, event: Audited) {
+        if let Err(e) = self.audit.record(event) {
+            log::error!("audit: {e}");
+        }
+    }
+
+    /// Refuses to start something that may issue a grant while the log cannot be written.
+    fn check_audit(&self) -> Result<(), NodeError> {
+        match (self.audit.writable(), self.on_audit_failure) {
+            (Err(e), AuditFailure::Refuse) => Err(NodeError::AuditUnavailable(e.to_string())),
+            _ => Ok(()),
         }
     }
 
@@ -74,10 +110,15 @@ impl<S: Store> Node<S> {
         duration: &str,
         opts: &RequestOptions<'_>,
     ) -> Result<Request, NodeError> {
+        self.check_audit()?;
         let req = self
             .engine
             .request_access(caller, service, duration, opts)?;
-        let req = self.enforce(req)?;
+        self.record(Audited::RequestCreated {
+            actor: caller.name(),
+            request: messages::request_msg(&req),
+        });
+        let req = self.enforce(req, caller)?;
         let event = match (req.state, req.break_glass) {
             (RequestState::Pending, _) => Event::RequestPending,
             (RequestState::Granted, true) => Event::GrantBreakGlass,
@@ -89,8 +130,14 @@ impl<S: Store> Node<S> {
 
     /// Approves; enforces at once when this approval completes the request.
     pub fn approve(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
+        self.check_audit()?;
         let req = self.engine.approve(caller, id, comment)?;
-        let req = self.enforce(req)?;
+        self.record(Audited::RequestApproved {
+            actor: caller.name(),
+            comment: comment.to_string(),
+            request: messages::request_msg(&req),
+        });
+        let req = self.enforce(req, caller)?;
         if req.state == RequestState::Granted {
             self.notify(Event::RequestGranted, caller, &req);
         }
@@ -100,6 +147,11 @@ impl<S: Store> Node<S> {
     /// Denies a pending request.
     pub fn deny(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
         let req = self.engine.deny(caller, id, comment)?;
+        self.record(Audited::RequestDenied {
+            actor: caller.name(),
+            comment: comment.to_string(),
+            request: messages::request_msg(&req),
+        });
         self.notify(Event::RequestDenied, caller, &req);
         Ok(req)
     }
@@ -167,6 +219,13 @@ impl<S: Store> Node<S> {
         reason: &str,
     ) -> Result<Vec<Grant>, NodeError> {
         let revoked = self.engine.revoke(caller, target, reason)?;
+        for g in &revoked {
+            self.record(Audited::GrantRevoked {
+                actor: caller.name(),
+                reason: reason.to_string(),
+                grant: self.grant_message(g),
+            });
+        }
         let mut pending = Vec::new();
         let mut last_error = String::new();
         for g in &revoked {
@@ -232,9 +291,27 @@ impl<S: Store> Node<S> {
         self.engine.store().subscribe()
     }
 
-    /// Ends what time has ended (see [`Engine::sweep`]).
+    /// Ends what time has ended (see [`Engine::sweep`]) and records it; returns how many grants
+    /// and requests it ended.
     pub fn sweep(&self) -> Result<(usize, usize), NodeError> {
-        Ok(self.engine.sweep()?)
+        let (grants, requests) = self.engine.sweep()?;
+        for g in &grants {
+            self.record(Audited::GrantExpired {
+                grant: self.grant_message(g),
+            });
+        }
+        for r in &requests {
+            self.record(Audited::RequestExpired {
+                request: messages::request_msg(r),
+            });
+        }
+        Ok((grants.len(), requests.len()))
+    }
+
+    /// The audit log (for the daemon's start, stop, reload and flush records).
+    #[must_use]
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// What `caller` is and may do.
@@ -305,47 +382,83 @@ impl<S: Store> Node<S> {
     }
 
     /// The durable-then-enforce step for a request the store now holds.
-    fn enforce(&self, req: Request) -> Result<Request, NodeError> {
+    fn enforce(&self, req: Request, caller: &Caller) -> Result<Request, NodeError> {
         if req.state != RequestState::Granted {
             return Ok(req);
         }
-        let result = (|| -> Result<(), SyncError> {
-            let grant = self.engine.store().grant(&req.grant_id)?.map(|g| g.value);
-            if let Some(g) = grant {
-                self.sync.sync_grant(&g)?;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => Ok(req),
-            Err(e) => {
-                let full = matches!(e, SyncError::Datapath(DatapathError::MapFull { .. }));
-                let system = Caller::Local { uid: 0 };
-                match self.engine.revoke(
+        let system = Caller::Local { uid: 0 };
+        let grant = match self.engine.store().grant(&req.grant_id) {
+            Ok(Some(g)) => g.value,
+            Ok(None) => return Ok(req),
+            Err(e) => return self.refuse_grant(&req, &system, NodeError::Kernel(e.to_string())),
+        };
+        // Durable on the audit log before the kernel sees it.
+        let issued = Audited::GrantIssued {
+            actor: caller.name(),
+            grant: self.grant_message(&grant),
+            approved_by: req.approvals.iter().map(|a| a.approver.clone()).collect(),
+        };
+        if let Err(e) = self.audit.record(issued) {
+            log::error!("audit: {e}");
+            if self.on_audit_failure == AuditFailure::Refuse {
+                return self.refuse_grant(
+                    &req,
                     &system,
-                    &RevokeTarget::Grant(req.grant_id.clone()),
-                    &format!("kernel refused the grant: {e}"),
-                ) {
-                    // Remove whatever part of the grant did reach the kernel.
-                    Ok(revoked) => {
-                        for g in &revoked {
-                            if let Err(de) = self.sync.sync_grant(g) {
-                                log::error!("deleting the partial kernel entry of {}: {de}", g.id);
-                                self.sync.request_reconcile();
-                            }
-                        }
-                    }
-                    Err(re) => log::error!(
-                        "revoking grant {} after a kernel failure: {re}",
-                        req.grant_id
-                    ),
-                }
-                Err(if full {
+                    NodeError::AuditUnavailable(e.to_string()),
+                );
+            }
+        }
+        match self.sync.sync_grant(&grant) {
+            Ok(()) => {
+                self.record(Audited::GrantEnforced {
+                    grant_id: grant.id.clone(),
+                    result: "written".into(),
+                });
+                Ok(req)
+            }
+            Err(e) => {
+                self.record(Audited::GrantEnforced {
+                    grant_id: grant.id.clone(),
+                    result: format!("failed: {e}"),
+                });
+                let err = if matches!(e, SyncError::Datapath(DatapathError::MapFull { .. })) {
                     NodeError::KernelFull(e.to_string())
                 } else {
                     NodeError::Kernel(e.to_string())
-                })
+                };
+                self.refuse_grant(&req, &system, err)
             }
         }
+    }
+
+    /// Revokes the grant of `req` again (its issue failed), removes whatever part reached the
+    /// kernel, records it, and returns `err`.
+    fn refuse_grant(
+        &self,
+        req: &Request,
+        system: &Caller,
+        err: NodeError,
+    ) -> Result<Request, NodeError> {
+        let reason = format!("the grant could not be issued: {err}");
+        match self
+            .engine
+            .revoke(system, &RevokeTarget::Grant(req.grant_id.clone()), &reason)
+        {
+            Ok(revoked) => {
+                for g in &revoked {
+                    self.record(Audited::GrantRevoked {
+                        actor: system.name(),
+                        reason: reason.clone(),
+                        grant: self.grant_message(g),
+                    });
+                    if let Err(de) = self.sync.sync_grant(g) {
+                        log::error!("deleting the partial kernel entry of {}: {de}", g.id);
+                        self.sync.request_reconcile();
+                    }
+                }
+            }
+            Err(re) => log::error!("revoking grant {} after a failure: {re}", req.grant_id),
+        }
+        Err(err)
     }
 }

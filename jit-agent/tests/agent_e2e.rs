@@ -193,6 +193,63 @@ impl World {
         }
     }
 
+    /// Stops the agent cleanly (SIGTERM), as an operator would; waits at most 10 s.
+    fn stop(&mut self) {
+        let Some(mut c) = self.agent.take() else {
+            return;
+        };
+        let pid = i32::try_from(c.id()).expect("pid");
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.try_wait().expect("wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                panic!("jit-agent did not stop on SIGTERM:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The audit log's files (rotated ones first).
+    fn audit_files(&self) -> Vec<PathBuf> {
+        let dir = self.dir.0.join("state/audit");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("audit dir")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Every record of the audit log.
+    fn audit_records(&self) -> Vec<serde_json::Value> {
+        self.audit_files()
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .expect("audit file")
+                    .lines()
+                    .map(|l| serde_json::from_str(l).expect("audit record"))
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect()
+    }
+
+    /// `jitctl audit verify` on the audit files (and `extra` arguments).
+    fn verify_audit(&self, files: &[PathBuf], extra: &[&str]) -> Output {
+        Command::new(jitctl_bin())
+            .args(["audit", "verify"])
+            .args(files)
+            .args(extra)
+            .output()
+            .expect("jitctl audit verify")
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.agent.take() {
             let _ = c.kill();
@@ -533,6 +590,79 @@ fn request_approve_revoke_expire_restart() {
         .output()
         .expect("bpf grants");
     assert!(ok(&table).contains("(echo)"), "{}", ok(&table));
+
+    // The audit log answers who had access, approved by whom, and that nobody edited it.
+    let key = w.dir.0.join("state/audit-signing.key.pub");
+    let key = key.to_str().expect("utf-8");
+    let running = w.verify_audit(&w.audit_files(), &["--key", key]);
+    assert!(
+        matches!(running.status.code(), Some(0 | 5)),
+        "{:?}: {}{}",
+        running.status,
+        String::from_utf8_lossy(&running.stdout),
+        String::from_utf8_lossy(&running.stderr)
+    );
+    w.stop();
+    let sealed = w.verify_audit(&w.audit_files(), &["--key", key]);
+    assert_eq!(
+        sealed.status.code(),
+        Some(0),
+        "a cleanly stopped agent leaves a sealed, intact log: {}",
+        String::from_utf8_lossy(&sealed.stdout)
+    );
+    let records = w.audit_records();
+    let events: Vec<&str> = records
+        .iter()
+        .map(|r| r["event"].as_str().unwrap_or(""))
+        .collect();
+    for want in [
+        "agent.start",
+        "request.created",
+        "request.approved",
+        "grant.issued",
+        "grant.enforced",
+        "grant.revoked",
+        "grant.expired",
+        "agent.stop",
+        "checkpoint",
+    ] {
+        assert!(events.contains(&want), "no {want} in {events:?}");
+    }
+    assert_eq!(
+        events.iter().filter(|e| **e == "agent.start").count(),
+        2,
+        "the restart is on the record"
+    );
+    let issued = records
+        .iter()
+        .find(|r| r["event"] == "grant.issued" && r["grant"]["id"] == grant_id)
+        .expect("the first grant's issue");
+    assert_eq!(
+        issued["approved_by"][0], "spiffe://jit.test/bob",
+        "{issued}"
+    );
+    assert_eq!(issued["grant"]["sources"][0], format!("{CLIENT_V4}/32"));
+    let revoked = records
+        .iter()
+        .find(|r| r["event"] == "grant.revoked" && r["grant"]["id"] == grant_id)
+        .expect("the revoke");
+    assert_eq!(revoked["actor"], "spiffe://jit.test/sre/carol", "{revoked}");
+    assert_eq!(revoked["reason"], "done");
+    // One changed byte in a copy is found, and named.
+    let current = w.dir.0.join("state/audit/audit.jsonl");
+    let copy = w.dir.0.join("tampered.jsonl");
+    let text = std::fs::read_to_string(&current).expect("audit");
+    std::fs::write(&copy, text.replacen("ticket 1", "ticket 7", 1)).expect("copy");
+    let mut files = w.audit_files();
+    files.retain(|f| f != &current);
+    files.push(copy);
+    let tampered = w.verify_audit(&files, &["--key", key]);
+    assert_eq!(tampered.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&tampered.stdout).contains("tampered.jsonl:"),
+        "{}",
+        String::from_utf8_lossy(&tampered.stdout)
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! This crate builds with stable Rust alone: it must never depend on the eBPF toolchain, aya,
 //! redb or Cedar (`cargo xtask lint` checks jitctl's dependency tree).
 
+pub mod audit;
 pub mod duration;
 pub mod events;
 pub mod states;

@@ -5,12 +5,13 @@
 //! and errors that say what to do), `commands` (one API call or two per command), `render`
 //! (lines, tables, JSON).
 
+mod audit;
 mod commands;
 mod connect;
 mod render;
 mod settings;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 /// Exit code: the request was denied.
 pub(crate) const EXIT_DENIED: u8 = 2;
@@ -28,7 +29,7 @@ pub(crate) const EXIT_ERROR: u8 = 1;
 /// or environment wins over a socket named only in the file.
 ///
 /// Exit codes: 0 done (granted), 1 error (usage errors too), 2 denied, 3 not decided in time or
-/// expired; `exec` passes its command's code through.
+/// expired; `exec` passes its command's code through; `audit verify` 4 tampered, 5 not sealed.
 #[derive(Debug, clap::Parser)]
 #[command(name = "jitctl", version, about, long_about)]
 struct Cli {
@@ -36,19 +37,31 @@ struct Cli {
     connection: settings::ConnectionArgs,
     /// What to do.
     #[command(subcommand)]
-    command: commands::Command,
+    command: TopCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TopCommand {
+    #[command(flatten)]
+    Agent(commands::Command),
+    /// Check and query audit log files (no agent needed).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(p) => p,
         Err(e) => {
             let _ = e.print();
             // Help and version end well; a usage error is an error (1), never "denied" (2).
             return std::process::ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { 0 });
         }
     };
-    match run(cli) {
+    match run(cli, &matches) {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -57,7 +70,14 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<u8> {
+    let command = match cli.command {
+        TopCommand::Audit(cmd) => {
+            let key = cli.connection.key_from_command_line(matches);
+            return audit::run(cmd, key.as_deref());
+        }
+        TopCommand::Agent(cmd) => cmd,
+    };
     let settings = cli.connection.resolve()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -65,6 +85,6 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
     runtime.block_on(async {
         let mut client = connect::connect(&settings).await?;
-        commands::run(&mut client, cli.command).await
+        commands::run(&mut client, command).await
     })
 }

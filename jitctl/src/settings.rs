@@ -23,7 +23,8 @@ pub(crate) struct ConnectionArgs {
     /// Your client certificate (PEM) with your SPIFFE ID.
     #[arg(long, global = true, env = "JIT_CERT", value_name = "FILE")]
     cert: Option<PathBuf>,
-    /// Your private key (PEM).
+    /// Your private key (PEM). For `audit verify`: the node's audit public key (hex, or a file
+    /// holding it), from the command line only.
     #[arg(long, global = true, env = "JIT_KEY", value_name = "FILE")]
     key: Option<PathBuf>,
     /// CA bundle (PEM) that signed the agent's certificate.
@@ -93,6 +94,20 @@ fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
 }
 
 impl ConnectionArgs {
+    /// `--key` as given on the command line (not from the environment or a file).
+    pub(crate) fn key_from_command_line(&self, matches: &clap::ArgMatches) -> Option<PathBuf> {
+        let given = |m: &clap::ArgMatches| {
+            m.value_source("key") == Some(clap::parser::ValueSource::CommandLine)
+        };
+        let mut m = matches;
+        let mut on_line = given(m);
+        while let Some((_, sub)) = m.subcommand() {
+            on_line |= given(sub);
+            m = sub;
+        }
+        if on_line { self.key.clone() } else { None }
+    }
+
     /// Fills what flags and environment left open from the settings file, then the defaults.
     pub(crate) fn resolve(self) -> anyhow::Result<Settings> {
         let path = match &self.config {

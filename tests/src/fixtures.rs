@@ -42,6 +42,21 @@ fn parse_config(text: &str) -> Arc<Config> {
     )
 }
 
+/// The audit log `cfg` names (under its state directory), opened as the daemon opens it.
+#[must_use]
+pub fn audit_log(cfg: &Config) -> Arc<jit_agent::audit::AuditLog> {
+    let (log, _) = jit_agent::audit::AuditLog::open(jit_agent::audit::AuditOptions {
+        dir: cfg.audit.dir.clone(),
+        key_file: cfg.audit.signing_key.clone(),
+        rotate_bytes: cfg.audit.rotate_bytes,
+        checkpoint_every_records: cfg.audit.checkpoint_every_records,
+        checkpoint_every: cfg.audit.checkpoint_every,
+        node: "test".into(),
+    })
+    .unwrap_or_else(|e| panic!("opening the audit log: {e}"));
+    Arc::new(log)
+}
+
 /// Cedar policies from `text`, validated against the built-in schema.
 #[must_use]
 pub fn policies(text: &str) -> Arc<Policies> {

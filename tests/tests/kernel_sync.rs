@@ -55,6 +55,7 @@ fn world_in(dir: TempDir) -> World {
     let maps = GateMaps::open(gate.pin_dir()).expect("maps");
     let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
     sync.resync().expect("resync");
+    let audit = fixtures::audit_log(&cfg);
     let engine = Engine::new(
         Arc::clone(&store),
         cfg,
@@ -63,7 +64,7 @@ fn world_in(dir: TempDir) -> World {
     );
     World {
         gate,
-        node: Node::new(engine, Arc::clone(&sync), Notifier::disabled()),
+        node: Node::new(engine, Arc::clone(&sync), Notifier::disabled(), audit),
         sync,
         store,
         _dir: dir,

@@ -85,6 +85,12 @@ fn node_status(e: NodeError) -> Status {
         }
         // The revoke is durable; only the kernel lags, and the agent keeps retrying.
         e @ NodeError::KernelDeletePending { .. } => Status::internal(e.to_string()),
+        e @ NodeError::AuditUnavailable(_) => {
+            log::error!("{e}");
+            Status::unavailable(
+                "the audit log cannot be written: no grant is issued until it can (see the agent log)",
+            )
+        }
         // The details (paths, OS errors) go to the agent log, not to callers.
         e @ NodeError::KernelRead(_) => {
             log::error!("{e}");

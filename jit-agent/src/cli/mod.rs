@@ -41,6 +41,9 @@ pub enum Command {
     /// Operate and inspect the kernel gate (attach, detach, status, grants).
     #[command(subcommand)]
     Bpf(bpf::BpfCommand),
+    /// The audit log's signing key (verify and query the log with `jitctl audit`).
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// Flags of `run` that override the file.
@@ -61,6 +64,19 @@ pub struct RunOverrides {
     /// Interface to gate, `eth0` or `eth0:tc` (repeatable; replaces agent.interfaces).
     #[arg(long = "interface")]
     pub interfaces: Vec<String>,
+}
+
+/// `audit` commands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Make a new Ed25519 key for the audit log's checkpoints (its own key, not the TLS key):
+    /// the private key (hex PKCS#8, mode 0600; never overwritten) and the public key beside it
+    /// (`<out>.pub`, hex), which auditors pass to `jitctl audit verify --key`.
+    Keygen {
+        /// Where to write the private key (`audit.signing_key` in the configuration).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// `policy` commands.
@@ -221,6 +237,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Policy(PolicyCommand::Explain(args)) => explain(&args),
         Command::Bpf(cmd) => bpf::run(cmd),
+        Command::Audit(AuditCommand::Keygen { out }) => {
+            let public = crate::audit::keygen(&out)?;
+            println!("wrote {} (private, 0600)", out.display());
+            println!(
+                "wrote {} (public: {public})",
+                crate::audit::public_key_path(&out).display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -57,6 +57,58 @@ pub struct FileConfig {
     /// `[[webhooks]]`.
     #[serde(default)]
     pub webhooks: Vec<WebhookSection>,
+    /// `[audit]`.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[audit]`: the tamper-evident audit log (see README, "The audit log").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Directory of the log's files. Default `<state_dir>/audit`.
+    pub dir: Option<PathBuf>,
+    /// Ed25519 signing key of the checkpoints (`jit-agent audit keygen`). Default
+    /// `<state_dir>/audit-signing.key`, generated on first start when missing.
+    pub signing_key: Option<PathBuf>,
+    /// Rotate the current file at this size, bytes. Default 64 MiB.
+    pub rotate_bytes: Option<u64>,
+    /// A signed checkpoint after this many records. Default 1000.
+    pub checkpoint_every_records: Option<u64>,
+    /// A signed checkpoint after this long when records were written since. Default `1m`.
+    pub checkpoint_every: Option<Dur>,
+    /// `refuse` (default): while the log cannot be written, no grant is issued (fail closed).
+    /// `continue`: grants are issued and their records held until the log is writable.
+    #[serde(default)]
+    pub on_failure: AuditFailure,
+}
+
+/// What the agent does while the audit log cannot be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFailure {
+    /// Issue no grant (fail closed).
+    #[default]
+    Refuse,
+    /// Issue grants; hold their records until the log is writable.
+    Continue,
+}
+
+/// The audit log, validated.
+#[derive(Clone, Debug)]
+pub struct Audit {
+    /// Directory of the files.
+    pub dir: PathBuf,
+    /// Signing key file.
+    pub signing_key: PathBuf,
+    /// Rotation size.
+    pub rotate_bytes: u64,
+    /// Checkpoint every N records.
+    pub checkpoint_every_records: u64,
+    /// Checkpoint every T.
+    pub checkpoint_every: Duration,
+    /// Fail closed or not.
+    pub on_failure: AuditFailure,
 }
 
 /// `[policy]`: the Cedar policy set that decides who may request, approve, deny, revoke and
@@ -266,6 +318,8 @@ pub struct Config {
     pub groups: BTreeMap<String, Vec<String>>,
     /// Webhooks.
     pub webhooks: Vec<Webhook>,
+    /// The audit log.
+    pub audit: Audit,
 }
 
 impl Config {
@@ -456,6 +510,40 @@ impl Config {
             });
         }
 
+        let state_dir = overrides
+            .state_dir
+            .clone()
+            .or(f.agent.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let checkpoint_every_records = f.audit.checkpoint_every_records.unwrap_or(1000);
+        if checkpoint_every_records == 0 {
+            return Err(err(
+                "audit.checkpoint_every_records",
+                "must be at least 1".into(),
+            ));
+        }
+        let rotate_bytes = f.audit.rotate_bytes.unwrap_or(64 << 20);
+        if rotate_bytes < 4096 {
+            return Err(err("audit.rotate_bytes", "must be at least 4096".into()));
+        }
+        let audit = Audit {
+            dir: f
+                .audit
+                .dir
+                .map_or_else(|| state_dir.join("audit"), |d| resolve(file, d)),
+            signing_key: f
+                .audit
+                .signing_key
+                .map_or_else(|| state_dir.join("audit-signing.key"), |k| resolve(file, k)),
+            rotate_bytes,
+            checkpoint_every_records,
+            checkpoint_every: f
+                .audit
+                .checkpoint_every
+                .map_or(Duration::from_secs(60), |d| d.0),
+            on_failure: f.audit.on_failure,
+        };
+
         Ok(Self {
             file: file.to_path_buf(),
             listen: listen.0,
@@ -464,11 +552,7 @@ impl Config {
                 .clone()
                 .or(f.agent.unix_socket)
                 .unwrap_or_else(|| "/run/jit-agent/agent.sock".into()),
-            state_dir: overrides
-                .state_dir
-                .clone()
-                .or(f.agent.state_dir)
-                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            state_dir,
             pin_dir: overrides
                 .pin_dir
                 .clone()
@@ -489,6 +573,7 @@ impl Config {
             policy_schema: f.policy.schema.map(|p| resolve(file, p)),
             groups,
             webhooks,
+            audit,
         })
     }
 
@@ -706,6 +791,8 @@ mod example_tests {
         assert_eq!(c.services["payments-db"].approvals_required, 2);
         assert_eq!(c.services["payments-db"].destinations.len(), 2);
         assert_eq!(c.interfaces, vec![("eth0".to_string(), AttachMode::Xdp)]);
+        assert_eq!(c.audit.on_failure, AuditFailure::Refuse);
+        assert_eq!(c.audit.checkpoint_every, Duration::from_secs(60));
         assert!(
             c.identities
                 .contains_key("spiffe://example.org/ci/deployer")

@@ -265,26 +265,31 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// Expires `req` if its TTL has passed; returns whether it did (or someone else changed it
-    /// first, which the caller re-reads).
-    fn expire_if_due(&self, req: &Versioned<Request>, now: i64) -> Result<bool, EngineError> {
+    /// Expires `req` if its TTL has passed. `Some` when it was due: the expired request, or
+    /// `None` inside when someone else changed it first (the caller re-reads).
+    fn expire_if_due(
+        &self,
+        req: &Versioned<Request>,
+        now: i64,
+    ) -> Result<Option<Option<Request>>, EngineError> {
         if req.value.state != RequestState::Pending || now < req.value.pending_until_ms {
-            return Ok(false);
+            return Ok(None);
         }
         let mut r = req.value.clone();
         r.state = RequestState::Expired;
         match self
             .store
-            .commit(Txn::put(Record::Request(r), req.revision))
+            .commit(Txn::put(Record::Request(r.clone()), req.revision))
         {
-            Ok(_) | Err(StoreError::Conflict(_)) => Ok(true),
+            Ok(_) => Ok(Some(Some(r))),
+            Err(StoreError::Conflict(_)) => Ok(Some(None)),
             Err(e) => Err(e.into()),
         }
     }
 
     fn check_pending(&self, req: &Versioned<Request>) -> Result<(), EngineError> {
         let now = self.now();
-        if self.expire_if_due(req, now)? {
+        if self.expire_if_due(req, now)?.is_some() {
             return Err(EngineError::FailedPrecondition(format!(
                 "request {} expired undecided",
                 req.value.id
@@ -567,27 +572,30 @@ impl<S: Store> Engine<S> {
     }
 
     /// Ends what time has ended: active grants past their expiry, pending requests past their
-    /// TTL. Returns how many of each it ended. A record changed by someone else meanwhile is
-    /// left to the next sweep.
-    pub fn sweep(&self) -> Result<(usize, usize), EngineError> {
+    /// TTL. Returns what it ended. A record changed by someone else meanwhile is left to the next
+    /// sweep.
+    pub fn sweep(&self) -> Result<(Vec<Grant>, Vec<Request>), EngineError> {
         let now = self.now();
-        let mut grants = 0;
+        let mut grants = Vec::new();
         for g in self.store.grants()? {
             if g.value.state == GrantState::Active && g.value.expires_ms <= now {
                 let mut ng = g.value.clone();
                 ng.state = GrantState::Expired;
                 ng.ended_ms = now;
-                match self.store.commit(Txn::put(Record::Grant(ng), g.revision)) {
-                    Ok(_) => grants += 1,
+                match self
+                    .store
+                    .commit(Txn::put(Record::Grant(ng.clone()), g.revision))
+                {
+                    Ok(_) => grants.push(ng),
                     Err(StoreError::Conflict(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
         }
-        let mut requests = 0;
+        let mut requests = Vec::new();
         for r in self.store.requests()? {
-            if self.expire_if_due(&r, now)? {
-                requests += 1;
+            if let Some(Some(expired)) = self.expire_if_due(&r, now)? {
+                requests.push(expired);
             }
         }
         Ok((grants, requests))
