@@ -1,0 +1,202 @@
+//! The audit log under failure, against the real kernel and a real filesystem that fills up: no
+//! grant reaches the kernel while the log cannot be written (fail closed), a revocation still takes
+//! effect, and once the log is writable again the held records are written and the chain holds.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use jit_agent::{
+    datapath::GateMaps,
+    engine::{Engine, RequestOptions, RevokeTarget},
+    identity::Caller,
+    kernel_sync::KernelSync,
+    node::{Node, NodeError},
+    notify::Notifier,
+    store::RedbStore,
+};
+use jit_api::audit::{AuditFile, verify};
+use jit_tests::{TempDir, TestGate, fixtures, require_root};
+
+const POLICIES: &str = r#"
+permit (principal, action in [Jit::Action::"request", Jit::Action::"auto_approve"], resource);
+"#;
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Self {
+        std::fs::create_dir_all(at).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "jit-audit-test"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mounting a tmpfs at {}", at.display());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn ci() -> Caller {
+    Caller::Spiffe("spiffe://t.test/ci".into())
+}
+
+fn request(node: &Node<RedbStore>) -> Result<String, NodeError> {
+    node.request_access(&ci(), "db", "10m", &RequestOptions::default())
+        .map(|r| r.grant_id)
+}
+
+fn series(dir: &Path) -> Vec<AuditFile> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("audit dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| AuditFile {
+            name: p.display().to_string(),
+            bytes: std::fs::read(&p).expect("read"),
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn no_grant_without_its_record_and_revocation_goes_on() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-audit-");
+    let fs = Tmpfs::mount(&dir.path().join("auditfs"));
+    let audit_dir = fs.0.join("log");
+    let cfg = fixtures::config_in(
+        dir.path(),
+        &format!(
+            "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
+             require_reason = false\n[[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\n\
+             sources = [\"10.1.0.0/24\"]\n[audit]\ndir = {:?}\ncheckpoint_every_records = 1000\n",
+            audit_dir.display().to_string()
+        ),
+    );
+    let gate = TestGate::load();
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    sync.resync().expect("resync");
+    let audit = fixtures::audit_log(&cfg);
+    let key = audit.public_key().to_string();
+    let engine = Engine::new(
+        Arc::clone(&store),
+        Arc::clone(&cfg),
+        fixtures::policies(POLICIES),
+        Arc::new(jit_agent::model::now_ms),
+    );
+    let node = Node::new(
+        engine,
+        Arc::clone(&sync),
+        Notifier::disabled(),
+        Arc::clone(&audit),
+    );
+    let kernel_grants = || sync.kernel_grants().expect("kernel grants");
+
+    let first = request(&node).expect("granted while the log is writable");
+    assert_eq!(kernel_grants(), 1);
+    node.revoke(&ci(), &RevokeTarget::Grant(first), "next")
+        .expect("revoke");
+
+    // Fill the filesystem; from the first record that cannot be written on, no grant is issued.
+    let mut filler = std::fs::File::create(fs.0.join("filler")).expect("filler");
+    for _ in 0..1_000 {
+        if filler
+            .write_all(&[0u8; 4096])
+            .and_then(|()| filler.sync_all())
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut held = None;
+    for _ in 0..50 {
+        match request(&node) {
+            Ok(id) => held = Some(id),
+            Err(NodeError::AuditUnavailable(m)) => {
+                assert!(m.contains("audit"), "{m}");
+                held = held.or(Some(String::new()));
+                break;
+            }
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    let granted_before = held.expect("the log filled up within 50 requests");
+    let in_kernel_while_failing = kernel_grants();
+    for _ in 0..3 {
+        assert!(
+            matches!(request(&node), Err(NodeError::AuditUnavailable(_))),
+            "no grant while the log cannot be written"
+        );
+    }
+    assert_eq!(
+        kernel_grants(),
+        in_kernel_while_failing,
+        "nothing reached the kernel"
+    );
+
+    // A revocation still takes effect (its record is held).
+    if !granted_before.is_empty() {
+        node.revoke(
+            &ci(),
+            &RevokeTarget::Grant(granted_before.clone()),
+            "audit down",
+        )
+        .expect("revoke while the log is down");
+        assert_eq!(kernel_grants(), 0, "revoked in the kernel at once");
+    }
+    node.revoke(
+        &ci(),
+        &RevokeTarget::Identity("spiffe://t.test/ci".into()),
+        "all",
+    )
+    .expect("revoke by identity");
+    assert_eq!(kernel_grants(), 0);
+
+    // Writable again: the held records are written after an audit.resumed line, and the chain
+    // holds; grants are issued again.
+    drop(filler);
+    std::fs::remove_file(fs.0.join("filler")).expect("free the space");
+    audit.flush().expect("the log is writable again");
+    request(&node).expect("granted again");
+    audit.close().expect("seal");
+    let files = series(&audit_dir);
+    let v = verify(&files, Some(&key)).expect("the chain holds across the outage");
+    assert_eq!(v.unsealed, 0);
+    let text: String = files
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
+        .collect();
+    let resumed = text
+        .lines()
+        .position(|l| l.contains("\"event\":\"audit.resumed\""))
+        .expect("an audit.resumed line");
+    if !granted_before.is_empty() {
+        let revoked = text
+            .lines()
+            .position(|l| l.contains("\"event\":\"grant.revoked\"") && l.contains(&granted_before))
+            .expect("the revoke made while the log was down is on the record");
+        assert!(revoked > resumed, "held records follow audit.resumed");
+    }
+}
