@@ -648,6 +648,44 @@ fn request_approve_revoke_expire_restart() {
         .expect("the revoke");
     assert_eq!(revoked["actor"], "spiffe://jit.test/sre/carol", "{revoked}");
     assert_eq!(revoked["reason"], "done");
+    // Who had access to echo while the first grant lived: from the log alone.
+    let at_ms = issued["grant"]["not_before_unix_ms"]
+        .as_i64()
+        .expect("time")
+        + 1;
+    let at = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(at_ms).expect("ms")),
+    )
+    .to_string();
+    let out = Command::new(jitctl_bin())
+        .args([
+            "audit",
+            "who",
+            "--service",
+            "echo",
+            "--at",
+            &at,
+            "--json",
+            "--key",
+            key,
+        ])
+        .args(w.audit_files())
+        .output()
+        .expect("jitctl audit who");
+    let held: serde_json::Value = serde_json::from_str(&ok(&out)).expect("JSON");
+    let held = held.as_array().expect("array");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["identity"], "spiffe://jit.test/alice");
+    assert_eq!(held[0]["grant_id"], grant_id.as_str());
+    assert_eq!(held[0]["approved_by"][0], "spiffe://jit.test/bob");
+    assert!(
+        held[0]["ended"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("revoked by spiffe://jit.test/sre/carol"),
+        "{held:?}"
+    );
+
     // One changed byte in a copy is found, and named.
     let current = w.dir.0.join("state/audit/audit.jsonl");
     let copy = w.dir.0.join("tampered.jsonl");

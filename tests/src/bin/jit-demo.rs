@@ -221,7 +221,7 @@ permit (principal in Jit::Group::"sre",
     {
         c.agent_pid = Some(child.id());
     }
-    let _agent = Agent(child);
+    let mut agent = Agent(child);
     show("jit-agent run --config agent.toml   (in the server namespace)");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !dir.join("agent.sock").exists() {
@@ -359,6 +359,62 @@ permit (principal in Jit::Group::"sre",
         .map_err(|e| e.to_string())?;
     for line in String::from_utf8_lossy(&out.stdout).lines().skip(2) {
         println!("    {line}");
+    }
+    say("The paper trail: stop the agent cleanly, verify its audit log, ask who had access");
+    show("kill -TERM <jit-agent>   (the log is sealed with a signed checkpoint)");
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(
+            i32::try_from(agent.0.id()).map_err(|e| e.to_string())?,
+            libc::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.0.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() >= deadline {
+            return Err("jit-agent did not stop on SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let audit_dir = dir.join("state/audit");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&audit_dir)
+        .map_err(|e| format!("{}: {e}", audit_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    let key = dir.join("state/audit-signing.key.pub");
+    let audit = |args: &[&str]| -> Result<(i32, String), String> {
+        show(&format!(
+            "jitctl audit {} {}/*.jsonl --key {}",
+            args.join(" "),
+            audit_dir.display(),
+            key.display()
+        ));
+        let out = Command::new(&jitctl)
+            .arg("audit")
+            .args(args)
+            .args(&files)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in text.lines() {
+            println!("    {line}");
+        }
+        Ok((out.status.code().unwrap_or(-1), text))
+    };
+    let (code, _) = audit(&["verify"])?;
+    if code != 0 {
+        return Err(format!(
+            "the demo's own audit log did not verify (exit {code})"
+        ));
+    }
+    let (code, text) = audit(&["who", "--service", "payments-db"])?;
+    if code != 0 || !text.contains("spiffe://demo.jit/alice") {
+        return Err("the audit log does not say that alice held payments-db".into());
     }
     let _ = std::io::stdout().flush();
     say("Done: cleaning up namespaces, pins and processes");
