@@ -197,6 +197,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Notifier::start(cfg.webhooks.clone()),
         Arc::clone(&audit),
     ));
+    match node.revoke_unissued() {
+        Ok(0) => {}
+        Ok(n) => {
+            log::warn!("revoked {n} grant(s) stored without their audit record (never enforced)")
+        }
+        Err(e) => log::error!("revoking grants stored without their audit record: {e}"),
+    }
     // One watcher for the files re-read while running; held until the agent stops.
     let _file_watch = {
         let (policies, tls, audit) = (Arc::clone(&policies), Arc::clone(&tls), Arc::clone(&audit));

@@ -270,7 +270,8 @@ impl<S: Store> KernelSync<S> {
         let now = now_ms();
         let mut wanted: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
         for g in grants {
-            if !g.is_live(now) || !self.cfg.services.contains_key(&g.service) {
+            // A grant whose audit record is not durable yet is not the kernel's.
+            if !g.is_live(now) || !g.issued || !self.cfg.services.contains_key(&g.service) {
                 continue;
             }
             let identity_id = self.identity_id(&g.identity)?;

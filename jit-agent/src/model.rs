@@ -92,6 +92,14 @@ pub struct Grant {
     /// Granted through break-glass.
     #[serde(default)]
     pub break_glass: bool,
+    /// Its `grant.issued` audit record is durable: only then may the kernel hold it. (Grants
+    /// stored before the audit log existed count as issued.)
+    #[serde(default = "issued_before_audit")]
+    pub issued: bool,
+}
+
+const fn issued_before_audit() -> bool {
+    true
 }
 
 impl Request {

@@ -308,6 +308,38 @@ impl<S: Store> Node<S> {
         Ok((grants.len(), requests.len()))
     }
 
+    /// Revokes live grants whose audit record never became durable (the agent stopped between
+    /// storing a grant and recording it): they were never enforced and never will be. Run at
+    /// start. Returns how many.
+    pub fn revoke_unissued(&self) -> Result<usize, NodeError> {
+        let system = Caller::Local { uid: 0 };
+        let now = self.engine.now();
+        let unissued: Vec<String> = self
+            .engine
+            .store()
+            .grants()
+            .map_err(EngineError::from)?
+            .into_iter()
+            .map(|g| g.value)
+            .filter(|g| g.is_live(now) && !g.issued)
+            .map(|g| g.id)
+            .collect();
+        let reason = "never issued: the agent stopped before its audit record was written";
+        for id in &unissued {
+            for g in self
+                .engine
+                .revoke(&system, &RevokeTarget::Grant(id.clone()), reason)?
+            {
+                self.record(Audited::GrantRevoked {
+                    actor: system.name(),
+                    reason: reason.into(),
+                    grant: self.grant_message(&g),
+                });
+            }
+        }
+        Ok(unissued.len())
+    }
+
     /// The audit log (for the daemon's start, stop, reload and flush records).
     #[must_use]
     pub fn audit(&self) -> &Arc<AuditLog> {
@@ -408,6 +440,13 @@ impl<S: Store> Node<S> {
                 );
             }
         }
+        // Only now may the kernel hold it (the kernel sync skips grants not marked issued).
+        let grant = match self.engine.mark_issued(&grant.id) {
+            Ok(Some(g)) => g,
+            // Revoked meanwhile: nothing to enforce.
+            Ok(None) => return Ok(req),
+            Err(e) => return self.refuse_grant(&req, &system, NodeError::Engine(e)),
+        };
         match self.sync.sync_grant(&grant) {
             Ok(()) => {
                 self.record(Audited::GrantEnforced {

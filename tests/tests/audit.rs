@@ -15,7 +15,7 @@ use jit_agent::{
     kernel_sync::KernelSync,
     node::{Node, NodeError},
     notify::Notifier,
-    store::RedbStore,
+    store::{RedbStore, Store as _},
 };
 use jit_api::audit::{AuditFile, verify};
 use jit_tests::{TempDir, TestGate, fixtures, require_root};
@@ -199,4 +199,60 @@ fn no_grant_without_its_record_and_revocation_goes_on() {
             .expect("the revoke made while the log was down is on the record");
         assert!(revoked > resumed, "held records follow audit.resumed");
     }
+}
+
+/// A grant the store holds but whose `grant.issued` record never became durable (the agent
+/// stopped in between) is never enforced, not even by reconciliation, and is revoked at start.
+#[test]
+#[ignore = "needs root"]
+fn a_grant_without_its_audit_record_never_reaches_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-audit-");
+    let cfg = fixtures::config_in(
+        dir.path(),
+        "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
+         require_reason = false\n[[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\n\
+         sources = [\"10.1.0.0/24\"]\n",
+    );
+    let gate = TestGate::load();
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    let engine = |cfg: &Arc<jit_agent::config::Config>| {
+        Engine::new(
+            Arc::clone(&store),
+            Arc::clone(cfg),
+            fixtures::policies(POLICIES),
+            Arc::new(jit_agent::model::now_ms),
+        )
+    };
+    // Stored, granted at once, but the process "stops" before recording it.
+    let stored = engine(&cfg)
+        .request_access(&ci(), "db", "10m", &RequestOptions::default())
+        .expect("granted in the store");
+    sync.resync().expect("resync");
+    sync.reconcile().expect("reconcile");
+    assert_eq!(
+        sync.kernel_grants().expect("kernel grants"),
+        0,
+        "not in the kernel without its audit record"
+    );
+    let node = Node::new(
+        engine(&cfg),
+        Arc::clone(&sync),
+        Notifier::disabled(),
+        fixtures::audit_log(&cfg),
+    );
+    assert_eq!(node.revoke_unissued().expect("revoke at start"), 1);
+    let g = store
+        .grant(&stored.grant_id)
+        .expect("store")
+        .expect("grant")
+        .value;
+    assert_eq!(g.state, jit_agent::model::GrantState::Revoked);
+    // Through the node, a grant is recorded, then enforced.
+    request(&node).expect("granted");
+    assert_eq!(sync.kernel_grants().expect("kernel grants"), 1);
 }

@@ -262,6 +262,8 @@ impl<S: Store> Engine<S> {
             ended_ms: 0,
             extra_sources: extra_sources.iter().map(ToString::to_string).collect(),
             break_glass: req.break_glass,
+            // Not enforceable until its audit record is durable (see `mark_issued`).
+            issued: false,
         }
     }
 
@@ -540,6 +542,31 @@ impl<S: Store> Engine<S> {
             )));
         }
         Ok(all.into_iter().map(|g| g.id).collect())
+    }
+
+    /// Marks an active grant issued (its audit record is durable), so the kernel may hold it.
+    /// `None` if it ended meanwhile.
+    pub fn mark_issued(&self, id: &str) -> Result<Option<Grant>, EngineError> {
+        self.update(
+            || format!("grant {id}"),
+            || {
+                let Some(g) = self.store.grant(id)? else {
+                    return Ok(Step::Done(None));
+                };
+                if g.value.state != GrantState::Active {
+                    return Ok(Step::Done(None));
+                }
+                if g.value.issued {
+                    return Ok(Step::Done(Some(g.value)));
+                }
+                let mut ng = g.value.clone();
+                ng.issued = true;
+                Ok(Step::Commit(
+                    Txn::put(Record::Grant(ng.clone()), g.revision),
+                    Some(ng),
+                ))
+            },
+        )
     }
 
     /// Revokes one grant if still active; `None` if someone else ended it first.
