@@ -82,6 +82,16 @@ pub struct AuditOptions {
     pub checkpoint_every: Duration,
     /// The node's name in every line.
     pub node: String,
+    /// Where the seq and hash of the last checkpoint are kept, outside the log's directory: a log
+    /// that ends before it (cut back, or its current file deleted) is refused at start.
+    pub anchor_file: PathBuf,
+}
+
+/// The last checkpoint written: the log must reach at least this far.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Anchor {
+    seq: u64,
+    hash: String,
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AuditError + 'a {
@@ -262,6 +272,8 @@ struct Writer {
     size: u64,
     tail: Tail,
     last_checkpoint: Instant,
+    /// A failed write could not be cut back: re-read the tail from disk before the next one.
+    broken: bool,
 }
 
 impl Writer {
@@ -302,12 +314,31 @@ impl Writer {
         let seq = self.write(&rec)?;
         self.tail.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        // Best effort: an older anchor is weaker, never wrong.
+        let anchor = Anchor {
+            seq,
+            hash: self.tail.prev.clone(),
+        };
+        if let Err(e) = write_anchor(&self.opts.anchor_file, &anchor) {
+            log::warn!("audit: {e}");
+        }
         Ok(seq)
     }
 
     /// Writes one line and syncs it; on failure cuts the file back to where the line started.
     fn write(&mut self, rec: &Record) -> Result<u64, AuditError> {
         let path = self.path();
+        if self.broken {
+            // Continue from what the disk holds (a torn line is cut off), never from memory.
+            let (tail, _) = resume(&self.opts.dir)?;
+            self.file = open_current(&self.opts.dir)?;
+            self.size = self
+                .file
+                .seek(SeekFrom::End(0))
+                .map_err(io("opening", &path))?;
+            self.tail = tail;
+            self.broken = false;
+        }
         let mut bytes = serde_json::to_vec(rec).map_err(|e| AuditError::Corrupt {
             path: path.clone(),
             message: format!("a record does not serialise: {e}"),
@@ -318,9 +349,11 @@ impl Writer {
             .write_all(&bytes)
             .and_then(|()| self.file.sync_data())
         {
-            // Leave no partial line behind. (If this fails too, reopening cuts it off.)
-            let _ = self.file.set_len(self.size);
-            let _ = self.file.seek(SeekFrom::End(0));
+            // Leave no partial line behind; if that fails too, re-read the tail before the next
+            // write (which also cuts a torn line off).
+            if self.file.set_len(self.size).is_err() || self.file.seek(SeekFrom::End(0)).is_err() {
+                self.broken = true;
+            }
             return Err(io("appending", &path)(e));
         }
         self.size += bytes.len() as u64;
@@ -363,12 +396,98 @@ impl Writer {
 
 fn open_current(dir: &Path) -> Result<File, AuditError> {
     let path = dir.join(CURRENT);
-    OpenOptions::new()
+    let created = !path.exists();
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
         .open(&path)
-        .map_err(io("opening", &path))
+        .map_err(io("opening", &path))?;
+    if created {
+        // The new name is durable too, not only the lines written to it.
+        sync_dir(dir)?;
+    }
+    Ok(file)
+}
+
+fn write_anchor(path: &Path, anchor: &Anchor) -> Result<(), AuditError> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string(anchor).map_err(|e| AuditError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut f = File::create(&tmp).map_err(io("writing", &tmp))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("replacing", path))
+}
+
+fn read_anchor(path: &Path) -> Result<Option<Anchor>, AuditError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t)
+            .map(Some)
+            .map_err(|e| AuditError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!("not an audit anchor ({e})"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("reading", path)(e)),
+    }
+}
+
+/// Checks the series already in `dir` before continuing it: it must verify against `key`, and
+/// reach the anchor (the last checkpoint this node wrote). Returns a note on lines it inherits
+/// unsealed (written after the last checkpoint by an earlier run).
+fn check_existing(dir: &Path, key: &str, anchor: Option<&Anchor>) -> Result<String, AuditError> {
+    let mut paths: Vec<PathBuf> = rotated(dir)?.into_iter().map(|(_, p)| p).collect();
+    paths.push(dir.join(CURRENT));
+    let mut files = Vec::new();
+    for p in paths.iter().filter(|p| p.exists()) {
+        files.push(jit_api::audit::AuditFile {
+            name: p.display().to_string(),
+            bytes: std::fs::read(p).map_err(io("reading", p))?,
+        });
+    }
+    let refuse = |message: String| AuditError::Corrupt {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let v = jit_api::audit::verify(&files, Some(key)).map_err(|t| {
+        refuse(format!(
+            "the existing log does not verify ({t}); it is not continued: move it aside (keep it \
+             as evidence) to start a new series"
+        ))
+    })?;
+    if let Some(a) = anchor {
+        let found = files.iter().any(|f| {
+            f.bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .any(|l| {
+                    serde_json::from_slice::<Record>(l).is_ok_and(|r| r.seq == a.seq)
+                        && line_hash(l) == a.hash
+                })
+        });
+        if !found {
+            return Err(refuse(format!(
+                "the log ends before, or differs at, the last checkpoint this node wrote (seq {}): \
+                 it was cut back or replaced; it is not continued",
+                a.seq
+            )));
+        }
+    }
+    Ok(if v.records > 0 && v.unsealed > 0 {
+        format!(
+            "inherited {} record(s) (seq {}..{}) that an earlier run wrote after its last \
+             checkpoint; sealed from here on",
+            v.unsealed,
+            v.last_seq + 1 - v.unsealed,
+            v.last_seq
+        )
+    } else {
+        String::new()
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AuditError> {
@@ -398,6 +517,17 @@ impl AuditLog {
     /// recovery did on opening.
     pub fn open(opts: AuditOptions) -> Result<(Self, String), AuditError> {
         std::fs::create_dir_all(&opts.dir).map_err(io("creating", &opts.dir))?;
+        let series_exists = opts.dir.join(CURRENT).exists() || !rotated(&opts.dir)?.is_empty();
+        if !opts.key_file.exists() && series_exists {
+            return Err(AuditError::Key {
+                path: opts.key_file.clone(),
+                message: format!(
+                    "is missing, but a log signed with it exists in {}: restore the key, or move \
+                     the log aside to start a new series",
+                    opts.dir.display()
+                ),
+            });
+        }
         if !opts.key_file.exists() {
             let public = keygen(&opts.key_file)?;
             log::warn!(
@@ -408,7 +538,18 @@ impl AuditLog {
             );
         }
         let key = load_key(&opts.key_file)?;
-        let (tail, recovered) = resume(&opts.dir)?;
+        let (tail, mut recovered) = resume(&opts.dir)?;
+        let inherited = check_existing(
+            &opts.dir,
+            &key.public_hex(),
+            read_anchor(&opts.anchor_file)?.as_ref(),
+        )?;
+        if !inherited.is_empty() {
+            if !recovered.is_empty() {
+                recovered.push_str("; ");
+            }
+            recovered.push_str(&inherited);
+        }
         let mut file = open_current(&opts.dir)?;
         let size = file
             .seek(SeekFrom::End(0))
@@ -426,6 +567,7 @@ impl AuditLog {
                     size,
                     tail,
                     last_checkpoint: Instant::now(),
+                    broken: false,
                 }),
                 held: Mutex::new(Held::default()),
                 public_key,
@@ -521,7 +663,12 @@ impl AuditLog {
 
     /// Seals the log (clean shutdown): `agent.stop`, then a checkpoint.
     pub fn close(&self) -> Result<(), AuditError> {
-        self.record(Event::AgentStop {})?;
+        if let Err(e) = self.record(Event::AgentStop {}) {
+            let held = self.held().events.len();
+            return Err(AuditError::Failing(format!(
+                "{e}; {held} held record(s) are lost with this process"
+            )));
+        }
         let mut w = self.writer();
         w.checkpoint().map(|_| ())
     }
@@ -547,6 +694,7 @@ mod tests {
             checkpoint_every_records: 5,
             checkpoint_every: Duration::from_secs(3600),
             node: "n1".into(),
+            anchor_file: dir.join("audit-anchor.json"),
         }
     }
 
@@ -604,6 +752,62 @@ mod tests {
         log.close().expect("close");
         let v = verify(&series(&dir), Some(&key)).expect("intact after recovery");
         assert_eq!(v.first_seq, 0);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn a_log_cut_back_edited_or_keyless_is_not_continued() {
+        let tmp = std::env::temp_dir().join(format!("jit-audit-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("dir");
+        // One file and a checkpoint every 5 lines: the cuts below land inside it.
+        let opts = |tmp: &Path| AuditOptions {
+            rotate_bytes: 1 << 20,
+            ..opts(tmp)
+        };
+        let (log, _) = AuditLog::open(opts(&tmp)).expect("open");
+        for i in 0..12 {
+            log.record(event(i)).expect("record");
+        }
+        log.close().expect("close");
+        drop(log);
+        let dir = tmp.join("audit");
+        let current = dir.join(CURRENT);
+        let sealed = std::fs::read(&current).expect("read");
+
+        // Cut back to an earlier checkpoint: a valid chain, but short of the anchor.
+        let text = String::from_utf8(sealed.clone()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        let first_cp = lines
+            .iter()
+            .position(|l| l.contains("\"event\":\"checkpoint\""))
+            .expect("a checkpoint");
+        let cut: String = lines[..=first_cp]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(lines.len() > first_cp + 1);
+        std::fs::write(&current, cut).expect("cut");
+        let e = AuditLog::open(opts(&tmp))
+            .err()
+            .expect("cut back is refused");
+        assert!(e.to_string().contains("cut back"), "{e}");
+        // One changed byte in the sealed part.
+        std::fs::write(&current, text.replacen("grant-3", "grant-9", 1)).expect("edit");
+        let e = AuditLog::open(opts(&tmp)).err().expect("edited is refused");
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        // The current file deleted: nothing left reaches the anchor.
+        std::fs::remove_file(&current).expect("delete");
+        assert!(
+            AuditLog::open(opts(&tmp)).is_err(),
+            "a deleted current file"
+        );
+        // Intact again, but the key is gone: not continued with a new key.
+        std::fs::write(&current, &sealed).expect("restore");
+        AuditLog::open(opts(&tmp)).expect("intact reopens");
+        std::fs::remove_file(tmp.join("audit.key")).expect("delete key");
+        let e = AuditLog::open(opts(&tmp)).err().expect("no key");
+        assert!(e.to_string().contains("is missing"), "{e}");
         let _ = std::fs::remove_dir_all(&tmp);
     }
 }

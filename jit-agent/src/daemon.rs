@@ -111,6 +111,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         checkpoint_every_records: cfg.audit.checkpoint_every_records,
         checkpoint_every: cfg.audit.checkpoint_every,
         node: node_name(),
+        anchor_file: cfg.state_dir.join("audit-anchor.json"),
     })
     .context("opening the audit log")?;
     let audit = Arc::new(audit);

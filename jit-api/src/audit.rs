@@ -299,6 +299,8 @@ pub struct Verified {
     /// Lines after the last checkpoint: not sealed yet (a crash, or a truncation there, cannot be
     /// told apart).
     pub unsealed: u64,
+    /// The node names the records carry (one, unless the host was renamed or logs were mixed).
+    pub nodes: BTreeSet<String>,
 }
 
 /// One file's bytes, named.
@@ -400,6 +402,7 @@ pub fn verify(files: &[AuditFile], key: Option<&str>) -> Result<Verified, Tamper
                 problem,
             };
             let h = head(&f.name, n, bytes)?;
+            v.nodes.insert(h.node.clone());
             match &expected {
                 None => {
                     v.first_seq = h.seq;

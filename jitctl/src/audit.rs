@@ -12,18 +12,19 @@ use jit_api::{
 /// Exit code of `verify`: a record does not hold (changed, inserted, deleted, duplicated,
 /// reordered, a file missing, a bad signature, a torn line).
 pub(crate) const EXIT_TAMPERED: u8 = 4;
-/// Exit code of `verify`: every record holds, but records after the last checkpoint are not
-/// sealed yet (the agent runs, stopped without a clean shutdown, or the file was cut after its
-/// last checkpoint).
+/// Exit code of `verify` (and `who`): every record holds, but the log is not whole: records after
+/// the last checkpoint are not sealed yet (the agent runs, stopped without a clean shutdown, or
+/// the file was cut after its last checkpoint), nothing is signed, or it does not start at seq 0
+/// (earlier files were not given, or were removed).
 pub(crate) const EXIT_UNSEALED: u8 = 5;
 
 /// Audit log commands (they read files; no agent is needed).
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
     /// Check a node's audit files: the hash chain from record to record and across rotated files,
-    /// and every checkpoint's signature. Exit codes: 0 intact and sealed; 4 tampered (the first
-    /// bad record is named); 5 intact, but records after the last checkpoint are not sealed; 1
-    /// error.
+    /// and every checkpoint's signature. Exit codes: 0 intact, sealed and whole; 4 tampered (the
+    /// first bad record is named); 5 intact but not whole (records after the last checkpoint not
+    /// sealed, nothing signed, or the chain does not start at seq 0); 1 error.
     Verify {
         /// The files of the series (`audit-*.jsonl` and `audit.jsonl`), in any order. With
         /// `--key PUBKEY` (hex, or a file holding it, e.g. `audit-signing.key.pub`; only from the
@@ -34,8 +35,9 @@ pub(crate) enum AuditCommand {
         files: Vec<PathBuf>,
     },
     /// Who held access to what, when, approved by whom: answered from the audit files alone
-    /// (verified first; a tampered log is refused with exit code 4). Every grant whose time
-    /// overlaps the window (or holds `--at`), with how it ended.
+    /// (verified first: a tampered log is refused with exit code 4; an answer from a log that is
+    /// not whole exits 5, as `verify`). Every grant the kernel enforced whose time overlaps the
+    /// window (or holds `--at`), with how it ended.
     Who {
         /// The files of the series (`audit-*.jsonl` and `audit.jsonl`), in any order.
         #[arg(required = true)]
@@ -142,6 +144,9 @@ struct Held {
     break_glass: bool,
     sources: Vec<String>,
     request_id: String,
+    /// The kernel took it (`grant.enforced written`); only such grants gave access.
+    #[serde(skip)]
+    enforced: bool,
 }
 
 fn read_files(files: &[PathBuf]) -> anyhow::Result<Vec<AuditFile>> {
@@ -158,7 +163,10 @@ fn read_files(files: &[PathBuf]) -> anyhow::Result<Vec<AuditFile>> {
 
 fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> anyhow::Result<u8> {
     let key = key.map(read_key).transpose()?;
-    let read = read_files(files)?;
+    let mut read = read_files(files)?;
+    // A file given twice is read once (as `verify` reads it).
+    let mut names = std::collections::BTreeSet::new();
+    read.retain(|f| names.insert(f.name.clone()));
     let verified = match verify(&read, key.as_deref()) {
         Ok(v) => v,
         Err(t) => {
@@ -193,8 +201,14 @@ fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> any
                 break_glass: grant.break_glass,
                 sources: grant.sources,
                 request_id: grant.request_id,
+                enforced: false,
             }),
-            Event::GrantEnforced { grant_id, result } if result != "written" => {
+            Event::GrantEnforced { grant_id, result } if result == "written" => {
+                if let Some(h) = held.iter_mut().find(|h| h.grant_id == grant_id) {
+                    h.enforced = true;
+                }
+            }
+            Event::GrantEnforced { grant_id, result } => {
                 if let Some(h) = held.iter_mut().find(|h| h.grant_id == grant_id) {
                     h.until_unix_ms = h.from_unix_ms;
                     h.ended = format!("refused: {result}");
@@ -225,6 +239,7 @@ fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> any
             && filter.identity.as_ref().is_none_or(|i| *i == h.identity)
             && h.from_unix_ms <= filter.to
             && h.until_unix_ms >= filter.from
+            && h.enforced
             && !h.ended.starts_with("refused")
     });
     if json {
@@ -281,13 +296,28 @@ fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> any
             )
         );
     }
-    if verified.unsealed > 0 {
+    let mut whole = true;
+    if verified.unsealed > 0 || verified.checkpoints == 0 {
         eprintln!(
             "note: {} record(s) after the last checkpoint are not sealed yet",
             verified.unsealed
         );
+        whole = false;
     }
-    Ok(0)
+    if verified.first_seq > 0 {
+        eprintln!(
+            "note: the log starts at seq {}: what came before is not in these files",
+            verified.first_seq
+        );
+        whole = false;
+    }
+    if key.is_none() {
+        eprintln!(
+            "note: checked against the key the log names ({}); pass --key to prove whose it is",
+            verified.key.as_deref().unwrap_or("none")
+        );
+    }
+    Ok(if whole { 0 } else { EXIT_UNSEALED })
 }
 
 /// A key given as hex or as a file holding hex.
@@ -328,9 +358,14 @@ fn verify_files(files: &[PathBuf], key: Option<&str>) -> anyhow::Result<u8> {
                 ),
                 (None, _) => println!("no checkpoint: nothing in these files is signed"),
             }
+            println!(
+                "node(s): {}",
+                v.nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
             if v.first_seq > 0 {
                 println!(
-                    "note: the chain starts at seq {}: the files before it were not given",
+                    "INCOMPLETE: the chain starts at seq {}: the files before it were not given \
+                     (or were removed)",
                     v.first_seq
                 );
             }
@@ -343,7 +378,7 @@ fn verify_files(files: &[PathBuf], key: Option<&str>) -> anyhow::Result<u8> {
                 );
                 return Ok(EXIT_UNSEALED);
             }
-            Ok(0)
+            Ok(if v.first_seq > 0 { EXIT_UNSEALED } else { 0 })
         }
     }
 }

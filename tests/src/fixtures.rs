@@ -52,6 +52,7 @@ pub fn audit_log(cfg: &Config) -> Arc<jit_agent::audit::AuditLog> {
         checkpoint_every_records: cfg.audit.checkpoint_every_records,
         checkpoint_every: cfg.audit.checkpoint_every,
         node: "test".into(),
+        anchor_file: cfg.state_dir.join("audit-anchor.json"),
     })
     .unwrap_or_else(|e| panic!("opening the audit log: {e}"));
     Arc::new(log)
