@@ -17,6 +17,7 @@ use crate::{
     audit::{AuditLog, AuditOptions},
     config::Config,
     datapath::{Gate, GateMaps, LoadOptions},
+    denials::DenialReader,
     engine::Engine,
     file_watch::{FileWatch, Subscriber},
     kernel_sync::KernelSync,
@@ -198,6 +199,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Notifier::start(cfg.webhooks.clone()),
         Arc::clone(&audit),
     ));
+    // Kernel denials onto the audit log, on their own thread (stopped and flushed at shutdown).
+    let denials_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let denials = match DenialReader::open(
+        &cfg.pin_dir,
+        cfg.state_dir.clone(),
+        Arc::clone(&audit),
+        cfg.audit.denial_window,
+        Arc::clone(&denials_stop),
+    ) {
+        Ok(reader) => Some(std::thread::spawn(move || reader.run())),
+        Err(e) => {
+            log::error!("kernel denials will not be recorded: {e}");
+            None
+        }
+    };
     match node.revoke_unissued() {
         Ok(0) => {}
         Ok(n) => {
@@ -364,7 +380,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(&cfg.unix_socket);
-    // Sealed: agent.stop and a signed checkpoint.
+    // The last window of kernel denials, then sealed: agent.stop and a signed checkpoint.
+    denials_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = denials {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     if let Err(e) = audit.close() {
         log::error!("audit: sealing the log at shutdown: {e}");
     }

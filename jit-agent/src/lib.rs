@@ -10,6 +10,7 @@ pub mod config;
 pub mod coverage;
 pub mod daemon;
 pub mod datapath;
+pub mod denials;
 pub mod engine;
 pub mod file_watch;
 pub mod identity;

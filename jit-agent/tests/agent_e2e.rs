@@ -633,6 +633,27 @@ fn request_approve_revoke_expire_restart() {
         2,
         "the restart is on the record"
     );
+    // The SYNs dropped before the grant are on the record, aggregated (retransmissions of one
+    // attempt make one record with a count, not one record each).
+    let denials: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| {
+            r["event"] == "kernel.denials"
+                && r["source"] == CLIENT_V4
+                && r["service"] == "echo"
+                && r["kind"] == "deny"
+        })
+        .collect();
+    assert!(!denials.is_empty(), "no kernel denials in {events:?}");
+    let packets: u64 = denials
+        .iter()
+        .map(|r| r["packets"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(packets >= 1, "{denials:?}");
+    assert!(
+        denials.len() <= 4,
+        "aggregated per window, not per packet: {denials:?}"
+    );
     let issued = records
         .iter()
         .find(|r| r["event"] == "grant.issued" && r["grant"]["id"] == grant_id)

@@ -235,6 +235,41 @@ pub enum Event {
         /// Records lost because too many were held.
         lost: u64,
     },
+    /// Packets the kernel dropped (or, for an audit-mode service, would have dropped), aggregated
+    /// per source, service, reason and window: a flood makes a few records with counts.
+    #[serde(rename = "kernel.denials")]
+    KernelDenials {
+        /// `deny`, or `audit` (audit mode: the packet passed).
+        kind: String,
+        /// The verdict reason (`no_grant`, `no_identity`, `expired`, `not_yet_valid`,
+        /// `unparseable`, `fragment`, `opaque` ...).
+        reason: String,
+        /// Source address.
+        source: String,
+        /// The service's name (`#<id>` when unknown; empty when dropped before a service was
+        /// known).
+        service: String,
+        /// Destination port.
+        dst_port: u16,
+        /// IP protocol number.
+        proto: u8,
+        /// Events the kernel reported in the window (events beyond its budget are counted in
+        /// `kernel.events_dropped`).
+        packets: u64,
+        /// First and last packet seen in the window (Unix ms).
+        first_unix_ms: i64,
+        /// Last packet seen in the window (Unix ms).
+        last_unix_ms: i64,
+    },
+    /// Kernel events that were not reported: beyond the per-CPU budget, or lost because the ring
+    /// buffer was full (the packets were still judged; only their report is missing).
+    #[serde(rename = "kernel.events_dropped")]
+    KernelEventsDropped {
+        /// Left out by the budget in the window.
+        rate_limited: u64,
+        /// Lost to a full ring buffer in the window.
+        lost: u64,
+    },
     /// A signed checkpoint over every line before it.
     #[serde(rename = "checkpoint")]
     Checkpoint {

@@ -256,3 +256,80 @@ fn a_grant_without_its_audit_record_never_reaches_the_kernel() {
     request(&node).expect("granted");
     assert_eq!(sync.kernel_grants().expect("kernel grants"), 1);
 }
+
+/// A flood of denied packets makes one aggregated `kernel.denials` record with its count; what
+/// the kernel's budget left out is recorded as `kernel.events_dropped`.
+#[test]
+#[ignore = "needs root"]
+fn a_flood_of_denials_makes_one_record_with_counts() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-audit-");
+    let cfg = fixtures::config_in(dir.path(), "");
+    let mut gate = TestGate::load();
+    gate.maps
+        .add_service(
+            jit_agent::spec::ServiceDest {
+                addr: "10.0.0.1".parse().expect("addr"),
+                port: 443,
+                proto: jit_agent::spec::Protocol::Tcp,
+            },
+            3,
+            jit_agent::spec::Mode::Enforce,
+        )
+        .expect("service");
+    let audit = fixtures::audit_log(&cfg);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut reader = jit_agent::denials::DenialReader::open(
+        gate.pin_dir(),
+        cfg.state_dir.clone(),
+        Arc::clone(&audit),
+        std::time::Duration::from_millis(300),
+        Arc::clone(&stop),
+    )
+    .expect("reader");
+    // The budget is renewed when the window starts; the flood comes from one source.
+    gate.maps
+        .refill_event_tokens(jit_agent::denials::EVENTS_PER_SECOND)
+        .expect("budget");
+    let frame = jit_tests::frames::Packet::tcp(
+        "10.1.0.9".parse().expect("src"),
+        "10.0.0.1".parse().expect("dst"),
+        443,
+    )
+    .build();
+    assert_eq!(gate.run_xdp(&frame, 5_000), 1, "dropped (XDP_DROP)");
+    reader.run_window().expect("one window");
+    audit.close().expect("seal");
+    let text: String = series(&cfg.audit.dir)
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
+        .collect();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let denials: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"] == "kernel.denials")
+        .collect();
+    assert_eq!(denials.len(), 1, "one aggregated record: {denials:?}");
+    let d = denials[0];
+    assert_eq!(d["source"], "10.1.0.9");
+    assert_eq!(d["reason"], "no_grant");
+    assert_eq!(d["dst_port"], 443);
+    let reported = d["packets"].as_u64().expect("packets");
+    let dropped = records
+        .iter()
+        .find(|r| r["event"] == "kernel.events_dropped")
+        .expect("the budget's leftovers are on the record");
+    let left_out =
+        dropped["rate_limited"].as_u64().expect("count") + dropped["lost"].as_u64().expect("count");
+    assert_eq!(
+        reported + left_out,
+        5_000,
+        "every denied packet is accounted for"
+    );
+    assert!(reported <= u64::from(jit_agent::denials::EVENTS_PER_SECOND) * 2);
+}

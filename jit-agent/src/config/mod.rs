@@ -77,6 +77,8 @@ pub struct AuditSection {
     pub checkpoint_every_records: Option<u64>,
     /// A signed checkpoint after this long when records were written since. Default `1m`.
     pub checkpoint_every: Option<Dur>,
+    /// Kernel denials are aggregated over this window before they are recorded. Default `10s`.
+    pub denial_window: Option<Dur>,
     /// `refuse` (default): while the log cannot be written, no grant is issued (fail closed).
     /// `continue`: grants are issued and their records held until the log is writable.
     #[serde(default)]
@@ -107,6 +109,8 @@ pub struct Audit {
     pub checkpoint_every_records: u64,
     /// Checkpoint every T.
     pub checkpoint_every: Duration,
+    /// Denials aggregated per window.
+    pub denial_window: Duration,
     /// Fail closed or not.
     pub on_failure: AuditFailure,
 }
@@ -541,6 +545,10 @@ impl Config {
                 .audit
                 .checkpoint_every
                 .map_or(Duration::from_secs(60), |d| d.0),
+            denial_window: f
+                .audit
+                .denial_window
+                .map_or(Duration::from_secs(10), |d| d.0),
             on_failure: f.audit.on_failure,
         };
 
