@@ -21,11 +21,14 @@ use std::{
     fs::{File, OpenOptions},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use jit_api::audit::{Event, GENESIS, Record, SCHEMA, SigningKey, checkpoint_message, line_hash};
+
+/// Lines a `WatchAudit` subscriber may fall behind by before it re-reads the files.
+const LINES_QUEUE: usize = 4096;
 
 /// Lines held in memory while the log cannot be written.
 pub const HELD_MAX: usize = 100_000;
@@ -274,6 +277,17 @@ struct Writer {
     last_checkpoint: Instant,
     /// A failed write could not be cut back: re-read the tail from disk before the next one.
     broken: bool,
+    /// Every line written, as it is written (for `WatchAudit`).
+    lines: tokio::sync::broadcast::Sender<AuditLine>,
+}
+
+/// One line written: its seq and its text (without the newline).
+#[derive(Clone, Debug)]
+pub struct AuditLine {
+    /// Sequence number.
+    pub seq: u64,
+    /// The line as written.
+    pub line: Arc<str>,
 }
 
 impl Writer {
@@ -360,6 +374,11 @@ impl Writer {
         bytes.pop();
         self.tail.prev = line_hash(&bytes);
         self.tail.seq += 1;
+        // No receiver is not an error.
+        let _ = self.lines.send(AuditLine {
+            seq: rec.seq,
+            line: Arc::from(String::from_utf8_lossy(&bytes).as_ref()),
+        });
         Ok(rec.seq)
     }
 
@@ -568,6 +587,7 @@ impl AuditLog {
                     tail,
                     last_checkpoint: Instant::now(),
                     broken: false,
+                    lines: tokio::sync::broadcast::channel(LINES_QUEUE).0,
                 }),
                 held: Mutex::new(Held::default()),
                 public_key,
@@ -671,6 +691,57 @@ impl AuditLog {
         }
         let mut w = self.writer();
         w.checkpoint().map(|_| ())
+    }
+
+    /// Lines written from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<AuditLine> {
+        self.writer().lines.subscribe()
+    }
+
+    /// The lines already written with `seq >= from`, read from the files, in order. A line being
+    /// written at this moment (no newline yet) is left out; it arrives through [`Self::subscribe`].
+    pub fn history(&self, from: u64) -> Result<Vec<AuditLine>, AuditError> {
+        let dir = self.writer().opts.dir.clone();
+        let mut paths: Vec<(u64, PathBuf)> = rotated(&dir)?;
+        // Files that end before `from` are skipped (each starts where the one before ended).
+        let start = paths
+            .iter()
+            .rposition(|(first, _)| *first <= from)
+            .unwrap_or(0);
+        paths.drain(..start);
+        let mut files: Vec<PathBuf> = paths.into_iter().map(|(_, p)| p).collect();
+        files.push(dir.join(CURRENT));
+        let mut out = Vec::new();
+        for path in files {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("reading", &path)(e)),
+            };
+            let complete = bytes
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(&bytes[..0], |end| &bytes[..end]);
+            for line in complete.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                #[derive(serde::Deserialize)]
+                struct Seq {
+                    seq: u64,
+                }
+                let seq = serde_json::from_slice::<Seq>(line)
+                    .map_err(|e| AuditError::Corrupt {
+                        path: path.clone(),
+                        message: format!("a line is not an audit record ({e})"),
+                    })?
+                    .seq;
+                if seq >= from {
+                    out.push(AuditLine {
+                        seq,
+                        line: Arc::from(String::from_utf8_lossy(line).as_ref()),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Where the current file is.

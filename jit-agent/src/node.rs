@@ -340,6 +340,17 @@ impl<S: Store> Node<S> {
         Ok(unissued.len())
     }
 
+    /// Whether `caller` may follow the audit log: root on the local socket, or a configured
+    /// reader.
+    pub fn may_read_audit(&self, caller: &Caller) -> bool {
+        match caller {
+            Caller::Local { .. } => self.engine.is_admin(caller),
+            Caller::Spiffe(id) => {
+                crate::config::matches_any(&self.engine.config().audit.readers, id)
+            }
+        }
+    }
+
     /// The audit log (for the daemon's start, stop, reload and flush records).
     #[must_use]
     pub fn audit(&self) -> &Arc<AuditLog> {

@@ -18,9 +18,21 @@ pub(crate) const EXIT_TAMPERED: u8 = 4;
 /// (earlier files were not given, or were removed).
 pub(crate) const EXIT_UNSEALED: u8 = 5;
 
-/// Audit log commands (they read files; no agent is needed).
+/// Audit log commands (`verify` and `who` read files, no agent needed; `watch` follows an agent).
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
+    /// Follow a node's audit log from the agent: the lines already written from `--from` on,
+    /// then each new one, exactly as written (one JSON line each; pipe them into a file and
+    /// `verify` it). Resume with `--from <last seq + 1>`: no gap, no duplicate. Needs root on the
+    /// local socket, or an identity in `audit.readers`.
+    Watch {
+        /// The first sequence number wanted.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Stop after this many lines (default: follow until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Check a node's audit files: the hash chain from record to record and across rotated files,
     /// and every checkpoint's signature. Exit codes: 0 intact, sealed and whole; 4 tampered (the
     /// first bad record is named); 5 intact but not whole (records after the last checkpoint not
@@ -67,6 +79,7 @@ pub(crate) enum AuditCommand {
 pub(crate) fn run(cmd: AuditCommand, key: Option<&Path>) -> anyhow::Result<u8> {
     let key = key.map(|k| k.to_string_lossy().into_owned());
     match cmd {
+        AuditCommand::Watch { .. } => bail!("audit watch talks to an agent"),
         AuditCommand::Verify { files } => verify_files(&files, key.as_deref()),
         AuditCommand::Who {
             files,
@@ -106,6 +119,36 @@ pub(crate) fn run(cmd: AuditCommand, key: Option<&Path>) -> anyhow::Result<u8> {
             )
         }
     }
+}
+
+/// `audit watch`: prints the lines as the agent sends them.
+pub(crate) async fn watch(
+    c: &mut crate::connect::Client,
+    from: u64,
+    count: Option<u64>,
+) -> anyhow::Result<u8> {
+    use std::io::Write as _;
+
+    let mut stream = c
+        .watch_audit(jit_api::pb::WatchAuditRequest { from_seq: from })
+        .await
+        .map_err(|e| crate::connect::explain("audit watch", &e))?
+        .into_inner();
+    let mut seen = 0u64;
+    let mut out = std::io::stdout().lock();
+    while count.is_none_or(|n| seen < n) {
+        let Some(l) = stream
+            .message()
+            .await
+            .map_err(|e| crate::connect::explain("audit watch", &e))?
+        else {
+            bail!("the agent closed the audit stream (resume with --from <last seq + 1>)");
+        };
+        writeln!(out, "{}", l.line)?;
+        out.flush()?;
+        seen += 1;
+    }
+    Ok(0)
 }
 
 /// An RFC 3339 instant as Unix ms.

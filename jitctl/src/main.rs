@@ -72,6 +72,17 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<u8> {
     let command = match cli.command {
+        TopCommand::Audit(audit::AuditCommand::Watch { from, count }) => {
+            let settings = cli.connection.resolve()?;
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?
+                .block_on(async {
+                    let mut client = connect::connect(&settings).await?;
+                    audit::watch(&mut client, from, count).await
+                });
+        }
         TopCommand::Audit(cmd) => {
             let key = cli.connection.key_from_command_line(matches);
             return audit::run(cmd, key.as_deref());

@@ -316,6 +316,79 @@ impl<S: Store> JitGate for Api<S> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type WatchAuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditLine, Status>> + Send>>;
+
+    async fn watch_audit(
+        &self,
+        req: GrpcRequest<pb::WatchAuditRequest>,
+    ) -> Result<Response<Self::WatchAuditStream>, Status> {
+        let who = caller(&req)?;
+        if !self.node.may_read_audit(&who) {
+            return Err(Status::permission_denied(format!(
+                "{} may not read the audit log (root on the local socket, or audit.readers)",
+                who.name()
+            )));
+        }
+        let from = req.into_inner().from_seq;
+        let audit = Arc::clone(self.node.audit());
+        // Subscribed before the files are read: a line is either in the files or in the channel.
+        let mut lines = audit.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut next = from;
+            let history = |from: u64| {
+                let audit = Arc::clone(&audit);
+                async move {
+                    tokio::task::spawn_blocking(move || audit.history(from))
+                        .await
+                        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+                        .map_err(|e| {
+                            log::error!("reading the audit log for a watch: {e}");
+                            Status::unavailable("reading the audit log failed; see the agent log")
+                        })
+                }
+            };
+            let send = |l: &crate::audit::AuditLine| pb::AuditLine {
+                seq: l.seq,
+                line: l.line.to_string(),
+            };
+            let mut backlog = match history(next).await {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            loop {
+                for l in backlog.drain(..) {
+                    if l.seq < next {
+                        continue;
+                    }
+                    next = l.seq + 1;
+                    if tx.send(Ok(send(&l))).await.is_err() {
+                        return;
+                    }
+                }
+                match lines.recv().await {
+                    Ok(l) if l.seq < next => {}
+                    Ok(l) if l.seq == next => backlog.push(l),
+                    // Fell behind the channel, or a line is missing from it: the files have it.
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        match history(next).await {
+                            Ok(h) => backlog = h,
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn who_am_i(
         &self,
         req: GrpcRequest<pb::WhoAmIRequest>,

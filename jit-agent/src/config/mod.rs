@@ -79,6 +79,10 @@ pub struct AuditSection {
     pub checkpoint_every: Option<Dur>,
     /// Kernel denials are aggregated over this window before they are recorded. Default `10s`.
     pub denial_window: Option<Dur>,
+    /// Who may follow the log over the API (`WatchAudit`), besides root on the local socket:
+    /// SPIFFE IDs, or prefixes ending in `*`. Default: nobody else.
+    #[serde(default)]
+    pub readers: Vec<Member>,
     /// `refuse` (default): while the log cannot be written, no grant is issued (fail closed).
     /// `continue`: grants are issued and their records held until the log is writable.
     #[serde(default)]
@@ -111,6 +115,8 @@ pub struct Audit {
     pub checkpoint_every: Duration,
     /// Denials aggregated per window.
     pub denial_window: Duration,
+    /// Who may follow the log over the API, besides root on the local socket.
+    pub readers: Vec<String>,
     /// Fail closed or not.
     pub on_failure: AuditFailure,
 }
@@ -549,6 +555,7 @@ impl Config {
                 .audit
                 .denial_window
                 .map_or(Duration::from_secs(10), |d| d.0),
+            readers: f.audit.readers.into_iter().map(|m| m.0).collect(),
             on_failure: f.audit.on_failure,
         };
 
