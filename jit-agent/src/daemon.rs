@@ -65,6 +65,8 @@ fn remove_old_layout(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long calls in flight may take to finish at shutdown, before the audit log is sealed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often held audit records are retried and time-due checkpoints written.
 const AUDIT_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -367,18 +369,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx));
-    let tcp = tokio::spawn(tcp_server);
-    let local = tokio::spawn(uds_server);
+    let mut tcp = tokio::spawn(tcp_server);
+    let mut local = tokio::spawn(uds_server);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
         _ = term.recv() => log::info!("SIGTERM: stopping the API; the gate stays attached"),
         _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping the API; the gate stays attached"),
-        r = tcp => bail!("the mTLS server stopped: {r:?}"),
-        r = local => bail!("the local server stopped: {r:?}"),
+        r = &mut tcp => bail!("the mTLS server stopped: {r:?}"),
+        r = &mut local => bail!("the local server stopped: {r:?}"),
     }
     let _ = stop_tx.send(true);
+    // Calls in flight finish (and write their audit records) before the log is sealed; bounded.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = (&mut tcp).await;
+        let _ = (&mut local).await;
+    })
+    .await;
+    if drained.is_err() {
+        log::warn!(
+            "calls still in flight after {SHUTDOWN_GRACE:?}; their records may follow the seal"
+        );
+    }
     let _ = std::fs::remove_file(&cfg.unix_socket);
     // The last window of kernel denials, then sealed: agent.stop and a signed checkpoint.
     denials_stop.store(true, std::sync::atomic::Ordering::Relaxed);
