@@ -278,6 +278,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(url) = cfg.audit.sink_url.clone() {
+        tokio::spawn(crate::audit_sink::run(
+            Arc::clone(&audit),
+            crate::audit_sink::SinkOptions {
+                url,
+                batch_max: cfg.audit.sink_batch,
+                position_file: cfg.state_dir.join("audit-sink.position"),
+            },
+        ));
+    }
     tokio::spawn(Arc::clone(&sync).run());
     tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY));
     {

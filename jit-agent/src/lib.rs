@@ -4,6 +4,7 @@
 pub mod api;
 pub mod attach;
 pub mod audit;
+pub mod audit_sink;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -83,6 +83,10 @@ pub struct AuditSection {
     /// SPIFFE IDs, or prefixes ending in `*`. Default: nobody else.
     #[serde(default)]
     pub readers: Vec<Member>,
+    /// An HTTP collector the log's lines are POSTed to, in order, at least once (see README).
+    pub sink_url: Option<HookUrl>,
+    /// Lines per request to the collector at most. Default 500.
+    pub sink_batch: Option<usize>,
     /// `refuse` (default): while the log cannot be written, no grant is issued (fail closed).
     /// `continue`: grants are issued and their records held until the log is writable.
     #[serde(default)]
@@ -117,6 +121,10 @@ pub struct Audit {
     pub denial_window: Duration,
     /// Who may follow the log over the API, besides root on the local socket.
     pub readers: Vec<String>,
+    /// The HTTP collector, if any.
+    pub sink_url: Option<String>,
+    /// Lines per request to it.
+    pub sink_batch: usize,
     /// Fail closed or not.
     pub on_failure: AuditFailure,
 }
@@ -556,6 +564,12 @@ impl Config {
                 .denial_window
                 .map_or(Duration::from_secs(10), |d| d.0),
             readers: f.audit.readers.into_iter().map(|m| m.0).collect(),
+            sink_url: f.audit.sink_url.map(|u| u.0),
+            sink_batch: match f.audit.sink_batch {
+                Some(0) => return Err(err("audit.sink_batch", "must be at least 1".into())),
+                Some(n) => n,
+                None => 500,
+            },
             on_failure: f.audit.on_failure,
         };
 
