@@ -215,15 +215,7 @@ impl World {
 
     /// The audit log's files (rotated ones first).
     fn audit_files(&self) -> Vec<PathBuf> {
-        let dir = self.dir.0.join("state/audit");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .expect("audit dir")
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-            .collect();
-        files.sort();
-        files
+        jit_tests::fixtures::audit_files(&self.dir.0.join("state/audit"))
     }
 
     /// Every record of the audit log.

@@ -58,6 +58,31 @@ pub fn audit_log(cfg: &Config) -> Arc<jit_agent::audit::AuditLog> {
     Arc::new(log)
 }
 
+/// The files of an audit series in `dir` (`audit-*.jsonl` before `audit.jsonl`).
+#[must_use]
+pub fn audit_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The audit series in `dir`, read, for `jit_api::audit::verify`.
+#[must_use]
+pub fn audit_series(dir: &Path) -> Vec<jit_api::audit::AuditFile> {
+    audit_files(dir)
+        .into_iter()
+        .map(|p| jit_api::audit::AuditFile {
+            name: p.display().to_string(),
+            bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        })
+        .collect()
+}
+
 /// Cedar policies from `text`, validated against the built-in schema.
 #[must_use]
 pub fn policies(text: &str) -> Arc<Policies> {

@@ -17,7 +17,7 @@ use jit_agent::{
     notify::Notifier,
     store::{RedbStore, Store as _},
 };
-use jit_api::audit::{AuditFile, verify};
+use jit_api::audit::verify;
 use jit_tests::{TempDir, TestGate, fixtures, require_root};
 
 const POLICIES: &str = r#"
@@ -56,23 +56,6 @@ fn ci() -> Caller {
 fn request(node: &Node<RedbStore>) -> Result<String, NodeError> {
     node.request_access(&ci(), "db", "10m", &RequestOptions::default())
         .map(|r| r.grant_id)
-}
-
-fn series(dir: &Path) -> Vec<AuditFile> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("audit dir")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| AuditFile {
-            name: p.display().to_string(),
-            bytes: std::fs::read(&p).expect("read"),
-        })
-        .collect()
 }
 
 #[test]
@@ -181,7 +164,7 @@ fn no_grant_without_its_record_and_revocation_goes_on() {
     audit.flush().expect("the log is writable again");
     request(&node).expect("granted again");
     audit.close().expect("seal");
-    let files = series(&audit_dir);
+    let files = fixtures::audit_series(&audit_dir);
     let v = verify(&files, Some(&key)).expect("the chain holds across the outage");
     assert_eq!(v.unsealed, 0);
     let text: String = files
@@ -302,7 +285,7 @@ fn a_flood_of_denials_makes_one_record_with_counts() {
     assert_eq!(gate.run_xdp(&frame, 5_000), 1, "dropped (XDP_DROP)");
     reader.run_window().expect("one window");
     audit.close().expect("seal");
-    let text: String = series(&cfg.audit.dir)
+    let text: String = fixtures::audit_series(&cfg.audit.dir)
         .iter()
         .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
         .collect();
