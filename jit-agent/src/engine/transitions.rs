@@ -544,37 +544,12 @@ impl<S: Store> Engine<S> {
         Ok(all.into_iter().map(|g| g.id).collect())
     }
 
-    /// Marks an active grant issued (its audit record is durable), so the kernel may hold it.
-    /// `None` if it ended meanwhile.
-    pub fn mark_issued(&self, id: &str) -> Result<Option<Grant>, EngineError> {
-        self.update(
-            || format!("grant {id}"),
-            || {
-                let Some(g) = self.store.grant(id)? else {
-                    return Ok(Step::Done(None));
-                };
-                if g.value.state != GrantState::Active {
-                    return Ok(Step::Done(None));
-                }
-                if g.value.issued {
-                    return Ok(Step::Done(Some(g.value)));
-                }
-                let mut ng = g.value.clone();
-                ng.issued = true;
-                Ok(Step::Commit(
-                    Txn::put(Record::Grant(ng.clone()), g.revision),
-                    Some(ng),
-                ))
-            },
-        )
-    }
-
-    /// Revokes one grant if still active; `None` if someone else ended it first.
-    fn revoke_one(
+    /// Changes grant `id` while it is active: `change` returns the new grant, or `None` to leave
+    /// it as it is. Returns the grant as it stands after, or `None` if it is gone or ended.
+    fn update_active_grant(
         &self,
-        caller: &Caller,
         id: &str,
-        reason: &str,
+        change: impl Fn(&Grant) -> Option<Grant>,
     ) -> Result<Option<Grant>, EngineError> {
         self.update(
             || format!("grant {id}"),
@@ -585,17 +560,43 @@ impl<S: Store> Engine<S> {
                 if g.value.state != GrantState::Active {
                     return Ok(Step::Done(None));
                 }
-                let mut ng = g.value.clone();
-                ng.state = GrantState::Revoked;
-                ng.revoked_by = caller.name();
-                ng.revoke_reason = reason.to_string();
-                ng.ended_ms = self.now();
-                Ok(Step::Commit(
-                    Txn::put(Record::Grant(ng.clone()), g.revision),
-                    Some(ng),
-                ))
+                Ok(match change(&g.value) {
+                    None => Step::Done(Some(g.value)),
+                    Some(ng) => {
+                        Step::Commit(Txn::put(Record::Grant(ng.clone()), g.revision), Some(ng))
+                    }
+                })
             },
         )
+    }
+
+    /// Marks an active grant issued (its audit record is durable), so the kernel may hold it.
+    /// `None` if it ended meanwhile.
+    pub fn mark_issued(&self, id: &str) -> Result<Option<Grant>, EngineError> {
+        self.update_active_grant(id, |g| {
+            (!g.issued).then(|| Grant {
+                issued: true,
+                ..g.clone()
+            })
+        })
+    }
+
+    /// Revokes one grant if still active; `None` if someone else ended it first.
+    fn revoke_one(
+        &self,
+        caller: &Caller,
+        id: &str,
+        reason: &str,
+    ) -> Result<Option<Grant>, EngineError> {
+        self.update_active_grant(id, |g| {
+            Some(Grant {
+                state: GrantState::Revoked,
+                revoked_by: caller.name(),
+                revoke_reason: reason.to_string(),
+                ended_ms: self.now(),
+                ..g.clone()
+            })
+        })
     }
 
     /// Ends what time has ended: active grants past their expiry, pending requests past their
