@@ -88,6 +88,30 @@ fn digest(path: &std::path::Path) -> FileDigest {
     }
 }
 
+/// Records each grant entry that left the kernel with its usage (see
+/// [`Node::record_usage`]) until `stop`, then what is still queued.
+async fn record_usage<S: crate::store::Store + 'static>(
+    node: Arc<Node<S>>,
+    mut ended: tokio::sync::mpsc::Receiver<crate::kernel_sync::EndedEntry>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let e = tokio::select! {
+            e = ended.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let n = Arc::clone(&node);
+        let _ = tokio::task::spawn_blocking(move || n.record_usage(&e)).await;
+    }
+    while let Ok(e) = ended.try_recv() {
+        let n = Arc::clone(&node);
+        let _ = tokio::task::spawn_blocking(move || n.record_usage(&e)).await;
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -288,6 +312,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             },
         ));
     }
+    // What the kernel counted under each grant entry that leaves it, onto the audit log and the
+    // grant's record; drained at stop, before the log is sealed.
+    let (usage_stop_tx, usage_stop) = tokio::sync::watch::channel(false);
+    let usage = sync
+        .ended_entries()
+        .map(|rx| tokio::spawn(record_usage(Arc::clone(&node), rx, usage_stop)));
     tokio::spawn(Arc::clone(&sync).run());
     tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY));
     {
@@ -403,6 +433,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let _ = std::fs::remove_file(&cfg.unix_socket);
+    let _ = usage_stop_tx.send(true);
+    if let Some(task) = usage {
+        let _ = task.await;
+    }
     // The last window of kernel denials, then sealed: agent.stop and a signed checkpoint.
     denials_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = denials {

@@ -27,7 +27,7 @@ use crate::{
     datapath::{self, DatapathError, GateMaps, GrantEntry, GrantScope, grant_key},
     kernel_names::KernelNames,
     local_addrs::LocalAddrs,
-    model::{Grant, now_ms},
+    model::{Grant, Usage, now_ms},
     spec::{Mode, ServiceDest},
     store::{Change, IdKind, Record, Store, StoreError},
 };
@@ -82,6 +82,22 @@ pub struct SyncStats {
     pub failures: u64,
 }
 
+/// A grant's kernel entry that left the kernel (its grant ended, or a grant lasting longer took
+/// its key), with what the kernel counted under it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedEntry {
+    /// The grant.
+    pub grant_id: String,
+    /// The address the entry let through, or `identity prefixes`.
+    pub source: String,
+    /// What the kernel counted (wall-clock times).
+    pub usage: Usage,
+}
+
+/// Ended entries waiting for the node to record them. Bounded: if the node falls this far
+/// behind, an entry's usage is logged and not recorded rather than held without limit.
+const ENDED_BACKLOG: usize = 65_536;
+
 /// Writes the kernel maps from the store.
 pub struct KernelSync<S: Store> {
     store: Arc<S>,
@@ -97,6 +113,9 @@ pub struct KernelSync<S: Store> {
     names: Mutex<KernelNames>,
     /// Grants already reported as impossible to put in kernel form.
     bad_grants: Mutex<BTreeSet<String>>,
+    /// Where removed entries go (see [`Self::ended_entries`]).
+    ended_tx: tokio::sync::mpsc::Sender<EndedEntry>,
+    ended_rx: Mutex<Option<tokio::sync::mpsc::Receiver<EndedEntry>>>,
 }
 
 /// How soon a failed reconciliation is tried again.
@@ -110,6 +129,33 @@ pub fn numeric_grant_id(id: &str) -> Result<u64, SyncError> {
             grant: id.to_string(),
             problem: "the id is not grant-<hex>".into(),
         })
+}
+
+/// Converts a kernel `CLOCK_BOOTTIME` instant (ns) to wall-clock Unix ms, relative to now; 0
+/// (never) stays 0.
+fn to_wall_ms(boot_ns: u64) -> Result<i64, DatapathError> {
+    if boot_ns == 0 {
+        return Ok(0);
+    }
+    let boot_now = datapath::boottime_ns()?;
+    let ago_ms = (i128::from(boot_now) - i128::from(boot_ns)) / 1_000_000;
+    let t = i128::from(now_ms()) - ago_ms;
+    Ok(i64::try_from(t.max(0)).unwrap_or(i64::MAX))
+}
+
+/// The wall-clock form of what the kernel counted under an entry.
+fn wall_usage(u: &datapath::Usage) -> Result<Usage, DatapathError> {
+    Ok(Usage {
+        packets: u.packets,
+        first_seen_ms: to_wall_ms(u.first_seen_ns)?,
+        last_seen_ms: to_wall_ms(u.last_seen_ns)?,
+    })
+}
+
+/// The id of a grant from its numeric form in the kernel (the inverse of [`numeric_grant_id`]).
+#[must_use]
+pub fn grant_id_of(numeric: u64) -> String {
+    format!("grant-{numeric:012x}")
 }
 
 /// Converts a wall-clock instant (Unix ms) to the kernel's `CLOCK_BOOTTIME` ns, relative to now.
@@ -143,6 +189,7 @@ fn scopes(g: &Grant) -> Result<Vec<GrantScope>, SyncError> {
 impl<S: Store> KernelSync<S> {
     /// A sync writing `maps`, with the node's addresses read now.
     pub fn new(store: Arc<S>, cfg: Arc<Config>, maps: GateMaps) -> Self {
+        let (ended_tx, ended_rx) = tokio::sync::mpsc::channel(ENDED_BACKLOG);
         let local = LocalAddrs::read().unwrap_or_else(|e| {
             log::error!("reading the node's addresses: {e}; services on them cover only themselves until it works");
             LocalAddrs::default()
@@ -158,7 +205,89 @@ impl<S: Store> KernelSync<S> {
             wake: tokio::sync::Notify::new(),
             names: Mutex::new(KernelNames::default()),
             bad_grants: Mutex::new(BTreeSet::new()),
+            ended_tx,
+            ended_rx: Mutex::new(Some(ended_rx)),
         }
+    }
+
+    /// The entries removed from the kernel, with their usage, from the start: the node records
+    /// them. `None` after the first call.
+    pub fn ended_entries(&self) -> Option<tokio::sync::mpsc::Receiver<EndedEntry>> {
+        self.ended_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Hands an entry that left the kernel to the node. A full backlog or a node that is gone
+    /// loses the figures (logged): the entry is out of the kernel either way.
+    fn report_ended(&self, e: &GrantEntry) {
+        let source = match e.scope {
+            GrantScope::Host(addr) => addr.to_string(),
+            GrantScope::Identity => "identity prefixes".to_string(),
+        };
+        let grant_id = grant_id_of(e.grant_id);
+        let usage = match wall_usage(&e.usage) {
+            Ok(u) => u,
+            Err(err) => {
+                log::error!("usage of grant {grant_id} from {source}: {err}; not recorded");
+                return;
+            }
+        };
+        let ended = EndedEntry {
+            grant_id,
+            source,
+            usage,
+        };
+        if let Err(err) = self.ended_tx.try_send(ended) {
+            let e = err.into_inner();
+            log::error!(
+                "usage of grant {} from {} ({} packets) not recorded: the node is not taking them",
+                e.grant_id,
+                e.source,
+                e.usage.packets
+            );
+        }
+    }
+
+    /// Removes the entry under `key`, handing its usage to the node.
+    fn take(&self, maps: &mut GateMaps, key: &GrantKey) -> Result<(), SyncError> {
+        if let Some(e) = maps.take_grant(key)? {
+            self.report_ended(&e);
+        }
+        Ok(())
+    }
+
+    /// Writes `entry`, handing the usage of any other grant's entry it replaces to the node.
+    fn put(&self, maps: &mut GateMaps, entry: GrantEntry) -> Result<(), SyncError> {
+        if let Some(replaced) = maps.put_grant(entry)? {
+            self.report_ended(&replaced);
+        }
+        Ok(())
+    }
+
+    /// What the kernel counts under `grant` right now, plus what its removed entries counted:
+    /// `None` when its service is not on this node.
+    pub fn usage(&self, grant: &Grant) -> Result<Option<Usage>, SyncError> {
+        if !self.cfg.services.contains_key(&grant.service) {
+            return Ok(None);
+        }
+        let mut total = grant.usage.unwrap_or_default();
+        if grant.state != crate::model::GrantState::Active || !grant.issued {
+            return Ok(Some(total));
+        }
+        let identity_id = self.identity_id(&grant.identity)?;
+        let service_id = self.service_id(&grant.service)?;
+        let grant_id = numeric_grant_id(&grant.id)?;
+        let maps = self.maps();
+        for scope in scopes(grant)? {
+            if let Some(e) = maps.grant(&grant_key(scope, identity_id, service_id))?
+                && e.grant_id == grant_id
+            {
+                total = total.merge(wall_usage(&e.usage)?);
+            }
+        }
+        Ok(Some(total))
     }
 
     /// Reports a grant that cannot be put in kernel form: logged and counted once per grant
@@ -294,7 +423,7 @@ impl<S: Store> KernelSync<S> {
                     grant_id,
                     not_before_ns: to_boottime_ns(g.not_before_ms)?,
                     expires_at_ns: to_boottime_ns(g.expires_ms)?,
-                    seen: false,
+                    usage: datapath::Usage::default(),
                 };
                 let key = GrantKeyOrd(entry.key());
                 let keep = wanted
@@ -349,14 +478,14 @@ impl<S: Store> KernelSync<S> {
         // Deletes first: a grant that moved to another key is never open twice.
         for key in held.keys() {
             if !wanted.contains_key(key) {
-                maps.delete_grant(&key.0)?;
+                self.take(maps, &key.0)?;
                 repairs.deleted += 1;
             }
         }
         for (key, entry) in &wanted {
             let same = held.get(key).is_some_and(|h| same_grant(h, entry));
             if !same {
-                maps.put_grant(*entry)?;
+                self.put(maps, *entry)?;
                 repairs.written += 1;
             }
         }
@@ -497,10 +626,13 @@ impl<S: Store> KernelSync<S> {
         let wanted = self.wanted(&grants)?;
         for key in keys {
             match wanted.get(&GrantKeyOrd(key)) {
-                Some(entry) => maps.put_grant(*entry)?,
-                None => {
-                    maps.delete_grant(&key)?;
-                }
+                // The same grant, its window not to be narrowed: left as it is.
+                Some(entry)
+                    if maps
+                        .grant(&key)?
+                        .is_some_and(|held| same_grant(&held, entry)) => {}
+                Some(entry) => self.put(&mut maps, *entry)?,
+                None => self.take(&mut maps, &key)?,
             }
         }
         Ok(())

@@ -58,5 +58,17 @@ pub fn grant_msg(g: &model::Grant, static_sources: &[String]) -> pb::Grant {
             .chain(g.extra_sources.iter().cloned())
             .collect(),
         break_glass: g.break_glass,
+        usage: g.usage.map(|u| usage_msg(&u, false)),
+    }
+}
+
+/// Converts a grant's usage to its message.
+#[must_use]
+pub fn usage_msg(u: &model::Usage, live: bool) -> pb::GrantUsage {
+    pb::GrantUsage {
+        packets: u.packets,
+        first_seen_unix_ms: u.first_seen_ms,
+        last_seen_unix_ms: u.last_seen_ms,
+        live,
     }
 }

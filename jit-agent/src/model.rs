@@ -96,6 +96,37 @@ pub struct Grant {
     /// stored before the audit log existed count as issued.)
     #[serde(default = "issued_before_audit")]
     pub issued: bool,
+    /// What this node's kernel counted under the grant's entries that are gone (added up when
+    /// each entry leaves the kernel); `None` until one has.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+/// Packets the kernel allowed under a grant. Times are Unix milliseconds, 0 for never.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Packets allowed.
+    pub packets: u64,
+    /// The first one.
+    pub first_seen_ms: i64,
+    /// The last one.
+    pub last_seen_ms: i64,
+}
+
+impl Usage {
+    /// The usage of two entries (or two spells in the kernel) of one grant together.
+    #[must_use]
+    pub fn merge(self, other: Self) -> Self {
+        let earliest = |a: i64, b: i64| match (a, b) {
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        };
+        Self {
+            packets: self.packets.saturating_add(other.packets),
+            first_seen_ms: earliest(self.first_seen_ms, other.first_seen_ms),
+            last_seen_ms: self.last_seen_ms.max(other.last_seen_ms),
+        }
+    }
 }
 
 const fn issued_before_audit() -> bool {

@@ -20,7 +20,7 @@ use crate::{
     datapath::DatapathError,
     engine::{Engine, EngineError, RequestOptions, RevokeTarget},
     identity::Caller,
-    kernel_sync::{KernelSync, SyncError},
+    kernel_sync::{EndedEntry, KernelSync, SyncError},
     messages,
     model::{Grant, Request, RequestState},
     notify::{Notice, Notifier},
@@ -207,6 +207,35 @@ impl<S: Store> Node<S> {
             .map(|v| v.iter().map(ToString::to_string).collect())
             .unwrap_or_default();
         messages::grant_msg(g, &statics)
+    }
+
+    /// A grant as the API shows it, with what the kernel has counted under it so far (live
+    /// while it is active here). A failed kernel read leaves the usage out (logged).
+    pub fn grant_view(&self, g: &Grant) -> pb::Grant {
+        let mut msg = self.grant_message(g);
+        let live = g.state == crate::model::GrantState::Active && g.issued;
+        match self.sync.usage(g) {
+            Ok(usage) => msg.usage = usage.map(|u| messages::usage_msg(&u, live)),
+            Err(e) => log::error!("reading the kernel's usage of grant {}: {e}", g.id),
+        }
+        msg
+    }
+
+    /// Records what the kernel counted under an entry of a grant that left the kernel: on the
+    /// audit log (`grant.usage`) and in the grant's stored usage.
+    pub fn record_usage(&self, e: &EndedEntry) {
+        self.record(Audited::GrantUsage {
+            grant_id: e.grant_id.clone(),
+            source: e.source.clone(),
+            packets: e.usage.packets,
+            first_seen_unix_ms: e.usage.first_seen_ms,
+            last_seen_unix_ms: e.usage.last_seen_ms,
+        });
+        match self.engine.add_usage(&e.grant_id, e.usage) {
+            Ok(true) => {}
+            Ok(false) => log::warn!("usage of grant {}: no such grant in the store", e.grant_id),
+            Err(err) => log::error!("storing the usage of grant {}: {err}", e.grant_id),
+        }
     }
 
     /// Revokes grants and deletes their kernel entries before returning: `Ok` means the kernel

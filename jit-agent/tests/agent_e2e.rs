@@ -480,6 +480,19 @@ fn request_approve_revoke_expire_restart() {
     let grants = w.json("alice", &["ls", "grants", "--active", "--json"]);
     let grant_id = grants[0]["id"].as_str().expect("grant id").to_string();
     assert_eq!(grants[0]["sources"][0], format!("{CLIENT_V4}/32"));
+    // The kernel's count of the grant's packets, live: the handshake and the data at least.
+    let usage = &grants[0]["usage"];
+    assert!(usage["packets"].as_u64().unwrap_or(0) >= 3, "{usage}");
+    assert_eq!(usage["live"], true, "{usage}");
+    let first_seen = usage["first_seen_unix_ms"].as_i64().unwrap_or(0);
+    let last_seen = usage["last_seen_unix_ms"].as_i64().unwrap_or(0);
+    let now = jit_agent::model::now_ms();
+    assert!(
+        now - 10_000 < first_seen && first_seen <= last_seen && last_seen <= now + 1_000,
+        "{usage} (now {now})"
+    );
+    let table = ok(&w.ctl("alice", &["ls", "grants", "--active"]));
+    assert!(table.contains("USED"), "{table}");
     ok(&w.ctl("sre_carol", &["revoke", &grant_id, "--reason", "done"]));
     assert!(
         !round_trip(&mut conn, b"again", Duration::from_millis(1500)),
@@ -490,6 +503,25 @@ fn request_approve_revoke_expire_restart() {
         &w.ctl("sre_carol", &["revoke", &grant_id]),
         1,
         "already revoked",
+    );
+    // Once the kernel entry is gone, its final figures are the grant's (and on the audit log).
+    let mut ended = serde_json::Value::Null;
+    for _ in 0..50 {
+        let all = w.json("alice", &["ls", "grants", "--json"]);
+        ended = all
+            .as_array()
+            .and_then(|a| a.iter().find(|g| g["id"] == grant_id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        if ended["usage"]["live"] == false {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ended["usage"]["live"], false, "{ended}");
+    assert!(
+        ended["usage"]["packets"].as_u64().unwrap_or(0) >= usage["packets"].as_u64().unwrap_or(0),
+        "{ended}"
     );
 
     // Clamped to 2 s, granted at once; the kernel and the sweeper end it.
@@ -673,6 +705,7 @@ fn request_approve_revoke_expire_restart() {
         "grant.enforced",
         "grant.revoked",
         "grant.expired",
+        "grant.usage",
         "agent.stop",
         "checkpoint",
     ] {
@@ -719,6 +752,22 @@ fn request_approve_revoke_expire_restart() {
         .expect("the revoke");
     assert_eq!(revoked["actor"], "spiffe://jit.test/sre/carol", "{revoked}");
     assert_eq!(revoked["reason"], "done");
+    // What each ended grant did is on the record when its kernel entry went: the revoked one,
+    // and the short one that expired by itself.
+    let used = |id: &str| -> u64 {
+        records
+            .iter()
+            .filter(|r| r["event"] == "grant.usage" && r["grant_id"] == id)
+            .map(|r| r["packets"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(used(&grant_id) >= 3, "{events:?}");
+    let short = records
+        .iter()
+        .find(|r| r["event"] == "grant.expired" && r["grant"]["service"] == "short")
+        .expect("the short grant's expiry");
+    let short_id = short["grant"]["id"].as_str().expect("id");
+    assert!(used(short_id) >= 3, "the short grant carried the round trip");
     // Who had access to echo while the first grant lived: from the log alone.
     let at_ms = issued["grant"]["not_before_unix_ms"]
         .as_i64()
@@ -749,6 +798,11 @@ fn request_approve_revoke_expire_restart() {
     assert_eq!(held[0]["identity"], "spiffe://jit.test/alice");
     assert_eq!(held[0]["grant_id"], grant_id.as_str());
     assert_eq!(held[0]["approved_by"][0], "spiffe://jit.test/bob");
+    assert_eq!(
+        held[0]["usage"]["packets"].as_u64(),
+        Some(used(&grant_id)),
+        "{held:?}"
+    );
     assert!(
         held[0]["ended"]
             .as_str()

@@ -214,6 +214,23 @@ pub enum Event {
         /// The grant.
         grant: pb::Grant,
     },
+    /// What the kernel counted under one of a grant's kernel entries, written when the entry
+    /// left the kernel (the grant was revoked or expired, or a grant lasting longer took its
+    /// key). A grant has one entry per bound address (or one for its identity's prefixes), so
+    /// one record each; `packets: 0` is a grant that was never used.
+    #[serde(rename = "grant.usage")]
+    GrantUsage {
+        /// The grant.
+        grant_id: String,
+        /// The address the entry let through, or `identity prefixes`.
+        source: String,
+        /// Packets allowed.
+        packets: u64,
+        /// The first one (Unix ms), 0 for never.
+        first_seen_unix_ms: i64,
+        /// The last one (Unix ms), 0 for never.
+        last_seen_unix_ms: i64,
+    },
     /// The policy files changed.
     #[serde(rename = "policy.reload")]
     PolicyReload {

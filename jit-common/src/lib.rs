@@ -33,7 +33,7 @@ pub const MODE_AUDIT: u32 = 1;
 /// Version of the map layout. Maps are pinned under `<pin dir>/v<LAYOUT_VERSION>`, so a program
 /// built for another layout never opens maps whose keys or values it would misread; an upgrade
 /// loads fresh maps beside the old ones, fills them, and swaps the program into the pinned links.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Highest number of services the kernel program accounts for; service ids are `0..MAX_SERVICES`.
 pub const MAX_SERVICES: u32 = 4096;
@@ -327,6 +327,10 @@ pub const GRANT_FLAG_SEEN: u32 = 1;
 
 /// Value of the grants map. Times are `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`),
 /// which keep counting through suspend and never jump with the wall clock.
+///
+/// The first five fields are the agent's (what was approved); the usage fields after them are
+/// the kernel's: the agent writes them as zero for a new grant and carries them over when it
+/// rewrites the same grant.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantValue {
@@ -340,8 +344,17 @@ pub struct GrantValue {
     pub identity_id: u32,
     /// `GRANT_FLAG_*` bits.
     pub flags: u32,
+    /// When the first packet was allowed under this entry, 0 for never.
+    pub first_seen_ns: u64,
+    /// When the last packet was allowed under this entry, 0 for never.
+    pub last_seen_ns: u64,
+    /// Packets allowed under this entry (an atomic add: exact across CPUs).
+    pub packets: u64,
 }
-const _: () = assert!(size_of::<GrantValue>() == 32);
+const _: () = assert!(size_of::<GrantValue>() == 56);
+
+// The kernel adds to `packets` atomically: it must be 8-aligned.
+const _: () = assert!(core::mem::offset_of!(GrantValue, packets) % 8 == 0);
 
 /// One record of the event ring buffer.
 #[repr(C)]

@@ -2,6 +2,9 @@
 //! grant. Two thin entry points (XDP and TC ingress) share one decision path in [`verdict`].
 #![no_std]
 #![no_main]
+// The kernel's atomic add (`verdict::allow`): the BPF target offers no `AtomicU64::fetch_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
 mod maps;

@@ -6,6 +6,8 @@
 //! its host grant consults the identity trie and the identity-keyed grant only when the service
 //! has identity-keyed grants.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use jit_common::{
     FAMILY_V4, GRANT_FLAG_SEEN, GrantValue, MODE_AUDIT, PORT_EXACT, PORT_WILDCARD, PROTO_TCP,
     PROTO_UDP, ServiceValue, V4_BROADCAST, V6_MULTICAST, counter, event_kind, port_bit_position,
@@ -313,13 +315,25 @@ impl Refused {
     }
 }
 
-/// Counts a packet allowed under `grant`, and reports the first one.
+/// Counts a packet allowed under `grant` (globally, per service, and in the grant's own usage),
+/// and reports the first one.
+///
+/// Usage costs one atomic add and one store on the grant's value, which the lookup has just
+/// brought into the cache; it lives in the grant itself (not a per-CPU map) so its memory grows
+/// with the grants, not with grants times CPUs. `last_seen_ns` is a plain store: CPUs racing on
+/// one grant each write a time of the same instant.
 #[inline(always)]
 fn allow(seen: &Seen<'_>, grant: &mut GrantValue, now: u64) -> Verdict {
     count_verdict(seen.service_id, counter::ALLOWED);
+    // The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered; the
+    // intrinsic is the kernel's atomic add (BPF_ATOMIC | BPF_ADD).
+    // SAFETY: `packets` is 8-aligned (checked in jit-common) and lives as long as `grant`.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut grant.packets, 1) };
+    grant.last_seen_ns = now;
     if grant.flags & GRANT_FLAG_SEEN == 0 {
         // Racing CPUs may both report the first packet; the flag only keeps it to a few.
         grant.flags |= GRANT_FLAG_SEEN;
+        grant.first_seen_ns = now;
         let (identity_id, grant_id) = (grant.identity_id, grant.grant_id);
         emit(|_| {
             seen.event(

@@ -190,6 +190,33 @@ struct Held {
     /// The kernel took it (`grant.enforced written`); only such grants gave access.
     #[serde(skip)]
     enforced: bool,
+    /// What the kernel counted under it, from its `grant.usage` records (added up over its
+    /// entries); `None` when the log has none (the grant was still in the kernel when the log
+    /// ends, or the agent stopped uncleanly before recording it).
+    usage: Option<Usage>,
+}
+
+/// Packets the kernel allowed under a grant, by the log.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct Usage {
+    packets: u64,
+    /// Unix ms, 0 for never.
+    first_seen_unix_ms: i64,
+    /// Unix ms, 0 for never.
+    last_seen_unix_ms: i64,
+}
+
+impl Usage {
+    fn add(self, packets: u64, first: i64, last: i64) -> Self {
+        Self {
+            packets: self.packets.saturating_add(packets),
+            first_seen_unix_ms: match (self.first_seen_unix_ms, first) {
+                (0, x) | (x, 0) => x,
+                (a, b) => a.min(b),
+            },
+            last_seen_unix_ms: self.last_seen_unix_ms.max(last),
+        }
+    }
 }
 
 fn read_files(files: &[PathBuf]) -> anyhow::Result<Vec<AuditFile>> {
@@ -245,7 +272,23 @@ fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> any
                 sources: grant.sources,
                 request_id: grant.request_id,
                 enforced: false,
+                usage: None,
             }),
+            Event::GrantUsage {
+                grant_id,
+                packets,
+                first_seen_unix_ms,
+                last_seen_unix_ms,
+                ..
+            } => {
+                if let Some(h) = held.iter_mut().find(|h| h.grant_id == grant_id) {
+                    h.usage = Some(h.usage.unwrap_or_default().add(
+                        packets,
+                        first_seen_unix_ms,
+                        last_seen_unix_ms,
+                    ));
+                }
+            }
             Event::GrantEnforced { grant_id, result } if result == "written" => {
                 if let Some(h) = held.iter_mut().find(|h| h.grant_id == grant_id) {
                     h.enforced = true;
@@ -319,6 +362,16 @@ fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> any
                         h.approved_by.join(",")
                     },
                     h.sources.join(","),
+                    match h.usage {
+                        None => "unknown".into(),
+                        Some(u) if u.packets == 0 => "no".into(),
+                        Some(u) => format!(
+                            "{} packet(s), {} .. {}",
+                            u.packets,
+                            time(u.first_seen_unix_ms),
+                            time(u.last_seen_unix_ms)
+                        ),
+                    },
                 ]
             })
             .collect();
@@ -333,7 +386,8 @@ fn who(files: &[PathBuf], key: Option<&str>, filter: &Filter, json: bool) -> any
                     "UNTIL",
                     "ENDED",
                     "APPROVED BY",
-                    "SOURCES"
+                    "SOURCES",
+                    "USED"
                 ],
                 &rows
             )

@@ -28,6 +28,21 @@ fn left(until_ms: i64) -> String {
     if d <= 0 { "-".into() } else { millis(d) }
 }
 
+/// What the kernel counted under a grant: `-` when this node does not know, `no` when unused,
+/// else packets and when the last one passed.
+fn used(u: Option<&pb::GrantUsage>) -> String {
+    match u {
+        None => "-".into(),
+        Some(u) if u.packets == 0 => "no".into(),
+        Some(u) => {
+            let ago = now_ms().saturating_sub(u.last_seen_unix_ms).max(0);
+            // Whole seconds: the kernel's clock and the agent's convert to within a millisecond.
+            let ago = format_duration(Duration::from_secs(u64::try_from(ago / 1000).unwrap_or(0)));
+            format!("{} pkts, last {ago} ago", u.packets)
+        }
+    }
+}
+
 fn seconds(s: u64) -> String {
     format_duration(Duration::from_secs(s))
 }
@@ -162,7 +177,7 @@ pub(crate) fn grants(gs: &[pb::Grant], as_json: bool) -> anyhow::Result<String> 
         gs,
         as_json,
         "no grants",
-        &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES"],
+        &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES", "USED"],
         |g| {
             vec![
                 g.id.clone(),
@@ -175,6 +190,7 @@ pub(crate) fn grants(gs: &[pb::Grant], as_json: bool) -> anyhow::Result<String> 
                     "-".into()
                 },
                 g.sources.join(","),
+                used(g.usage.as_ref()),
             ]
         },
     )

@@ -150,7 +150,7 @@ pub fn grant_between(
         grant_id,
         not_before_ns,
         expires_at_ns,
-        seen: false,
+        usage: jit_agent::datapath::Usage::default(),
     }
 }
 

@@ -316,3 +316,125 @@ fn a_flood_of_denials_makes_one_record_with_counts() {
     );
     assert!(reported <= u64::from(jit_agent::denials::EVENTS_PER_SECOND) * 2);
 }
+
+/// Usage per grant: the kernel counts each grant's packets; the node reads them live, and when
+/// an entry leaves the kernel its figures go on the audit log (`grant.usage`) and into the
+/// grant's record, so an unused grant shows as unused, and `jitctl audit who` says so.
+#[test]
+#[ignore = "needs root"]
+fn usage_per_grant_is_live_then_recorded_when_the_grant_ends() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-audit-");
+    let cfg = fixtures::config_in(
+        dir.path(),
+        "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
+         require_reason = false\n[[services]]\nname = \"cache\"\n\
+         destinations = [\"10.99.0.2:6379/tcp\"]\nrequire_reason = false\n\
+         [[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\nsources = [\"10.1.0.0/24\"]\n",
+    );
+    let gate = TestGate::load();
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    let mut ended = sync.ended_entries().expect("the ended entries, once");
+    assert!(sync.ended_entries().is_none(), "handed out once");
+    sync.resync().expect("resync");
+    let audit = fixtures::audit_log(&cfg);
+    let engine = Engine::new(
+        Arc::clone(&store),
+        Arc::clone(&cfg),
+        fixtures::policies(POLICIES),
+        Arc::new(jit_agent::model::now_ms),
+    );
+    let node = Node::new(
+        engine,
+        Arc::clone(&sync),
+        Notifier::disabled(),
+        Arc::clone(&audit),
+    );
+    let grant_of = |service: &str| {
+        node.request_access(&ci(), service, "10m", &RequestOptions::default())
+            .expect("granted")
+            .grant_id
+    };
+    let used = grant_of("db");
+    let unused = grant_of("cache");
+    let view = |id: &str| {
+        let g = store.grant(id).expect("store").expect("grant").value;
+        node.grant_view(&g)
+    };
+    assert_eq!(view(&used).usage.expect("known").packets, 0);
+
+    let frame = |dst: &str, port| {
+        jit_tests::frames::Packet::tcp(
+            "10.1.0.9".parse().expect("src"),
+            dst.parse().expect("dst"),
+            port,
+        )
+        .build()
+    };
+    let before = jit_agent::model::now_ms();
+    assert_eq!(gate.run_xdp(&frame("10.99.0.1", 5432), 25), 2, "passed");
+    // Another source's packets, denied, count under no grant.
+    assert_eq!(
+        gate.run_xdp(
+            &jit_tests::frames::Packet::tcp(
+                "10.7.0.9".parse().expect("src"),
+                "10.99.0.1".parse().expect("dst"),
+                5432
+            )
+            .build(),
+            5
+        ),
+        1
+    );
+    let after = jit_agent::model::now_ms();
+    let live = view(&used).usage.expect("known");
+    assert_eq!(live.packets, 25);
+    assert!(live.live);
+    assert!(before - 5 <= live.first_seen_unix_ms && live.last_seen_unix_ms <= after + 5);
+    assert_eq!(view(&unused).usage.expect("known").packets, 0);
+
+    for id in [&used, &unused] {
+        node.revoke(&ci(), &RevokeTarget::Grant(id.clone()), "done")
+            .expect("revoke");
+    }
+    let mut figures = Vec::new();
+    while let Ok(e) = ended.try_recv() {
+        node.record_usage(&e);
+        figures.push((e.grant_id, e.usage.packets));
+    }
+    figures.sort();
+    let mut want = vec![(used.clone(), 25), (unused.clone(), 0)];
+    want.sort();
+    assert_eq!(figures, want, "one ended entry per grant, with its count");
+    let done = view(&used).usage.expect("recorded");
+    assert_eq!((done.packets, done.live), (25, false));
+    assert_eq!(view(&unused).usage.expect("recorded").packets, 0);
+    audit.close().expect("seal");
+
+    // From the log alone: who held db and cache, and whether they used it.
+    let who = |service: &str| -> serde_json::Value {
+        let out = std::process::Command::new(fixtures::workspace_bin("jitctl"))
+            .args(["audit", "who", "--service", service, "--json"])
+            .args(fixtures::audit_files(&cfg.audit.dir))
+            .output()
+            .expect("jitctl audit who");
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let db = who("db");
+    assert_eq!(db[0]["usage"]["packets"], 25, "{db}");
+    let cache = who("cache");
+    assert_eq!(cache[0]["usage"]["packets"], 0, "unused, and visible: {cache}");
+    let out = std::process::Command::new(fixtures::workspace_bin("jitctl"))
+        .args(["audit", "who", "--service", "cache"])
+        .args(fixtures::audit_files(&cfg.audit.dir))
+        .output()
+        .expect("jitctl audit who");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(row.trim_end().ends_with("no"), "{table}");
+}

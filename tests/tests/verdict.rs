@@ -886,7 +886,72 @@ fn events_report_denies_and_the_first_allowed_packet() {
         allowed[0].grant_id,
         u64::from(ID_PREFIX) * 1000 + u64::from(SVC4)
     );
-    assert!(g.maps.grants().expect("grants")[0].seen);
+    assert!(g.maps.grants().expect("grants")[0].usage.used());
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_grant_counts_its_own_packets_and_keeps_them_across_rewrites() {
+    root_or_skip!();
+    let mut g = setup(Mode::Enforce);
+    let before = boottime_ns().expect("clock");
+    grant(&mut g, ID_PREFIX, SVC4);
+    // A grant of another service counts nothing of this one's traffic.
+    grant(&mut g, ID_PREFIX, SVC6);
+    let key = grant_key(GrantScope::Identity, ID_PREFIX, SVC4);
+    let fresh = g.maps.grant(&key).expect("read").expect("held");
+    assert!(!fresh.usage.used(), "a new grant is unused: {:?}", fresh.usage);
+    // Denied packets (another source, another service) count under no grant.
+    assert!(!g.passes(&to_svc4("10.9.0.1").build()));
+    for _ in 0..7 {
+        assert!(g.passes(&to_svc4("10.1.0.1").build()));
+    }
+    let after = boottime_ns().expect("clock");
+    let used = g.maps.grant(&key).expect("read").expect("held");
+    // Each frame runs through XDP and TC: two allowed packets per frame.
+    assert_eq!(used.usage.packets, 14, "{:?}", used.usage);
+    assert!(before <= used.usage.first_seen_ns, "{:?}", used.usage);
+    assert!(used.usage.first_seen_ns <= used.usage.last_seen_ns);
+    assert!(used.usage.last_seen_ns <= after, "{:?}", used.usage);
+    let other = g
+        .maps
+        .grant(&grant_key(GrantScope::Identity, ID_PREFIX, SVC6))
+        .expect("read")
+        .expect("held");
+    assert!(!other.usage.used(), "{:?}", other.usage);
+
+    // Rewriting the same grant (a narrowed window) keeps what it counted.
+    let mut narrowed = used;
+    narrowed.usage = jit_agent::datapath::Usage::default();
+    narrowed.expires_at_ns -= 1_000_000;
+    assert_eq!(g.maps.put_grant(narrowed).expect("rewrite"), None);
+    assert!(g.passes(&to_svc4("10.1.0.1").build()));
+    let kept = g.maps.grant(&key).expect("read").expect("held");
+    assert_eq!(kept.usage.packets, 16);
+    assert_eq!(kept.usage.first_seen_ns, used.usage.first_seen_ns);
+    assert_eq!(kept.expires_at_ns, narrowed.expires_at_ns);
+
+    // Another grant taking the key hands back the old one's figures and starts from zero.
+    let mut other_grant = narrowed;
+    other_grant.grant_id += 1;
+    let replaced = g
+        .maps
+        .put_grant(other_grant)
+        .expect("replace")
+        .expect("the replaced entry");
+    assert_eq!(
+        (replaced.grant_id, replaced.usage.packets),
+        (used.grant_id, 16)
+    );
+    let fresh = g.maps.grant(&key).expect("read").expect("held");
+    assert_eq!(fresh.usage.packets, 0);
+
+    // Taking an entry out returns its last figures; it is gone, and its packets drop.
+    assert!(g.passes(&to_svc4("10.1.0.1").build()));
+    let taken = g.maps.take_grant(&key).expect("take").expect("held");
+    assert_eq!((taken.grant_id, taken.usage.packets), (other_grant.grant_id, 2));
+    assert_eq!(g.maps.take_grant(&key).expect("take again"), None);
+    assert!(!g.passes(&to_svc4("10.1.0.1").build()));
 }
 
 #[test]

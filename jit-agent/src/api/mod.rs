@@ -233,9 +233,13 @@ impl<S: Store> JitGate for Api<S> {
         let who = caller(&req)?;
         let id = req.into_inner().id;
         let g = self
-            .blocking(move |n| n.get_grant(&who, &id).map_err(node_status))
+            .blocking(move |n| {
+                n.get_grant(&who, &id)
+                    .map(|g| n.grant_view(&g))
+                    .map_err(node_status)
+            })
             .await?;
-        Ok(Response::new(self.node.grant_message(&g)))
+        Ok(Response::new(g))
     }
 
     async fn list_grants(
@@ -244,12 +248,14 @@ impl<S: Store> JitGate for Api<S> {
     ) -> Result<Response<pb::ListGrantsResponse>, Status> {
         let who = caller(&req)?;
         let active = req.into_inner().active_only;
-        let gs = self
-            .blocking(move |n| n.list_grants(&who, active).map_err(node_status))
+        let grants = self
+            .blocking(move |n| {
+                n.list_grants(&who, active)
+                    .map(|gs| gs.iter().map(|g| n.grant_view(g)).collect())
+                    .map_err(node_status)
+            })
             .await?;
-        Ok(Response::new(pb::ListGrantsResponse {
-            grants: gs.iter().map(|g| self.node.grant_message(g)).collect(),
-        }))
+        Ok(Response::new(pb::ListGrantsResponse { grants }))
     }
 
     type WatchStream = WatchStream;

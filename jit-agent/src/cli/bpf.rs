@@ -276,7 +276,11 @@ fn grants(pin: &PinArgs, names: &KernelNames, json: bool) -> anyhow::Result<()> 
                 names.service(r.grant.service_id),
                 r.state.to_string(),
                 human(Duration::from_nanos(r.remaining_ns)),
-                if r.grant.seen { "yes" } else { "no" }.to_string(),
+                if r.grant.usage.used() {
+                    format!("{} pkts", r.grant.usage.packets)
+                } else {
+                    "no".to_string()
+                },
             ]
         })
         .collect();

@@ -113,8 +113,40 @@ pub struct GrantEntry {
     pub not_before_ns: u64,
     /// Closes at (exclusive).
     pub expires_at_ns: u64,
-    /// Whether the kernel has seen a packet allowed under it.
-    pub seen: bool,
+    /// What the kernel counted under this entry (zero in entries the agent wants written).
+    pub usage: Usage,
+}
+
+/// Packets the kernel allowed under one grant entry. Times are `CLOCK_BOOTTIME` nanoseconds, 0
+/// for never.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// The first packet.
+    pub first_seen_ns: u64,
+    /// The last packet.
+    pub last_seen_ns: u64,
+    /// Packets allowed.
+    pub packets: u64,
+}
+
+impl Usage {
+    /// Whether any packet was allowed.
+    #[must_use]
+    pub const fn used(&self) -> bool {
+        self.packets != 0 || self.first_seen_ns != 0
+    }
+
+    fn of(v: &GrantValue) -> Self {
+        Self {
+            first_seen_ns: if v.flags & GRANT_FLAG_SEEN != 0 {
+                v.first_seen_ns
+            } else {
+                0
+            },
+            last_seen_ns: v.last_seen_ns,
+            packets: v.packets,
+        }
+    }
 }
 
 impl GrantEntry {
@@ -522,6 +554,7 @@ impl GateMaps {
         Ok(())
     }
 
+    /// The value of a new grant: no usage yet.
     fn grant_value(grant: &GrantEntry) -> GrantValue {
         GrantValue {
             not_before_ns: grant.not_before_ns,
@@ -529,25 +562,65 @@ impl GateMaps {
             grant_id: grant.grant_id,
             identity_id: grant.identity_id,
             flags: 0,
+            first_seen_ns: 0,
+            last_seen_ns: 0,
+            packets: 0,
+        }
+    }
+
+    /// The entry held under `key`, if any.
+    fn held_grant(&self, key: &GrantKey) -> Result<Option<GrantValue>> {
+        match self.grants.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(source) => Err(DatapathError::Map {
+                map: map_names::GRANTS,
+                source,
+            }),
         }
     }
 
     /// Writes a grant (replacing the one with the same key in place). A full map is
     /// [`DatapathError::MapFull`]: nothing is evicted to make room.
     ///
+    /// Rewriting the same grant (same grant id) keeps the kernel's usage counts (packets allowed
+    /// between the read and the write are lost: a window of microseconds, and only on a rewrite).
+    /// Replacing another grant's entry returns that entry, usage and all: its grant no longer
+    /// holds the key.
+    ///
     /// An identity-keyed grant is written before its service's identity-grant count is raised,
     /// so a packet never follows the count to a grant that is not there yet (it is denied).
-    pub fn put_grant(&mut self, grant: GrantEntry) -> Result<()> {
+    pub fn put_grant(&mut self, grant: GrantEntry) -> Result<Option<GrantEntry>> {
         Self::check_grant(&grant)?;
         let key = grant.key();
-        let existed = self.grants.get(&key, 0).is_ok();
+        let held = self.held_grant(&key)?;
+        let mut value = Self::grant_value(&grant);
+        let mut replaced = None;
+        match held {
+            Some(h) if h.grant_id == grant.grant_id => {
+                value.flags = h.flags;
+                value.first_seen_ns = h.first_seen_ns;
+                value.last_seen_ns = h.last_seen_ns;
+                value.packets = h.packets;
+            }
+            Some(h) => replaced = Some(entry_of(&key, &h)),
+            None => {}
+        }
         self.grants
-            .insert(key, Self::grant_value(&grant), 0)
+            .insert(key, value, 0)
             .map_err(|e| self.insert_error(map_names::GRANTS, e))?;
-        if !existed && grant.scope == GrantScope::Identity {
+        if held.is_none() && grant.scope == GrantScope::Identity {
             self.bump_identity_grants(grant.service_id, 1)?;
         }
-        Ok(())
+        Ok(replaced)
+    }
+
+    /// The entry under `key`, usage and all, if any (a read failure is an error).
+    pub fn grant(&self, key: &GrantKey) -> Result<Option<GrantEntry>> {
+        Ok(self.held_grant(key)?.map(|v| entry_of(key, &v)))
     }
 
     /// Writes many new grants at once (`BPF_MAP_UPDATE_BATCH`), for bulk loads: one system call
@@ -641,6 +714,15 @@ impl GateMaps {
         Ok(removed)
     }
 
+    /// Deletes the grant with `key` like [`Self::delete_grant`], returning the entry as it was
+    /// last read, usage included. Packets allowed between that read and the delete (a window of
+    /// microseconds) are not in it; a grant that has expired allows none.
+    pub fn take_grant(&mut self, key: &GrantKey) -> Result<Option<GrantEntry>> {
+        let held = self.grant(key)?;
+        let removed = self.delete_grant(key)?;
+        Ok(if removed { held } else { None })
+    }
+
     /// Every grant the kernel holds.
     pub fn grants(&self) -> Result<Vec<GrantEntry>> {
         let mut out = Vec::new();
@@ -649,19 +731,7 @@ impl GateMaps {
                 map: map_names::GRANTS,
                 source,
             })?;
-            let scope = match k.kind {
-                GRANT_KIND_HOST => GrantScope::Host(addr_from_source(k.source)),
-                _ => GrantScope::Identity,
-            };
-            out.push(GrantEntry {
-                scope,
-                identity_id: v.identity_id,
-                service_id: k.service_id,
-                grant_id: v.grant_id,
-                not_before_ns: v.not_before_ns,
-                expires_at_ns: v.expires_at_ns,
-                seen: v.flags & GRANT_FLAG_SEEN != 0,
-            });
+            out.push(entry_of(&k, &v));
         }
         out.sort_by_key(|g| (g.service_id, g.scope, g.identity_id));
         Ok(out)
@@ -792,6 +862,23 @@ fn absent_is_false(result: std::result::Result<(), MapError>, map: &'static str)
             Ok(false)
         }
         Err(source) => Err(DatapathError::Map { map, source }),
+    }
+}
+
+/// A grants map entry in the agent's terms.
+fn entry_of(k: &GrantKey, v: &GrantValue) -> GrantEntry {
+    let scope = match k.kind {
+        GRANT_KIND_HOST => GrantScope::Host(addr_from_source(k.source)),
+        _ => GrantScope::Identity,
+    };
+    GrantEntry {
+        scope,
+        identity_id: v.identity_id,
+        service_id: k.service_id,
+        grant_id: v.grant_id,
+        not_before_ns: v.not_before_ns,
+        expires_at_ns: v.expires_at_ns,
+        usage: Usage::of(v),
     }
 }
 

@@ -20,5 +20,5 @@ pub use loader::{
     remove_stale_layouts,
 };
 pub use maps::{
-    Counters, GateMaps, GrantEntry, GrantScope, MapFill, ServiceEntry, grant_key, maps_dir,
+    Counters, GateMaps, GrantEntry, GrantScope, MapFill, ServiceEntry, Usage, grant_key, maps_dir,
 };

@@ -12,7 +12,7 @@ use super::{
 use crate::{
     config::Service,
     identity::Caller,
-    model::{Approval, Grant, GrantState, Request, RequestState},
+    model::{Approval, Grant, GrantState, Request, RequestState, Usage},
     policy::Action,
     store::{Record, Store, StoreError, Txn, Versioned},
 };
@@ -264,6 +264,7 @@ impl<S: Store> Engine<S> {
             break_glass: req.break_glass,
             // Not enforceable until its audit record is durable (see `mark_issued`).
             issued: false,
+            usage: None,
         }
     }
 
@@ -579,6 +580,28 @@ impl<S: Store> Engine<S> {
                 ..g.clone()
             })
         })
+    }
+
+    /// Adds what the kernel counted under one of a grant's entries, which has left the kernel,
+    /// to the grant's usage (whatever its state). `false` if there is no such grant.
+    pub fn add_usage(&self, id: &str, usage: Usage) -> Result<bool, EngineError> {
+        self.update(
+            || format!("grant {id}"),
+            || {
+                let Some(g) = self.store.grant(id)? else {
+                    return Ok(Step::Done(false));
+                };
+                let merged = g.value.usage.map_or(usage, |u| u.merge(usage));
+                let ng = Grant {
+                    usage: Some(merged),
+                    ..g.value.clone()
+                };
+                Ok(Step::Commit(
+                    Txn::put(Record::Grant(ng), g.revision),
+                    true,
+                ))
+            },
+        )
     }
 
     /// Revokes one grant if still active; `None` if someone else ended it first.
