@@ -69,13 +69,13 @@ impl Attacher {
             if attached.get(iface) == Some(&index) {
                 continue;
             }
-            log::debug!("{iface} is device {index} now; attaching");
+            tracing::debug!("{iface} is device {index} now; attaching");
             match gate.reattach(iface, *mode) {
                 Ok(_) => {
                     attached.insert(iface.clone(), index);
                     out.push(iface.clone());
                 }
-                Err(e) => log::error!("attaching the gate to {iface} again ({mode}): {e}"),
+                Err(e) => tracing::error!("attaching the gate to {iface} again ({mode}): {e}"),
             }
         }
         out

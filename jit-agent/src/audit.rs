@@ -334,7 +334,7 @@ impl Writer {
             hash: self.tail.prev.clone(),
         };
         if let Err(e) = write_anchor(&self.opts.anchor_file, &anchor) {
-            log::warn!("audit: {e}");
+            tracing::warn!("audit: {e}");
         }
         Ok(seq)
     }
@@ -528,6 +528,19 @@ pub struct AuditLog {
     writer: Mutex<Writer>,
     held: Mutex<Held>,
     public_key: String,
+    /// Records that could not be written when they happened (metrics).
+    write_failures: std::sync::atomic::AtomicU64,
+}
+
+/// What the audit log has been through, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Records that could not be written when they happened (held, or lost beyond the limit).
+    pub write_failures: u64,
+    /// Records held in memory now, waiting for the log to be writable.
+    pub held: u64,
+    /// Whether the log is failing now (its last write failed and nothing has been written since).
+    pub failing: bool,
 }
 
 impl AuditLog {
@@ -549,7 +562,7 @@ impl AuditLog {
         }
         if !opts.key_file.exists() {
             let public = keygen(&opts.key_file)?;
-            log::warn!(
+            tracing::warn!(
                 "audit: generated a signing key at {} (public key {public}, also in {}); keep \
                  the public key where auditors can find it",
                 opts.key_file.display(),
@@ -591,6 +604,7 @@ impl AuditLog {
                 }),
                 held: Mutex::new(Held::default()),
                 public_key,
+                write_failures: std::sync::atomic::AtomicU64::new(0),
             },
             recovered,
         ))
@@ -649,11 +663,13 @@ impl AuditLog {
         match result {
             Ok(seq) => {
                 if let Err(e) = w.maintain() {
-                    log::error!("audit: {e}");
+                    tracing::error!("audit: {e}");
                 }
                 Ok(seq)
             }
             Err(e) => {
+                self.write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut held = self.held();
                 if held.error.is_none() {
                     held.error = Some(e.to_string());
@@ -665,6 +681,18 @@ impl AuditLog {
                 }
                 Err(AuditError::Failing(e.to_string()))
             }
+        }
+    }
+
+    /// What the log has been through (no I/O).
+    pub fn stats(&self) -> AuditStats {
+        let held = self.held();
+        AuditStats {
+            write_failures: self
+                .write_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            held: held.events.len() as u64,
+            failing: held.error.is_some(),
         }
     }
 

@@ -60,7 +60,7 @@ pub async fn run(audit: Arc<AuditLog>, opts: SinkOptions) {
     {
         Ok(c) => c,
         Err(e) => {
-            log::error!("audit sink disabled: building the HTTP client failed: {e}");
+            tracing::error!("audit sink disabled: building the HTTP client failed: {e}");
             return;
         }
     };
@@ -73,11 +73,11 @@ pub async fn run(audit: Arc<AuditLog>, opts: SinkOptions) {
             match tokio::task::spawn_blocking(move || audit.history(from)).await {
                 Ok(Ok(h)) => h,
                 Ok(Err(e)) => {
-                    log::error!("audit sink: reading the log: {e}");
+                    tracing::error!("audit sink: reading the log: {e}");
                     Vec::new()
                 }
                 Err(e) => {
-                    log::error!("audit sink: {e}");
+                    tracing::error!("audit sink: {e}");
                     Vec::new()
                 }
             }
@@ -131,7 +131,7 @@ pub async fn run(audit: Arc<AuditLog>, opts: SinkOptions) {
         let _ = attempt
             .retry(backoff())
             .notify(|e, after| {
-                log::warn!(
+                tracing::warn!(
                     "audit sink {}: {e}; retrying in {after:?} (lines {}..)",
                     opts.url,
                     next
@@ -141,7 +141,7 @@ pub async fn run(audit: Arc<AuditLog>, opts: SinkOptions) {
         next = pending[n - 1].seq + 1;
         pending.drain(..n);
         if let Err(e) = save_position(&opts.position_file, next - 1) {
-            log::warn!("audit sink: recording its position: {e}");
+            tracing::warn!("audit sink: recording its position: {e}");
         }
     }
 }

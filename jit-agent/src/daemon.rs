@@ -23,6 +23,7 @@ use crate::{
     kernel_sync::KernelSync,
     node::Node,
     notify::Notifier,
+    ops_listener::OpsListener,
     policy::Policies,
     store::RedbStore,
 };
@@ -50,7 +51,7 @@ fn remove_old_layout(cfg: &Config) -> anyhow::Result<()> {
         .map(|a| format!("{}/{}", a.interface, a.hook))
         .collect();
     if !unmanaged.is_empty() {
-        log::warn!(
+        tracing::warn!(
             "links pinned on interfaces not in the configuration ({}) keep their program; maps of \
              older layouts are kept for them (detach them with `jit-agent bpf detach`)",
             unmanaged.join(", ")
@@ -60,7 +61,7 @@ fn remove_old_layout(cfg: &Config) -> anyhow::Result<()> {
     for stale in crate::datapath::remove_stale_layouts(&cfg.pin_dir)
         .context("removing the maps of an older layout")?
     {
-        log::info!("removed {} (an older map layout)", stale.display());
+        tracing::info!("removed {} (an older map layout)", stale.display());
     }
     Ok(())
 }
@@ -150,7 +151,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             recovered,
         })
         .context("writing the audit log's first record")?;
-    log::info!(
+    tracing::info!(
         "audit log {} (checkpoints signed by {})",
         audit.current_file().display(),
         audit.public_key()
@@ -175,14 +176,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .attach_all()
         .context("attaching the gate to the configured interfaces")?
     {
-        log::info!(
+        tracing::info!(
             "gate attached to {iface} ({mode}), link pinned at {}",
             pin.display()
         );
     }
     remove_old_layout(&cfg)?;
     for warning in crate::coverage::node_warnings(&cfg) {
-        log::warn!("{warning}");
+        tracing::warn!("{warning}");
     }
     {
         let sync = Arc::clone(&sync);
@@ -192,19 +193,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .spawn(move || {
                 let result = crate::local_addrs::follow(|addrs| {
                     for iface in attacher.follow_devices() {
-                        log::warn!("{iface} was created again: the gate is attached to it anew");
+                        tracing::warn!(
+                            "{iface} was created again: the gate is attached to it anew"
+                        );
                     }
                     match sync.set_local_addrs(addrs) {
-                        Ok(true) => log::info!("node addresses changed; services rewritten"),
+                        Ok(true) => tracing::info!("node addresses changed; services rewritten"),
                         Ok(false) => {}
                         Err(e) => {
-                            log::error!("rewriting services after an address change: {e}");
+                            tracing::error!("rewriting services after an address change: {e}");
                             sync.request_reconcile();
                         }
                     }
                 });
                 if let Err(e) = result {
-                    log::error!(
+                    tracing::error!(
                         "following the node's addresses stopped: {e}; services cover the addresses \
                          known until now"
                     );
@@ -236,16 +239,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ) {
         Ok(reader) => Some(std::thread::spawn(move || reader.run())),
         Err(e) => {
-            log::error!("kernel denials will not be recorded: {e}");
+            tracing::error!("kernel denials will not be recorded: {e}");
             None
         }
     };
     match node.revoke_unissued() {
         Ok(0) => {}
         Ok(n) => {
-            log::warn!("revoked {n} grant(s) stored without their audit record (never enforced)")
+            tracing::warn!(
+                "revoked {n} grant(s) stored without their audit record (never enforced)"
+            )
         }
-        Err(e) => log::error!("revoking grants stored without their audit record: {e}"),
+        Err(e) => tracing::error!("revoking grants stored without their audit record: {e}"),
     }
     // One watcher for the files re-read while running; held until the agent stops.
     let _file_watch = {
@@ -257,12 +262,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 check: Box::new(move || {
                     let (accepted, error) = match policies.reload_if_changed() {
                         Ok(true) => {
-                            log::info!("policies reloaded");
+                            tracing::info!("policies reloaded");
                             (true, String::new())
                         }
                         Ok(false) => return,
                         Err(e) => {
-                            log::error!(
+                            tracing::error!(
                                 "policy reload refused, the previous policies stay in force:\n{e}"
                             );
                             (false, e.to_string())
@@ -274,7 +279,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         files,
                         error,
                     }) {
-                        log::error!("audit: {e}");
+                        tracing::error!("audit: {e}");
                     }
                 }),
             },
@@ -297,7 +302,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 tick.tick().await;
                 let a = Arc::clone(&audit);
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.flush()).await {
-                    log::warn!("audit: {e}");
+                    tracing::warn!("audit: {e}");
                 }
             }
         });
@@ -329,9 +334,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let n = Arc::clone(&node);
                 match tokio::task::spawn_blocking(move || n.sweep()).await {
                     Ok(Ok((g, r))) if g + r > 0 => {
-                        log::info!("expired {g} grant(s) and {r} pending request(s)");
+                        tracing::info!("expired {g} grant(s) and {r} pending request(s)");
                     }
-                    Ok(Err(e)) => log::error!("sweep failed: {e}"),
+                    Ok(Err(e)) => tracing::error!("sweep failed: {e}"),
                     _ => {}
                 }
             }
@@ -343,6 +348,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .build_v1()
         .context("building the reflection service")?;
     let service = JitGateServer::new(Api::new(Arc::clone(&node)));
+
+    // Metrics and health, on their own address; the metrics read the pinned maps through their
+    // own handle.
+    let metrics_maps = GateMaps::open(&cfg.pin_dir)
+        .map_err(|e| tracing::error!("metrics: opening the maps: {e}; kernel figures left out"))
+        .ok();
+    let registry = {
+        let n = Arc::clone(&node);
+        crate::metrics::registry(node.metrics(), Box::new(move || n.snapshot()), metrics_maps)
+    };
+    let ops = {
+        let n = Arc::clone(&node);
+        OpsListener::bind(
+            cfg.metrics_listen,
+            registry,
+            Box::new(move || n.readiness()),
+        )
+        .await?
+    };
+    tracing::info!(
+        "metrics and health on http://{} (/metrics, /healthz, /readyz)",
+        ops.local_addr().unwrap_or(cfg.metrics_listen)
+    );
 
     // mTLS over TCP.
     let listener = TcpListener::bind(cfg.listen)
@@ -356,7 +384,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let (sock, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
-                        log::warn!("accept failed: {e}");
+                        tracing::warn!("accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -368,8 +396,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
                         }
-                        Ok(Err(e)) => log::info!("TLS handshake from {peer} refused: {e}"),
-                        Err(_) => log::info!("TLS handshake from {peer} timed out"),
+                        Ok(Err(e)) => tracing::info!("TLS handshake from {peer} refused: {e}"),
+                        Err(_) => tracing::info!("TLS handshake from {peer} timed out"),
                     }
                 });
             }
@@ -392,7 +420,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("restricting {}", cfg.unix_socket.display()))?;
     }
 
-    log::info!(
+    tracing::info!(
         "serving jit.v1.JitGate on {} (mTLS) and {} (local)",
         cfg.listen,
         cfg.unix_socket.display()
@@ -408,27 +436,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let uds_server = tonic::transport::Server::builder()
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx));
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone()));
+    let stop_rx_ops = stop_rx;
     let mut tcp = tokio::spawn(tcp_server);
     let mut local = tokio::spawn(uds_server);
+    let mut ops = tokio::spawn(ops.serve(stopped(stop_rx_ops)));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: stopping the API; the gate stays attached"),
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping the API; the gate stays attached"),
+        _ = term.recv() => tracing::info!("SIGTERM: stopping the API; the gate stays attached"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping the API; the gate stays attached"),
         r = &mut tcp => bail!("the mTLS server stopped: {r:?}"),
         r = &mut local => bail!("the local server stopped: {r:?}"),
+        r = &mut ops => bail!("the metrics and health listener stopped: {r:?}"),
     }
     let _ = stop_tx.send(true);
     // Calls in flight finish (and write their audit records) before the log is sealed; bounded.
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = (&mut tcp).await;
         let _ = (&mut local).await;
+        let _ = (&mut ops).await;
     })
     .await;
     if drained.is_err() {
-        log::warn!(
+        tracing::warn!(
             "calls still in flight after {SHUTDOWN_GRACE:?}; their records may follow the seal"
         );
     }
@@ -443,7 +475,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     if let Err(e) = audit.close() {
-        log::error!("audit: sealing the log at shutdown: {e}");
+        tracing::error!("audit: sealing the log at shutdown: {e}");
     }
     // The gate's handles close when the process exits; the pinned links keep enforcing.
     drop(attacher);

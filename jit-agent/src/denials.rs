@@ -210,7 +210,7 @@ impl DenialReader {
             .unwrap_or_default();
         for record in agg.take(&names, boottime_ns()?, now_ms()) {
             if let Err(e) = self.audit.record(record) {
-                log::error!("audit: {e}");
+                tracing::error!("audit: {e}");
             }
         }
         let now = self.dropped()?;
@@ -224,7 +224,7 @@ impl DenialReader {
                 .audit
                 .record(Audited::KernelEventsDropped { rate_limited, lost })
         {
-            log::error!("audit: {e}");
+            tracing::error!("audit: {e}");
         }
         Ok(())
     }
@@ -234,7 +234,7 @@ impl DenialReader {
     pub fn run(mut self) {
         loop {
             if let Err(e) = self.run_window() {
-                log::error!("reading the kernel's events: {e}");
+                tracing::error!("reading the kernel's events: {e}");
                 std::thread::sleep(Duration::from_secs(1));
             }
             if self.stop.load(std::sync::atomic::Ordering::Relaxed) {

@@ -60,7 +60,7 @@ impl Subscriber {
     /// Runs the check; a panic in it is logged, never passed on.
     fn run_check(&self) {
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.check)())).is_err() {
-            log::error!("checking {} for changes panicked", self.name);
+            tracing::error!("checking {} for changes panicked", self.name);
         }
     }
 }
@@ -103,7 +103,7 @@ impl FileWatch {
                 }
             }
             Err(e) => {
-                log::warn!(
+                tracing::warn!(
                     "watching the certificate and policy files failed ({e}); checking them every \
                      {FALLBACK_EVERY:?} instead"
                 );
@@ -129,14 +129,14 @@ impl FileWatch {
                         events.iter().map(|e| dir_of(&e.path)).collect();
                     for s in subs.iter() {
                         if s.dirs().iter().any(|d| changed.contains(d)) {
-                            log::debug!("{} may have changed; checking", s.name);
+                            tracing::debug!("{} may have changed; checking", s.name);
                             s.run_check();
                         }
                     }
                 }
                 // Events may have been lost: check everything.
                 Err(e) => {
-                    log::warn!("file watch: {e}; checking every watched file");
+                    tracing::warn!("file watch: {e}; checking every watched file");
                     for s in subs.iter() {
                         s.run_check();
                     }

@@ -191,7 +191,7 @@ impl<S: Store> KernelSync<S> {
     pub fn new(store: Arc<S>, cfg: Arc<Config>, maps: GateMaps) -> Self {
         let (ended_tx, ended_rx) = tokio::sync::mpsc::channel(ENDED_BACKLOG);
         let local = LocalAddrs::read().unwrap_or_else(|e| {
-            log::error!("reading the node's addresses: {e}; services on them cover only themselves until it works");
+            tracing::error!("reading the node's addresses: {e}; services on them cover only themselves until it works");
             LocalAddrs::default()
         });
         Self {
@@ -230,7 +230,11 @@ impl<S: Store> KernelSync<S> {
         let usage = match wall_usage(&e.usage) {
             Ok(u) => u,
             Err(err) => {
-                log::error!("usage of grant {grant_id} from {source}: {err}; not recorded");
+                tracing::error!(
+                    grant_id,
+                    source,
+                    "a grant entry's usage not recorded: {err}"
+                );
                 return;
             }
         };
@@ -241,11 +245,11 @@ impl<S: Store> KernelSync<S> {
         };
         if let Err(err) = self.ended_tx.try_send(ended) {
             let e = err.into_inner();
-            log::error!(
-                "usage of grant {} from {} ({} packets) not recorded: the node is not taking them",
-                e.grant_id,
-                e.source,
-                e.usage.packets
+            tracing::error!(
+                grant_id = %e.grant_id,
+                source = %e.source,
+                packets = e.usage.packets,
+                "a grant entry's usage not recorded: the node is not taking them"
             );
         }
     }
@@ -299,7 +303,7 @@ impl<S: Store> KernelSync<S> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id.to_string());
         if first {
-            log::error!("{e}");
+            tracing::error!("{e}");
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -320,7 +324,7 @@ impl<S: Store> KernelSync<S> {
         }
         table.insert(id, name.to_string());
         if let Err(e) = names.save(&self.cfg.state_dir) {
-            log::warn!("recording the kernel's names: {e}");
+            tracing::warn!("recording the kernel's names: {e}");
         }
     }
 
@@ -345,11 +349,11 @@ impl<S: Store> KernelSync<S> {
             match tokio::task::spawn_blocking(move || me.reconcile()).await {
                 Ok(Ok(_)) => retry = false,
                 Ok(Err(e)) => {
-                    log::error!("reconciliation failed: {e}; retrying");
+                    tracing::error!("reconciliation failed: {e}; retrying");
                     retry = true;
                 }
                 Err(e) => {
-                    log::error!("reconciliation task failed: {e}; retrying");
+                    tracing::error!("reconciliation task failed: {e}; retrying");
                     retry = true;
                 }
             }
@@ -502,13 +506,13 @@ impl<S: Store> KernelSync<S> {
             Ok(addrs) => {
                 self.merge_local_addrs(addrs);
             }
-            Err(e) => log::error!("re-reading the node's addresses: {e}"),
+            Err(e) => tracing::error!("re-reading the node's addresses: {e}"),
         }
         match self.resync() {
             Ok(r) => {
                 if r.total() > 0 {
                     self.repairs.fetch_add(r.total(), Ordering::Relaxed);
-                    log::warn!(
+                    tracing::warn!(
                         "reconciliation repaired the kernel: {} entries written, {} deleted",
                         r.written,
                         r.deleted
@@ -529,7 +533,7 @@ impl<S: Store> KernelSync<S> {
     fn sync_services_locked(&self, maps: &mut GateMaps) -> Result<Repairs, SyncError> {
         let (covered, overlaps) = coverage::expand(&self.cfg, &self.local());
         for o in &overlaps {
-            log::error!(
+            tracing::error!(
                 "services {:?} and {:?} both cover {}:{}/{}; {:?} keeps it",
                 o.kept,
                 o.dropped,
@@ -564,7 +568,7 @@ impl<S: Store> KernelSync<S> {
             match maps.add_service(dest, id, mode) {
                 Ok(()) => repairs.written += 1,
                 Err(e) => {
-                    log::error!("protecting {}:{}/{}: {e}", dest.addr, dest.port, dest.proto);
+                    tracing::error!("protecting {}:{}/{}: {e}", dest.addr, dest.port, dest.proto);
                     first_error.get_or_insert(e);
                 }
             }
@@ -683,28 +687,39 @@ impl<S: Store> KernelSync<S> {
         // Anything committed before we subscribed is covered by this full read.
         if let Err(e) = self.resync() {
             self.failures.fetch_add(1, Ordering::Relaxed);
-            log::error!("kernel resync failed: {e}");
+            tracing::error!("kernel resync failed: {e}");
         }
         loop {
             match rx.recv().await {
                 Ok(change) => {
                     if let Err(e) = self.apply(&change) {
                         self.failures.fetch_add(1, Ordering::Relaxed);
-                        log::error!(
+                        tracing::error!(
                             "kernel sync of revision {} failed: {e}; the next reconciliation retries it",
                             change.revision
                         );
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
-                    log::warn!("kernel sync missed {n} changes; resynchronising from a full read");
+                    tracing::warn!(
+                        "kernel sync missed {n} changes; resynchronising from a full read"
+                    );
                     if let Err(e) = self.reconcile() {
-                        log::error!("kernel resync failed: {e}");
+                        tracing::error!("kernel resync failed: {e}");
                     }
                 }
                 Err(RecvError::Closed) => return,
             }
         }
+    }
+
+    /// The names of the service ids written to the kernel so far.
+    pub fn service_names(&self) -> BTreeMap<u32, String> {
+        self.names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .services
+            .clone()
     }
 
     /// How many grants the kernel holds.

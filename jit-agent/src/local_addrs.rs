@@ -123,7 +123,7 @@ pub fn follow(mut changed: impl FnMut(LocalAddrs)) -> std::io::Result<()> {
                 break;
             }
         }
-        log::debug!("rtnetlink: links or addresses changed");
+        tracing::debug!("rtnetlink: links or addresses changed");
         changed(LocalAddrs::read()?);
     }
 }

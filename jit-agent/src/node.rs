@@ -9,7 +9,7 @@
 //! (unless `audit.on_failure = "continue"`), and revocations and expiries still take effect, their
 //! records held until the log is writable again.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use jit_api::{Event, audit::Event as Audited, pb};
 use tokio::sync::broadcast;
@@ -22,6 +22,7 @@ use crate::{
     identity::Caller,
     kernel_sync::{EndedEntry, KernelSync, SyncError},
     messages,
+    metrics::{NodeMetrics, Snapshot},
     model::{Grant, Request, RequestState},
     notify::{Notice, Notifier},
     store::{Change, Store},
@@ -66,6 +67,7 @@ pub struct Node<S: Store> {
     notifier: Notifier,
     audit: Arc<AuditLog>,
     on_audit_failure: AuditFailure,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl<S: Store> Node<S> {
@@ -84,13 +86,86 @@ impl<S: Store> Node<S> {
             notifier,
             audit,
             on_audit_failure,
+            metrics: Arc::new(NodeMetrics::default()),
         }
+    }
+
+    /// The latencies the node observes (for the metrics registry).
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// What a metrics scrape reads from the node: the store's counts (`None` when it cannot be
+    /// read), the kernel sync's and the audit log's records.
+    pub fn snapshot(&self) -> Snapshot {
+        let counts = self.engine.counts();
+        if let Err(e) = &counts {
+            tracing::warn!("metrics: reading the store: {e}");
+        }
+        let (pending, active) = match counts {
+            Ok((w, l)) => (Some(w.len() as u64), Some(l.len() as u64)),
+            Err(_) => (None, None),
+        };
+        Snapshot {
+            grants_active: active,
+            requests_pending: pending,
+            sync: self.sync.stats(),
+            audit: self.audit.stats(),
+            corrupt_records: self.engine.store().corrupt_records().len() as u64,
+            service_names: self.sync.service_names(),
+        }
+    }
+
+    /// Whether the node can do its job, check by check: the gate attached to every configured
+    /// interface, the store readable, the audit log writable (the last one writes lines held
+    /// from an outage, if any).
+    pub fn readiness(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let cfg = self.engine.config();
+        let gate = crate::datapath::attachments(&cfg.pin_dir)
+            .map_err(|e| format!("listing the attachments: {e}"))
+            .and_then(|attached| {
+                let missing: Vec<&str> = cfg
+                    .interfaces
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .filter(|name| {
+                        !attached
+                            .iter()
+                            .any(|a| a.interface == *name && a.link_id.is_some())
+                    })
+                    .collect();
+                if cfg.interfaces.is_empty() {
+                    Err("no interface is configured".into())
+                } else if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("not attached to {}", missing.join(", ")))
+                }
+            });
+        let store = self
+            .engine
+            .store()
+            .grant("readiness-probe")
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let audit = self.audit.writable().map_err(|e| e.to_string());
+        vec![("gate", gate), ("store", store), ("audit", audit)]
+    }
+
+    /// Records how long a decision took and how it ended.
+    fn observe_decision(&self, started: Instant, result: &Result<Request, NodeError>) {
+        let outcome = match result {
+            Ok(r) => r.state.word(),
+            Err(_) => "error",
+        };
+        self.metrics.observe_decision(outcome, started.elapsed());
     }
 
     /// Records `event`; a failure is logged (the record is held and written when it can be).
     fn record(&self, event: Audited) {
         if let Err(e) = self.audit.record(event) {
-            log::error!("audit: {e}");
+            tracing::error!("audit: {e}");
         }
     }
 
@@ -110,6 +185,19 @@ impl<S: Store> Node<S> {
         duration: &str,
         opts: &RequestOptions<'_>,
     ) -> Result<Request, NodeError> {
+        let started = Instant::now();
+        let result = self.request_access_now(caller, service, duration, opts);
+        self.observe_decision(started, &result);
+        result
+    }
+
+    fn request_access_now(
+        &self,
+        caller: &Caller,
+        service: &str,
+        duration: &str,
+        opts: &RequestOptions<'_>,
+    ) -> Result<Request, NodeError> {
         self.check_audit()?;
         let req = self
             .engine
@@ -119,6 +207,15 @@ impl<S: Store> Node<S> {
             request: messages::request_msg(&req),
         });
         let req = self.enforce(req, caller)?;
+        tracing::info!(
+            request_id = %req.id,
+            grant_id = %req.grant_id,
+            requester = %req.requester,
+            service = %req.service,
+            state = req.state.word(),
+            break_glass = req.break_glass,
+            "request decided"
+        );
         let event = match (req.state, req.break_glass) {
             (RequestState::Pending, _) => Event::RequestPending,
             (RequestState::Granted, true) => Event::GrantBreakGlass,
@@ -138,7 +235,19 @@ impl<S: Store> Node<S> {
             request: messages::request_msg(&req),
         });
         let req = self.enforce(req, caller)?;
+        tracing::info!(
+            request_id = %req.id,
+            grant_id = %req.grant_id,
+            approver = %caller.name(),
+            state = req.state.word(),
+            "request approved"
+        );
         if req.state == RequestState::Granted {
+            let waited = self.engine.now().saturating_sub(req.created_ms);
+            self.metrics
+                .observe_approval(std::time::Duration::from_millis(
+                    u64::try_from(waited).unwrap_or(0),
+                ));
             self.notify(Event::RequestGranted, caller, &req);
         }
         Ok(req)
@@ -147,6 +256,7 @@ impl<S: Store> Node<S> {
     /// Denies a pending request.
     pub fn deny(&self, caller: &Caller, id: &str, comment: &str) -> Result<Request, NodeError> {
         let req = self.engine.deny(caller, id, comment)?;
+        tracing::info!(request_id = %req.id, actor = %caller.name(), "request denied");
         self.record(Audited::RequestDenied {
             actor: caller.name(),
             comment: comment.to_string(),
@@ -178,7 +288,7 @@ impl<S: Store> Node<S> {
         match self.engine.store().grant(id) {
             Ok(g) => g.map(|g| g.value),
             Err(e) => {
-                log::error!("reading grant {id} for a notification: {e}");
+                tracing::error!("reading grant {id} for a notification: {e}");
                 None
             }
         }
@@ -189,7 +299,7 @@ impl<S: Store> Node<S> {
         match self.engine.store().request(id) {
             Ok(r) => r.map(|r| r.value),
             Err(e) => {
-                log::error!("reading request {id} for a notification: {e}");
+                tracing::error!("reading request {id} for a notification: {e}");
                 None
             }
         }
@@ -216,7 +326,7 @@ impl<S: Store> Node<S> {
         let live = g.state == crate::model::GrantState::Active && g.issued;
         match self.sync.usage(g) {
             Ok(usage) => msg.usage = usage.map(|u| messages::usage_msg(&u, live)),
-            Err(e) => log::error!("reading the kernel's usage of grant {}: {e}", g.id),
+            Err(e) => tracing::error!(grant_id = %g.id, "reading the kernel's usage: {e}"),
         }
         msg
     }
@@ -224,6 +334,12 @@ impl<S: Store> Node<S> {
     /// Records what the kernel counted under an entry of a grant that left the kernel: on the
     /// audit log (`grant.usage`) and in the grant's stored usage.
     pub fn record_usage(&self, e: &EndedEntry) {
+        tracing::info!(
+            grant_id = %e.grant_id,
+            source = %e.source,
+            packets = e.usage.packets,
+            "grant entry left the kernel"
+        );
         self.record(Audited::GrantUsage {
             grant_id: e.grant_id.clone(),
             source: e.source.clone(),
@@ -233,8 +349,10 @@ impl<S: Store> Node<S> {
         });
         match self.engine.add_usage(&e.grant_id, e.usage) {
             Ok(true) => {}
-            Ok(false) => log::warn!("usage of grant {}: no such grant in the store", e.grant_id),
-            Err(err) => log::error!("storing the usage of grant {}: {err}", e.grant_id),
+            Ok(false) => {
+                tracing::warn!(grant_id = %e.grant_id, "usage of a grant not in the store")
+            }
+            Err(err) => tracing::error!(grant_id = %e.grant_id, "storing a grant's usage: {err}"),
         }
     }
 
@@ -249,6 +367,13 @@ impl<S: Store> Node<S> {
     ) -> Result<Vec<Grant>, NodeError> {
         let revoked = self.engine.revoke(caller, target, reason)?;
         for g in &revoked {
+            tracing::info!(
+                grant_id = %g.id,
+                request_id = %g.request_id,
+                actor = %caller.name(),
+                reason,
+                "grant revoked"
+            );
             self.record(Audited::GrantRevoked {
                 actor: caller.name(),
                 reason: reason.to_string(),
@@ -259,7 +384,7 @@ impl<S: Store> Node<S> {
         let mut last_error = String::new();
         for g in &revoked {
             if let Err(e) = self.sync.sync_grant(g) {
-                log::error!("deleting the kernel entry of revoked grant {}: {e}", g.id);
+                tracing::error!(grant_id = %g.id, "deleting the kernel entry of a revoked grant: {e}");
                 pending.push(g.id.clone());
                 last_error = e.to_string();
             }
@@ -325,6 +450,7 @@ impl<S: Store> Node<S> {
     pub fn sweep(&self) -> Result<(usize, usize), NodeError> {
         let (grants, requests) = self.engine.sweep()?;
         for g in &grants {
+            tracing::info!(grant_id = %g.id, request_id = %g.request_id, "grant expired");
             self.record(Audited::GrantExpired {
                 grant: self.grant_message(g),
             });
@@ -471,7 +597,7 @@ impl<S: Store> Node<S> {
             approved_by: req.approvals.iter().map(|a| a.approver.clone()).collect(),
         };
         if let Err(e) = self.audit.record(issued) {
-            log::error!("audit: {e}");
+            tracing::error!("audit: {e}");
             if self.on_audit_failure == AuditFailure::Refuse {
                 return self.refuse_grant(
                     &req,
@@ -489,6 +615,7 @@ impl<S: Store> Node<S> {
         };
         match self.sync.sync_grant(&grant) {
             Ok(()) => {
+                tracing::info!(grant_id = %grant.id, request_id = %req.id, "grant enforced");
                 self.record(Audited::GrantEnforced {
                     grant_id: grant.id.clone(),
                     result: "written".into(),
@@ -531,12 +658,16 @@ impl<S: Store> Node<S> {
                         grant: self.grant_message(g),
                     });
                     if let Err(de) = self.sync.sync_grant(g) {
-                        log::error!("deleting the partial kernel entry of {}: {de}", g.id);
+                        tracing::error!(grant_id = %g.id, "deleting a partial kernel entry: {de}");
                         self.sync.request_reconcile();
                     }
                 }
             }
-            Err(re) => log::error!("revoking grant {} after a failure: {re}", req.grant_id),
+            Err(re) => tracing::error!(
+                grant_id = %req.grant_id,
+                request_id = %req.id,
+                "revoking a grant after a failure: {re}"
+            ),
         }
         Err(err)
     }

@@ -148,7 +148,7 @@ impl Notifier {
         let client = match reqwest::Client::builder().timeout(TIMEOUT).build() {
             Ok(c) => c,
             Err(e) => {
-                log::error!("webhooks disabled: building the HTTP client failed: {e}");
+                tracing::error!("webhooks disabled: building the HTTP client failed: {e}");
                 return Self::disabled();
             }
         };
@@ -177,7 +177,7 @@ impl Notifier {
         if let Some(tx) = &self.tx
             && let Err(e) = tx.try_send(notice)
         {
-            log::warn!("notification dropped: {e}");
+            tracing::warn!("notification dropped: {e}");
         }
     }
 }
@@ -211,11 +211,11 @@ async fn deliver(client: &reqwest::Client, url: &str, event: Event, body: &Value
     if let Err(e) = attempt
         .retry(backoff())
         .notify(|e, after| {
-            log::warn!("webhook {url} failed for {event}: {e}; retrying in {after:?}")
+            tracing::warn!("webhook {url} failed for {event}: {e}; retrying in {after:?}")
         })
         .await
     {
-        log::error!("webhook {url}: giving up on {event} after {ATTEMPTS} attempts: {e}");
+        tracing::error!("webhook {url}: giving up on {event} after {ATTEMPTS} attempts: {e}");
     }
 }
 

@@ -37,6 +37,8 @@ struct World {
     _pins: PinDirGuard,
     config: PathBuf,
     agent: Option<Child>,
+    /// Run the agent with `--log-format json` (through `JIT_LOG_FORMAT`).
+    json_logs: bool,
 }
 
 /// The policies the tests run under (the example set is tested on its own).
@@ -157,6 +159,7 @@ impl World {
             pin_dir,
             config,
             agent: None,
+            json_logs: false,
         }
     }
 
@@ -170,6 +173,10 @@ impl World {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .env(
+                "JIT_LOG_FORMAT",
+                if self.json_logs { "json" } else { "text" },
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -767,7 +774,10 @@ fn request_approve_revoke_expire_restart() {
         .find(|r| r["event"] == "grant.expired" && r["grant"]["service"] == "short")
         .expect("the short grant's expiry");
     let short_id = short["grant"]["id"].as_str().expect("id");
-    assert!(used(short_id) >= 3, "the short grant carried the round trip");
+    assert!(
+        used(short_id) >= 3,
+        "the short grant carried the round trip"
+    );
     // Who had access to echo while the first grant lived: from the log alone.
     let at_ms = issued["grant"]["not_before_unix_ms"]
         .as_i64()
@@ -1785,4 +1795,217 @@ fn a_recreated_device_is_gated_again() {
         !arrives(&mut tun, &gated, 9999),
         "the recreated device is not gated"
     );
+}
+
+/// `GET path` on the agent's metrics and health listener (127.0.0.1:9464 in the server
+/// namespace): status code, content type and body.
+fn http_get(w: &World, path: &str) -> (u16, String, String) {
+    http_get_accepting(w, path, "*/*")
+}
+
+/// [`http_get`] with an `Accept` header.
+fn http_get_accepting(w: &World, path: &str, accept: &str) -> (u16, String, String) {
+    use std::io::{Read as _, Write as _};
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    );
+    let raw = w.link.server.run(move || {
+        let mut s = TcpStream::connect_timeout(
+            &"127.0.0.1:9464".parse().expect("addr"),
+            Duration::from_secs(5),
+        )
+        .expect("connecting to the metrics listener");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("request");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("response");
+        String::from_utf8(out).expect("utf-8")
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    // Bodies may come chunked: drop the chunk-size lines.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, content_type, body)
+}
+
+/// The value of the sample `name` (with its labels, exactly as exposed), if present.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok())?
+    })
+}
+
+#[test]
+#[ignore = "needs root"]
+fn metrics_health_and_structured_logs() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    w.json_logs = true;
+    w.start_agent();
+    let _echo = EchoServer::start(
+        &w.link.server,
+        format!("{SERVER_V4}:{ECHO_PORT}").parse().expect("addr"),
+    );
+
+    let (code, _, body) = http_get(&w, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let (code, _, body) = http_get(&w, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    for check in ["gate: ok", "store: ok", "audit: ok"] {
+        assert!(body.contains(check), "{body}");
+    }
+    let (code, _, _) = http_get(&w, "/nothing-here");
+    assert_eq!(code, 404);
+
+    // Dropped, then granted after a human approval, then passing.
+    assert!(w.connect(CLIENT_V4, ECHO_PORT).is_none());
+    let out = ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "10m", "--reason", "metrics"],
+    ));
+    let id = request_id(&out);
+    ok(&w.ctl("bob", &["approve", &id]));
+    let mut conn = w.connect(CLIENT_V4, ECHO_PORT).expect("granted connection");
+    assert!(round_trip(&mut conn, b"counted", Duration::from_secs(2)));
+
+    // What Prometheus asks for (OpenMetrics), and the classic text format for everyone else.
+    let (code, content_type, metrics) = http_get_accepting(
+        &w,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0;q=0.75,text/plain;version=0.0.4;q=0.5",
+    );
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    let (code, content_type, classic) = http_get(&w, "/metrics");
+    assert_eq!(code, 200, "{classic}");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert!(!classic.contains("# EOF"), "{classic}");
+    let value =
+        |name: &str| sample(&metrics, name).unwrap_or_else(|| panic!("no {name} in:\n{metrics}"));
+    assert!(value(r#"jit_packets_allowed_total{service="echo"}"#) >= 3.0);
+    assert!(value(r#"jit_packets_dropped_total{service="echo",reason="no_grant"}"#) >= 1.0);
+    assert_eq!(
+        value(r#"jit_packets_dropped_total{service="",reason="fragment"}"#),
+        0.0
+    );
+    assert_eq!(value("jit_grants_active"), 1.0);
+    assert_eq!(value("jit_requests_pending"), 0.0);
+    assert_eq!(value(r#"jit_map_entries{map="JIT_GRANTS"}"#), 1.0);
+    assert_eq!(
+        value(r#"jit_map_capacity_entries{map="JIT_GRANTS"}"#),
+        65_536.0
+    );
+    assert_eq!(value("jit_kernel_up"), 1.0);
+    assert_eq!(value("jit_store_up"), 1.0);
+    assert_eq!(value("jit_audit_write_failures_total"), 0.0);
+    assert_eq!(
+        value(r#"jit_decision_duration_seconds_count{outcome="pending"}"#),
+        1.0
+    );
+    assert_eq!(value("jit_approval_wait_seconds_count"), 1.0);
+    assert_eq!(
+        value(r#"jit_kernel_events_dropped_total{cause="ring_full"}"#),
+        0.0
+    );
+
+    // Prometheus's own checker accepts the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+    {
+        use std::io::Write as _;
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(classic.as_bytes())
+            .expect("feeding promtool");
+    }
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics refused the exposition: {}{}\n{classic}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // The log is JSON, one object per line, with the ids as fields.
+    let lines: Vec<serde_json::Value> = w
+        .agent_log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let approved = lines
+        .iter()
+        .find(|l| l["message"] == "request approved" && l["request_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no approval line for {id}: {lines:?}"));
+    assert_eq!(approved["level"], "INFO");
+    let grant_id = approved["grant_id"].as_str().expect("grant id").to_string();
+    assert!(grant_id.starts_with("grant-"), "{approved}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "grant enforced" && l["grant_id"] == grant_id.as_str()),
+        "{lines:?}"
+    );
+
+    // Not ready once the gate is gone from the interface; alive all the same.
+    let out = Command::new(AGENT)
+        .args(["bpf", "detach", "--iface", &w.link.server_if, "--pin-dir"])
+        .arg(&w.pin_dir)
+        .output()
+        .expect("bpf detach");
+    ok(&out);
+    let (code, _, body) = http_get(&w, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(&format!("gate: not attached to {}", w.link.server_if)),
+        "{body}"
+    );
+    assert!(body.contains("store: ok"), "{body}");
+    assert_eq!(http_get(&w, "/healthz").0, 200);
 }

@@ -177,7 +177,9 @@ pub(crate) fn grants(gs: &[pb::Grant], as_json: bool) -> anyhow::Result<String> 
         gs,
         as_json,
         "no grants",
-        &["ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES", "USED"],
+        &[
+            "ID", "STATE", "IDENTITY", "SERVICE", "LEFT", "SOURCES", "USED",
+        ],
         |g| {
             vec![
                 g.id.clone(),

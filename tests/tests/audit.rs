@@ -428,7 +428,10 @@ fn usage_per_grant_is_live_then_recorded_when_the_grant_ends() {
     let db = who("db");
     assert_eq!(db[0]["usage"]["packets"], 25, "{db}");
     let cache = who("cache");
-    assert_eq!(cache[0]["usage"]["packets"], 0, "unused, and visible: {cache}");
+    assert_eq!(
+        cache[0]["usage"]["packets"], 0,
+        "unused, and visible: {cache}"
+    );
     let out = std::process::Command::new(fixtures::workspace_bin("jitctl"))
         .args(["audit", "who", "--service", "cache"])
         .args(fixtures::audit_files(&cfg.audit.dir))

@@ -900,7 +900,11 @@ fn a_grant_counts_its_own_packets_and_keeps_them_across_rewrites() {
     grant(&mut g, ID_PREFIX, SVC6);
     let key = grant_key(GrantScope::Identity, ID_PREFIX, SVC4);
     let fresh = g.maps.grant(&key).expect("read").expect("held");
-    assert!(!fresh.usage.used(), "a new grant is unused: {:?}", fresh.usage);
+    assert!(
+        !fresh.usage.used(),
+        "a new grant is unused: {:?}",
+        fresh.usage
+    );
     // Denied packets (another source, another service) count under no grant.
     assert!(!g.passes(&to_svc4("10.9.0.1").build()));
     for _ in 0..7 {
@@ -949,7 +953,10 @@ fn a_grant_counts_its_own_packets_and_keeps_them_across_rewrites() {
     // Taking an entry out returns its last figures; it is gone, and its packets drop.
     assert!(g.passes(&to_svc4("10.1.0.1").build()));
     let taken = g.maps.take_grant(&key).expect("take").expect("held");
-    assert_eq!((taken.grant_id, taken.usage.packets), (other_grant.grant_id, 2));
+    assert_eq!(
+        (taken.grant_id, taken.usage.packets),
+        (other_grant.grant_id, 2)
+    );
     assert_eq!(g.maps.take_grant(&key).expect("take again"), None);
     assert!(!g.passes(&to_svc4("10.1.0.1").build()));
 }

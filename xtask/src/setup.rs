@@ -6,13 +6,16 @@ use anyhow::{Context as _, bail};
 
 use crate::{run as run_command, step};
 
-/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the namespace tests.
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the namespace tests, prometheus for
+/// `promtool check metrics` (the metrics test checks the agent's exposition with Prometheus's own
+/// checker).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    "prometheus",
 ];
 
 /// bpf-linker release built against Debian's LLVM 22.

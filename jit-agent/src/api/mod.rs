@@ -69,7 +69,7 @@ fn status(e: EngineError) -> Status {
         EngineError::AlreadyExists(m) => Status::already_exists(m),
         EngineError::Aborted(m) => Status::aborted(m),
         EngineError::Store(e) => {
-            log::error!("store failure: {e}");
+            tracing::error!("store failure: {e}");
             Status::unavailable("the agent's store failed; see the agent log")
         }
     }
@@ -80,20 +80,20 @@ fn node_status(e: NodeError) -> Status {
         NodeError::Engine(e) => status(e),
         NodeError::KernelFull(m) => Status::resource_exhausted(m),
         NodeError::Kernel(m) => {
-            log::error!("kernel write failed: {m}");
+            tracing::error!("kernel write failed: {m}");
             Status::unavailable(m)
         }
         // The revoke is durable; only the kernel lags, and the agent keeps retrying.
         e @ NodeError::KernelDeletePending { .. } => Status::internal(e.to_string()),
         e @ NodeError::AuditUnavailable(_) => {
-            log::error!("{e}");
+            tracing::error!("{e}");
             Status::unavailable(
                 "the audit log cannot be written: no grant is issued until it can (see the agent log)",
             )
         }
         // The details (paths, OS errors) go to the agent log, not to callers.
         e @ NodeError::KernelRead(_) => {
-            log::error!("{e}");
+            tracing::error!("{e}");
             Status::unavailable("reading the kernel gate failed; see the agent log")
         }
     }
@@ -139,13 +139,6 @@ impl<S: Store> JitGate for Api<S> {
                 .map_err(node_status)
             })
             .await?;
-        log::info!(
-            "request {} by {} for {}: {:?}",
-            r.id,
-            r.requester,
-            r.service,
-            r.state
-        );
         Ok(Response::new(request_msg(&r)))
     }
 
@@ -349,7 +342,7 @@ impl<S: Store> JitGate for Api<S> {
                         .await
                         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
                         .map_err(|e| {
-                            log::error!("reading the audit log for a watch: {e}");
+                            tracing::error!("reading the audit log for a watch: {e}");
                             Status::unavailable("reading the audit log failed; see the agent log")
                         })
                 }

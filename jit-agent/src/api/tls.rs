@@ -178,11 +178,11 @@ impl ReloadingConfig {
         match server_config(ca, cert, key) {
             Ok(cfg) => {
                 state.0 = Arc::new(cfg);
-                log::info!("TLS certificates reloaded");
+                tracing::info!("TLS certificates reloaded");
                 true
             }
             Err(e) => {
-                log::error!("TLS reload refused, keeping the previous certificates: {e}");
+                tracing::error!("TLS reload refused, keeping the previous certificates: {e}");
                 false
             }
         }

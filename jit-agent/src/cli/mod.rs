@@ -10,6 +10,16 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "jit-agent", version, about, long_about = None)]
 pub struct Cli {
+    /// Log lines as human-readable text, or as one JSON object per line (for log shippers).
+    /// `RUST_LOG` sets the filter (default info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "JIT_LOG_FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -52,6 +62,9 @@ pub struct RunOverrides {
     /// mTLS listen address (overrides agent.listen).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Plain HTTP address of /metrics, /healthz and /readyz (overrides agent.metrics_listen).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Unix socket path (overrides agent.unix_socket).
     #[arg(long)]
     pub unix_socket: Option<PathBuf>,
@@ -168,6 +181,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &config,
                 &crate::config::Overrides {
                     listen: overrides.listen,
+                    metrics_listen: overrides.metrics_listen,
                     unix_socket: overrides.unix_socket,
                     state_dir: overrides.state_dir,
                     pin_dir: overrides.pin_dir,
@@ -185,6 +199,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: valid", config.display());
             println!("  policies {} valid", cfg.policy_file.display());
             println!("  listen {} and {}", cfg.listen, cfg.unix_socket.display());
+            println!(
+                "  metrics and health on http://{} (/metrics, /healthz, /readyz)",
+                cfg.metrics_listen
+            );
             for (iface, mode) in &cfg.interfaces {
                 println!("  gate on {iface} ({mode})");
             }

@@ -177,6 +177,9 @@ pub struct WebhookSection {
 pub struct AgentSection {
     /// mTLS gRPC listen address. Default `127.0.0.1:7443`.
     pub listen: Option<Listen>,
+    /// Plain HTTP listen address of `/metrics`, `/healthz` and `/readyz`. Default
+    /// `127.0.0.1:9464`.
+    pub metrics_listen: Option<Listen>,
     /// Unix socket for node-local administration (root only). Default
     /// `/run/jit-agent/agent.sock`.
     pub unix_socket: Option<PathBuf>,
@@ -250,6 +253,8 @@ pub struct IdentitySection {
 pub struct Overrides {
     /// `--listen`.
     pub listen: Option<String>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
     /// `--unix-socket`.
     pub unix_socket: Option<PathBuf>,
     /// `--state-dir`.
@@ -306,6 +311,8 @@ pub struct Config {
     pub file: PathBuf,
     /// mTLS listen address.
     pub listen: SocketAddr,
+    /// Metrics and health listen address (plain HTTP).
+    pub metrics_listen: SocketAddr,
     /// Unix socket path.
     pub unix_socket: PathBuf,
     /// State directory.
@@ -387,6 +394,13 @@ impl Config {
                 .agent
                 .listen
                 .unwrap_or(Listen(SocketAddr::from(([127, 0, 0, 1], 7443)))),
+        };
+        let metrics_listen = match &overrides.metrics_listen {
+            Some(s) => Listen::try_from(s.clone()).map_err(|m| err("agent.metrics_listen", m))?,
+            None => f
+                .agent
+                .metrics_listen
+                .unwrap_or(Listen(SocketAddr::from(([127, 0, 0, 1], 9464)))),
         };
         let interfaces = if overrides.interfaces.is_empty() {
             f.agent.interfaces
@@ -576,6 +590,7 @@ impl Config {
         Ok(Self {
             file: file.to_path_buf(),
             listen: listen.0,
+            metrics_listen: metrics_listen.0,
             unix_socket: overrides
                 .unix_socket
                 .clone()

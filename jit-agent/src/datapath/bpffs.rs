@@ -92,6 +92,6 @@ fn mount_bpffs(target: &Path) -> Result<()> {
             reason: format!("mounting bpffs failed: {}", io::Error::last_os_error()),
         });
     }
-    log::info!("mounted bpffs at {}", target.display());
+    tracing::info!("mounted bpffs at {}", target.display());
     Ok(())
 }

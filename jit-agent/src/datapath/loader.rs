@@ -240,7 +240,7 @@ impl Gate {
                         guard.clear_ready();
                     }
                     Err(e) => {
-                        log::error!("reading the program's log records stopped: {e}");
+                        tracing::error!("reading the program's log records stopped: {e}");
                         return;
                     }
                 }
@@ -332,7 +332,7 @@ impl Gate {
                 Err(e) => {
                     // A link whose interface went away cannot be updated and enforces nothing:
                     // drop its pin and attach afresh.
-                    log::warn!("{e}; attaching a new link instead");
+                    tracing::warn!("{e}; attaching a new link instead");
                     std::fs::remove_file(&pin_path).map_err(|source| DatapathError::Io {
                         action: "removing the stale link pin",
                         path: pin_path.clone(),

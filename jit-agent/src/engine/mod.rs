@@ -166,7 +166,7 @@ impl<S: Store> Engine<S> {
             self.now(),
         );
         for e in &v.errors {
-            log::warn!(
+            tracing::warn!(
                 "policy evaluation error ({} by {principal} on {}): {e}",
                 action.name(),
                 service.name

@@ -596,10 +596,7 @@ impl<S: Store> Engine<S> {
                     usage: Some(merged),
                     ..g.value.clone()
                 };
-                Ok(Step::Commit(
-                    Txn::put(Record::Grant(ng), g.revision),
-                    true,
-                ))
+                Ok(Step::Commit(Txn::put(Record::Grant(ng), g.revision), true))
             },
         )
     }

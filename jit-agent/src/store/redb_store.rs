@@ -84,7 +84,9 @@ impl RedbStore {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if corrupt.insert(name.clone()) {
-                        log::error!("store record {name} cannot be decoded and is skipped: {e}");
+                        tracing::error!(
+                            "store record {name} cannot be decoded and is skipped: {e}"
+                        );
                     }
                 }
             }
