@@ -365,7 +365,18 @@ impl<S: Store> Node<S> {
         target: &RevokeTarget,
         reason: &str,
     ) -> Result<Vec<Grant>, NodeError> {
-        let revoked = self.engine.revoke(caller, target, reason)?;
+        let ended = self.engine.revoke_all(caller, target, reason)?;
+        // Pending requests a revoke by identity or service ended: denied, on the record, told.
+        for r in &ended.denied {
+            tracing::info!(request_id = %r.id, actor = %caller.name(), "request denied by a revoke");
+            self.record(Audited::RequestDenied {
+                actor: caller.name(),
+                comment: r.denial_reason.clone(),
+                request: messages::request_msg(r),
+            });
+            self.notify(Event::RequestDenied, caller, r);
+        }
+        let revoked = ended.grants;
         for g in &revoked {
             tracing::info!(
                 grant_id = %g.id,

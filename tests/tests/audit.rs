@@ -441,3 +441,76 @@ fn usage_per_grant_is_live_then_recorded_when_the_grant_ends() {
     let row = table.lines().nth(1).unwrap_or_default();
     assert!(row.trim_end().ends_with("no"), "{table}");
 }
+
+/// A revoke by identity (or service) also ends that identity's pending requests: each is denied,
+/// and the denial is on the audit log like any other.
+#[test]
+#[ignore = "needs root"]
+fn requests_a_revoke_ends_are_denied_on_the_record() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-audit-");
+    let cfg = fixtures::config_in(
+        dir.path(),
+        "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
+         require_reason = false\n[[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\n\
+         sources = [\"10.1.0.0/24\"]\n",
+    );
+    let gate = TestGate::load();
+    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    let audit = fixtures::audit_log(&cfg);
+    // Requests wait for a human: nothing is approved by policy.
+    let engine = Engine::new(
+        Arc::clone(&store),
+        Arc::clone(&cfg),
+        fixtures::policies(r#"permit (principal, action == Jit::Action::"request", resource);"#),
+        Arc::new(jit_agent::model::now_ms),
+    );
+    let node = Node::new(
+        engine,
+        Arc::clone(&sync),
+        Notifier::disabled(),
+        Arc::clone(&audit),
+    );
+    let pending = node
+        .request_access(&ci(), "db", "10m", &RequestOptions::default())
+        .expect("asked");
+    assert_eq!(pending.state, jit_agent::model::RequestState::Pending);
+    let revoked = node
+        .revoke(
+            &Caller::Local { uid: 0 },
+            &RevokeTarget::Identity("spiffe://t.test/ci".into()),
+            "offboarded",
+        )
+        .expect("revoke by identity");
+    assert!(revoked.is_empty(), "no grant to revoke: {revoked:?}");
+    let stored = store
+        .request(&pending.id)
+        .expect("store")
+        .expect("request")
+        .value;
+    assert_eq!(stored.state, jit_agent::model::RequestState::Denied);
+    audit.close().expect("seal");
+    let text: String = fixtures::audit_series(&cfg.audit.dir)
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
+        .collect();
+    let denied: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("record"))
+        .filter(|r| r["event"] == "request.denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{text}");
+    assert_eq!(denied[0]["request"]["id"], pending.id.as_str());
+    assert_eq!(denied[0]["actor"], "local:uid=0");
+    assert!(
+        denied[0]["comment"]
+            .as_str()
+            .is_some_and(|c| c.contains("offboarded")),
+        "{}",
+        denied[0]
+    );
+}

@@ -20,6 +20,7 @@ mod transitions;
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 pub use ask::{Ask, Clamped, Question, ask_for, clamp, decide, facts};
+pub use transitions::Revoked;
 
 use crate::{
     config::{Config, Service, service_names},

@@ -17,6 +17,22 @@ use crate::{
     store::{Record, Store, StoreError, Txn, Versioned},
 };
 
+/// What a revoke ended.
+#[derive(Debug, Default)]
+pub struct Revoked {
+    /// Grants revoked.
+    pub grants: Vec<Grant>,
+    /// Pending requests denied (a revoke by identity or service ends them too).
+    pub denied: Vec<Request>,
+}
+
+/// What became of a pending request a revoke ended.
+enum Pending {
+    Denied(Box<Request>),
+    Granted(String),
+    Gone,
+}
+
 /// Refuses requester addresses that do not name one host on a routed network: link-local
 /// addresses (a grant would match that address arriving on any attached link), loopback,
 /// unspecified, multicast and broadcast.
@@ -403,8 +419,19 @@ impl<S: Store> Engine<S> {
         target: &RevokeTarget,
         reason: &str,
     ) -> Result<Vec<Grant>, EngineError> {
+        Ok(self.revoke_all(caller, target, reason)?.grants)
+    }
+
+    /// [`Self::revoke`], also returning the pending requests a revoke by identity or service
+    /// denied (so they can be recorded and announced).
+    pub fn revoke_all(
+        &self,
+        caller: &Caller,
+        target: &RevokeTarget,
+        reason: &str,
+    ) -> Result<Revoked, EngineError> {
         check_text("reason", reason)?;
-        let mut revoked_by_requests = Vec::new();
+        let mut ended = Revoked::default();
         let candidates: Vec<String> = match target {
             RevokeTarget::Grant(id) => {
                 if id.is_empty() {
@@ -446,35 +473,35 @@ impl<S: Store> Engine<S> {
             // as a granted request or as a new active grant.
             RevokeTarget::Identity(who) => {
                 self.matching_active(caller, |g| g.identity == *who)?;
-                revoked_by_requests = self.end_pending(caller, |r| r.requester == *who, reason)?;
+                ended = self.end_pending(caller, |r| r.requester == *who, reason)?;
                 self.matching_active(caller, |g| g.identity == *who)?
             }
             RevokeTarget::Service(name) => {
                 self.service(name)?;
                 self.matching_active(caller, |g| g.service == *name)?;
-                revoked_by_requests = self.end_pending(caller, |r| r.service == *name, reason)?;
+                ended = self.end_pending(caller, |r| r.service == *name, reason)?;
                 self.matching_active(caller, |g| g.service == *name)?
             }
         };
-        let mut revoked = revoked_by_requests;
         for id in candidates {
             if let Some(g) = self.revoke_one(caller, &id, reason)? {
-                revoked.push(g);
+                ended.grants.push(g);
             }
         }
-        Ok(revoked)
+        Ok(ended)
     }
 
     /// Ends the pending requests matching `pred`, so that an approval racing a revoke cannot
     /// open access a moment after it was taken away: each is denied, or, if an approval won the
-    /// race and granted it, its grant is revoked. Returns the grants revoked that way.
+    /// race and granted it, its grant is revoked. Returns the requests denied and the grants
+    /// revoked that way.
     fn end_pending(
         &self,
         caller: &Caller,
         pred: impl Fn(&Request) -> bool,
         reason: &str,
-    ) -> Result<Vec<Grant>, EngineError> {
-        let mut revoked = Vec::new();
+    ) -> Result<Revoked, EngineError> {
+        let mut ended = Revoked::default();
         let ids: Vec<String> = self
             .store
             .requests()?
@@ -488,11 +515,11 @@ impl<S: Store> Engine<S> {
             .collect();
         for id in ids {
             // Denied here, or the grant an approval won the race with.
-            let granted = self.update(
+            let outcome = self.update(
                 || format!("request {id}"),
                 || {
                     let Some(r) = self.store.request(&id)? else {
-                        return Ok(Step::Done(None));
+                        return Ok(Step::Done(Pending::Gone));
                     };
                     match r.value.state {
                         RequestState::Pending => {
@@ -501,24 +528,28 @@ impl<S: Store> Engine<S> {
                             nr.denied_by = caller.name();
                             nr.denial_reason = format!("access revoked: {reason}");
                             Ok(Step::Commit(
-                                Txn::put(Record::Request(nr), r.revision),
-                                None,
+                                Txn::put(Record::Request(nr.clone()), r.revision),
+                                Pending::Denied(Box::new(nr)),
                             ))
                         }
-                        RequestState::Granted => Ok(Step::Done(Some(r.value.grant_id))),
+                        RequestState::Granted => Ok(Step::Done(Pending::Granted(r.value.grant_id))),
                         RequestState::Denied
                         | RequestState::Expired
-                        | RequestState::Unspecified => Ok(Step::Done(None)),
+                        | RequestState::Unspecified => Ok(Step::Done(Pending::Gone)),
                     }
                 },
             )?;
-            if let Some(grant_id) = granted
-                && let Some(g) = self.revoke_one(caller, &grant_id, reason)?
-            {
-                revoked.push(g);
+            match outcome {
+                Pending::Denied(r) => ended.denied.push(*r),
+                Pending::Granted(grant_id) => {
+                    if let Some(g) = self.revoke_one(caller, &grant_id, reason)? {
+                        ended.grants.push(g);
+                    }
+                }
+                Pending::Gone => {}
             }
         }
-        Ok(revoked)
+        Ok(ended)
     }
 
     fn matching_active(
