@@ -23,7 +23,6 @@ use crate::{
     kernel_sync::KernelSync,
     node::Node,
     notify::Notifier,
-    ops_listener::OpsListener,
     policy::Policies,
     store::RedbStore,
 };
@@ -323,11 +322,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let usage = sync
         .ended_entries()
         .map(|rx| tokio::spawn(record_usage(Arc::clone(&node), rx, usage_stop)));
-    tokio::spawn(Arc::clone(&sync).run());
-    tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY));
+    // Stopped before the last usage records are drained (nothing leaves the kernel after).
+    let mut writers = vec![
+        tokio::spawn(Arc::clone(&sync).run()),
+        tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY)),
+    ];
     {
         let node = Arc::clone(&node);
-        tokio::spawn(async move {
+        writers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tick.tick().await;
@@ -340,7 +342,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     _ => {}
                 }
             }
-        });
+        }));
     }
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -358,19 +360,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let n = Arc::clone(&node);
         crate::metrics::registry(node.metrics(), Box::new(move || n.snapshot()), metrics_maps)
     };
-    let ops = {
+    let ready: crate::ops_listener::ReadinessFn = {
         let n = Arc::clone(&node);
-        OpsListener::bind(
-            cfg.metrics_listen,
-            registry,
-            Box::new(move || n.readiness()),
-        )
-        .await?
+        Box::new(move || n.readiness())
     };
-    tracing::info!(
-        "metrics and health on http://{} (/metrics, /healthz, /readyz)",
-        ops.local_addr().unwrap_or(cfg.metrics_listen)
-    );
 
     // mTLS over TCP.
     let listener = TcpListener::bind(cfg.listen)
@@ -440,7 +433,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let stop_rx_ops = stop_rx;
     let mut tcp = tokio::spawn(tcp_server);
     let mut local = tokio::spawn(uds_server);
-    let mut ops = tokio::spawn(ops.serve(stopped(stop_rx_ops)));
+    let mut ops = tokio::spawn(crate::ops_listener::run(
+        cfg.metrics_listen,
+        registry,
+        ready,
+        stop_rx_ops,
+    ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -465,6 +463,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let _ = std::fs::remove_file(&cfg.unix_socket);
+    // No grant entry leaves the kernel from here on: the writers stop, a write in flight ends
+    // (it holds the map lock), then the last usage records are written before the seal.
+    for w in &writers {
+        w.abort();
+    }
+    {
+        let sync = Arc::clone(&sync);
+        let _ = tokio::task::spawn_blocking(move || sync.quiesce()).await;
+    }
     let _ = usage_stop_tx.send(true);
     if let Some(task) = usage {
         let _ = task.await;

@@ -256,8 +256,13 @@ impl<S: Store> KernelSync<S> {
 
     /// Removes the entry under `key`, handing its usage to the node.
     fn take(&self, maps: &mut GateMaps, key: &GrantKey) -> Result<(), SyncError> {
-        if let Some(e) = maps.take_grant(key)? {
-            self.report_ended(&e);
+        match maps.take_grant(key)? {
+            Some(Some(e)) => self.report_ended(&e),
+            Some(None) => tracing::error!(
+                service_id = key.service_id,
+                "a grant entry was deleted, but reading its usage first failed: not recorded"
+            ),
+            None => {}
         }
         Ok(())
     }
@@ -271,15 +276,18 @@ impl<S: Store> KernelSync<S> {
     }
 
     /// What the kernel counts under `grant` right now, plus what its removed entries counted:
-    /// `None` when its service is not on this node.
+    /// `None` when its service is not on this node, or when it has ended and no figures were
+    /// recorded for it (a grant from before usage was counted, or one whose record was lost).
     pub fn usage(&self, grant: &Grant) -> Result<Option<Usage>, SyncError> {
         if !self.cfg.services.contains_key(&grant.service) {
             return Ok(None);
         }
-        let mut total = grant.usage.unwrap_or_default();
+        // Not (or no longer) in the kernel: what its removed entries recorded, if anything
+        // (`None` is unknown, never "unused").
         if grant.state != crate::model::GrantState::Active || !grant.issued {
-            return Ok(Some(total));
+            return Ok(grant.usage);
         }
+        let mut total = grant.usage.unwrap_or_default();
         let identity_id = self.identity_id(&grant.identity)?;
         let service_id = self.service_id(&grant.service)?;
         let grant_id = numeric_grant_id(&grant.id)?;
@@ -711,6 +719,12 @@ impl<S: Store> KernelSync<S> {
                 Err(RecvError::Closed) => return,
             }
         }
+    }
+
+    /// Returns once no map write is in flight (a write holds the map lock throughout). For the
+    /// stop: once the writers are stopped, nothing leaves the kernel after this.
+    pub fn quiesce(&self) {
+        drop(self.maps());
     }
 
     /// The names of the service ids written to the kernel so far.

@@ -173,48 +173,6 @@ pub fn to_classic_text(openmetrics: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classic_text_names_counter_families_with_total_and_has_no_eof() {
-        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total{k=\"v\"} 3\n\
-                  # HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
-        assert_eq!(
-            to_classic_text(om),
-            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total{k=\"v\"} 3\n\
-             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
-        );
-    }
-
-    #[test]
-    fn the_agents_exposition_is_well_formed_without_a_kernel() {
-        let node = std::sync::Arc::new(NodeMetrics::default());
-        node.observe_decision("granted", Duration::from_millis(3));
-        node.observe_approval(Duration::from_secs(90));
-        let snap = Snapshot {
-            grants_active: Some(2),
-            requests_pending: Some(1),
-            ..Snapshot::default()
-        };
-        let r = registry(&node, Box::new(move || snap.clone()), None);
-        let om = encode(&r).expect("encode");
-        assert!(om.ends_with("# EOF\n"), "{om}");
-        assert!(om.contains("jit_grants_active 2\n"), "{om}");
-        assert!(om.contains("jit_kernel_up 0\n"), "{om}");
-        assert!(
-            om.contains("jit_decision_duration_seconds_count{outcome=\"granted\"} 1\n"),
-            "{om}"
-        );
-        // No kernel: no packet figures rather than zeros.
-        assert!(!om.contains("jit_packets_allowed"), "{om}");
-        let classic = to_classic_text(&om);
-        assert!(classic.contains("# TYPE jit_audit_write_failures_total counter\n"));
-        assert!(!classic.contains("# EOF"));
-    }
-}
-
 type Labels = Vec<(&'static str, String)>;
 
 fn counter_family(
@@ -439,5 +397,47 @@ impl Collector for Scrape {
             &[(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1)],
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counter_families_with_total_and_has_no_eof() {
+        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total{k=\"v\"} 3\n\
+                  # HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_classic_text(om),
+            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total{k=\"v\"} 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
+    #[test]
+    fn the_agents_exposition_is_well_formed_without_a_kernel() {
+        let node = std::sync::Arc::new(NodeMetrics::default());
+        node.observe_decision("granted", Duration::from_millis(3));
+        node.observe_approval(Duration::from_secs(90));
+        let snap = Snapshot {
+            grants_active: Some(2),
+            requests_pending: Some(1),
+            ..Snapshot::default()
+        };
+        let r = registry(&node, Box::new(move || snap.clone()), None);
+        let om = encode(&r).expect("encode");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("jit_grants_active 2\n"), "{om}");
+        assert!(om.contains("jit_kernel_up 0\n"), "{om}");
+        assert!(
+            om.contains("jit_decision_duration_seconds_count{outcome=\"granted\"} 1\n"),
+            "{om}"
+        );
+        // No kernel: no packet figures rather than zeros.
+        assert!(!om.contains("jit_packets_allowed"), "{om}");
+        let classic = to_classic_text(&om);
+        assert!(classic.contains("# TYPE jit_audit_write_failures_total counter\n"));
+        assert!(!classic.contains("# EOF"));
     }
 }

@@ -143,13 +143,20 @@ impl<S: Store> Node<S> {
                     Err(format!("not attached to {}", missing.join(", ")))
                 }
             });
+        // Unauthenticated clients read these: the details (paths, OS errors) go to the log.
         let store = self
             .engine
             .store()
             .grant("readiness-probe")
             .map(|_| ())
-            .map_err(|e| e.to_string());
-        let audit = self.audit.writable().map_err(|e| e.to_string());
+            .map_err(|e| {
+                tracing::warn!("readiness: reading the store: {e}");
+                "cannot be read (the agent's log says why)".to_string()
+            });
+        let audit = self.audit.writable().map_err(|e| {
+            tracing::warn!("readiness: {e}");
+            "cannot be written (the agent's log says why)".to_string()
+        });
         vec![("gate", gate), ("store", store), ("audit", audit)]
     }
 
@@ -365,7 +372,10 @@ impl<S: Store> Node<S> {
         target: &RevokeTarget,
         reason: &str,
     ) -> Result<Vec<Grant>, NodeError> {
-        let ended = self.engine.revoke_all(caller, target, reason)?;
+        // What a failure part way had already ended is recorded and enforced like the rest;
+        // the failure is returned after.
+        let mut ended = self.engine.revoke_all(caller, target, reason)?;
+        let failed = ended.failed.take();
         // Pending requests a revoke by identity or service ended: denied, on the record, told.
         for r in &ended.denied {
             tracing::info!(request_id = %r.id, actor = %caller.name(), "request denied by a revoke");
@@ -411,6 +421,12 @@ impl<S: Store> Node<S> {
                     grant: Some(self.grant_message(g)),
                 });
             }
+        }
+        if let Some(e) = failed {
+            if !pending.is_empty() {
+                self.sync.request_reconcile();
+            }
+            return Err(NodeError::Engine(e));
         }
         if !pending.is_empty() {
             self.sync.request_reconcile();

@@ -1993,6 +1993,38 @@ fn metrics_health_and_structured_logs() {
         "{lines:?}"
     );
 
+    // Clients that connect and say nothing cannot hold the listener: the connections over the
+    // cap are closed at once, the idle ones once their headers are late, and it answers again.
+    let idle = w.link.server.run(|| {
+        (0..40)
+            .filter_map(|_| {
+                TcpStream::connect_timeout(
+                    &"127.0.0.1:9464".parse().expect("addr"),
+                    Duration::from_secs(2),
+                )
+                .ok()
+            })
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(idle.len(), 40, "the kernel accepts the connections");
+    std::thread::sleep(Duration::from_secs(6));
+    let closed = idle
+        .into_iter()
+        .filter(|mut c| {
+            use std::io::Read as _;
+            c.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            // End of stream or a reset: closed by the agent (a timeout would mean still open).
+            match c.read(&mut [0u8; 1]) {
+                Ok(0) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            }
+        })
+        .count();
+    assert_eq!(closed, 40, "every idle connection was closed");
+    assert_eq!(http_get(&w, "/healthz").0, 200);
+
     // Not ready once the gate is gone from the interface; alive all the same.
     let out = Command::new(AGENT)
         .args(["bpf", "detach", "--iface", &w.link.server_if, "--pin-dir"])

@@ -161,11 +161,13 @@ fn bpf_commands_end_to_end() {
     let g = &grants.as_array().expect("array")[0];
     assert_eq!(g["grant_id"], 77);
     assert_eq!(g["state"], "live");
-    assert_eq!(g["seen"], true);
+    // The connection's packets, counted under the grant by the kernel.
+    assert!(g["usage"]["packets"].as_u64().unwrap_or(0) >= 1, "{g}");
+    assert!(g["usage"]["first_seen_ns"].as_u64().unwrap_or(0) > 0, "{g}");
     assert_eq!(g["scope"]["kind"], "identity");
     let table = ok(&agent(None, &["bpf", "grants", "--pin-dir", &d]));
     assert!(
-        table.starts_with("GRANT") && table.contains("live"),
+        table.starts_with("GRANT") && table.contains("live") && table.contains(" pkts"),
         "{table}"
     );
 

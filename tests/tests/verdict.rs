@@ -952,7 +952,12 @@ fn a_grant_counts_its_own_packets_and_keeps_them_across_rewrites() {
 
     // Taking an entry out returns its last figures; it is gone, and its packets drop.
     assert!(g.passes(&to_svc4("10.1.0.1").build()));
-    let taken = g.maps.take_grant(&key).expect("take").expect("held");
+    let taken = g
+        .maps
+        .take_grant(&key)
+        .expect("take")
+        .expect("held")
+        .expect("read");
     assert_eq!(
         (taken.grant_id, taken.usage.packets),
         (other_grant.grant_id, 2)

@@ -596,12 +596,15 @@ impl GateMaps {
     pub fn put_grant(&mut self, grant: GrantEntry) -> Result<Option<GrantEntry>> {
         Self::check_grant(&grant)?;
         let key = grant.key();
-        let held = self.held_grant(&key)?;
+        // A failed read never stops the write (the grant was approved; a rewrite may be a
+        // narrowing): it is written as new, its usage starting from zero.
+        let held = self.held_grant(&key).unwrap_or(None);
         let mut value = Self::grant_value(&grant);
         let mut replaced = None;
         match held {
             Some(h) if h.grant_id == grant.grant_id => {
-                value.flags = h.flags;
+                // Only the kernel's own flag is carried over.
+                value.flags = h.flags & GRANT_FLAG_SEEN;
                 value.first_seen_ns = h.first_seen_ns;
                 value.last_seen_ns = h.last_seen_ns;
                 value.packets = h.packets;
@@ -714,13 +717,14 @@ impl GateMaps {
         Ok(removed)
     }
 
-    /// Deletes the grant with `key` like [`Self::delete_grant`], returning the entry as it was
-    /// last read, usage included. Packets allowed between that read and the delete (a window of
+    /// Deletes the grant with `key` like [`Self::delete_grant`]; `None` when there was none, else
+    /// the entry as it was last read, usage included (`Some(None)` when that read failed: the
+    /// delete never depends on it). Packets allowed between the read and the delete (a window of
     /// microseconds) are not in it; a grant that has expired allows none.
-    pub fn take_grant(&mut self, key: &GrantKey) -> Result<Option<GrantEntry>> {
-        let held = self.grant(key)?;
+    pub fn take_grant(&mut self, key: &GrantKey) -> Result<Option<Option<GrantEntry>>> {
+        let held = self.grant(key).unwrap_or(None);
         let removed = self.delete_grant(key)?;
-        Ok(if removed { held } else { None })
+        Ok(removed.then_some(held))
     }
 
     /// Every grant the kernel holds.

@@ -24,6 +24,9 @@ pub struct Revoked {
     pub grants: Vec<Grant>,
     /// Pending requests denied (a revoke by identity or service ends them too).
     pub denied: Vec<Request>,
+    /// The error that stopped the revoke part way; what it ended before is above (committed,
+    /// and to be recorded like any other end).
+    pub failed: Option<EngineError>,
 }
 
 /// What became of a pending request a revoke ended.
@@ -419,11 +422,16 @@ impl<S: Store> Engine<S> {
         target: &RevokeTarget,
         reason: &str,
     ) -> Result<Vec<Grant>, EngineError> {
-        Ok(self.revoke_all(caller, target, reason)?.grants)
+        let ended = self.revoke_all(caller, target, reason)?;
+        match ended.failed {
+            Some(e) => Err(e),
+            None => Ok(ended.grants),
+        }
     }
 
     /// [`Self::revoke`], also returning the pending requests a revoke by identity or service
-    /// denied (so they can be recorded and announced).
+    /// denied (so they can be recorded and announced). An error before anything changed is
+    /// `Err`; one after is [`Revoked::failed`], beside what was ended until then.
     pub fn revoke_all(
         &self,
         caller: &Caller,
@@ -473,19 +481,40 @@ impl<S: Store> Engine<S> {
             // as a granted request or as a new active grant.
             RevokeTarget::Identity(who) => {
                 self.matching_active(caller, |g| g.identity == *who)?;
-                ended = self.end_pending(caller, |r| r.requester == *who, reason)?;
-                self.matching_active(caller, |g| g.identity == *who)?
+                let again = self
+                    .end_pending(&mut ended, caller, |r| r.requester == *who, reason)
+                    .and_then(|()| self.matching_active(caller, |g| g.identity == *who));
+                match again {
+                    Ok(c) => c,
+                    Err(e) => {
+                        ended.failed = Some(e);
+                        return Ok(ended);
+                    }
+                }
             }
             RevokeTarget::Service(name) => {
                 self.service(name)?;
                 self.matching_active(caller, |g| g.service == *name)?;
-                ended = self.end_pending(caller, |r| r.service == *name, reason)?;
-                self.matching_active(caller, |g| g.service == *name)?
+                let again = self
+                    .end_pending(&mut ended, caller, |r| r.service == *name, reason)
+                    .and_then(|()| self.matching_active(caller, |g| g.service == *name));
+                match again {
+                    Ok(c) => c,
+                    Err(e) => {
+                        ended.failed = Some(e);
+                        return Ok(ended);
+                    }
+                }
             }
         };
         for id in candidates {
-            if let Some(g) = self.revoke_one(caller, &id, reason)? {
-                ended.grants.push(g);
+            match self.revoke_one(caller, &id, reason) {
+                Ok(Some(g)) => ended.grants.push(g),
+                Ok(None) => {}
+                Err(e) => {
+                    ended.failed = Some(e);
+                    break;
+                }
             }
         }
         Ok(ended)
@@ -493,15 +522,15 @@ impl<S: Store> Engine<S> {
 
     /// Ends the pending requests matching `pred`, so that an approval racing a revoke cannot
     /// open access a moment after it was taken away: each is denied, or, if an approval won the
-    /// race and granted it, its grant is revoked. Returns the requests denied and the grants
-    /// revoked that way.
+    /// race and granted it, its grant is revoked. Adds the requests denied and the grants
+    /// revoked that way to `ended` as it goes, so a failure part way loses none of them.
     fn end_pending(
         &self,
+        ended: &mut Revoked,
         caller: &Caller,
         pred: impl Fn(&Request) -> bool,
         reason: &str,
-    ) -> Result<Revoked, EngineError> {
-        let mut ended = Revoked::default();
+    ) -> Result<(), EngineError> {
         let ids: Vec<String> = self
             .store
             .requests()?
@@ -549,7 +578,7 @@ impl<S: Store> Engine<S> {
                 Pending::Gone => {}
             }
         }
-        Ok(ended)
+        Ok(())
     }
 
     fn matching_active(
