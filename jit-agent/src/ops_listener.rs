@@ -39,8 +39,11 @@ use hyper_util::{
 use prometheus_client::registry::Registry;
 use tokio::sync::{Mutex, Semaphore};
 
-/// The readiness checks: name and result of each.
-pub type ReadinessFn = Box<dyn Fn() -> Vec<(&'static str, Result<(), String>)> + Send + Sync>;
+/// The readiness checks' results: name and result of each.
+pub type Checks = Vec<(&'static str, Result<(), String>)>;
+
+/// The readiness checks.
+pub type ReadinessFn = Box<dyn Fn() -> Checks + Send + Sync>;
 
 /// A scrape or readiness result is reused for this long.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -85,7 +88,7 @@ struct Ops {
     registry: Arc<Registry>,
     ready: Arc<ReadinessFn>,
     scrape: Arc<Cached<Option<String>>>,
-    readiness: Arc<Cached<Vec<(&'static str, Result<(), String>)>>>,
+    readiness: Arc<Cached<Checks>>,
 }
 
 /// The OpenMetrics content type prometheus-client's text encoder writes.
