@@ -20,6 +20,11 @@ use jit_agent::{
 use jit_api::audit::verify;
 use jit_tests::{TempDir, TestGate, fixtures, require_root};
 
+/// One service, `db`, and the identity `ci` with a static prefix.
+const DB: &str = "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
+                  require_reason = false\n[[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\n\
+                  sources = [\"10.1.0.0/24\"]\n";
+
 const POLICIES: &str = r#"
 permit (principal, action in [Jit::Action::"request", Jit::Action::"auto_approve"], resource);
 "#;
@@ -49,6 +54,59 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A node over a real kernel gate (its own pin directory), a redb store and an audit log, built
+/// from `cfg`, deciding with `policies`.
+struct NodeWorld {
+    gate: TestGate,
+    store: Arc<RedbStore>,
+    sync: Arc<KernelSync<RedbStore>>,
+    audit: Arc<jit_agent::audit::AuditLog>,
+    node: Node<RedbStore>,
+}
+
+impl NodeWorld {
+    fn new(dir: &TempDir, cfg: &Arc<jit_agent::config::Config>, policies: &str) -> Self {
+        let gate = TestGate::load();
+        let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
+        let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+        let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(cfg), maps));
+        sync.resync().expect("resync");
+        let audit = fixtures::audit_log(cfg);
+        let engine = Engine::new(
+            Arc::clone(&store),
+            Arc::clone(cfg),
+            fixtures::policies(policies),
+            Arc::new(jit_agent::model::now_ms),
+        );
+        let node = Node::new(
+            engine,
+            Arc::clone(&sync),
+            Notifier::disabled(),
+            Arc::clone(&audit),
+        );
+        Self {
+            gate,
+            store,
+            sync,
+            audit,
+            node,
+        }
+    }
+}
+
+/// Every record of the audit series in `dir`, parsed.
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    fixtures::audit_series(dir)
+        .iter()
+        .flat_map(|f| {
+            String::from_utf8_lossy(&f.bytes)
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("record"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 fn ci() -> Caller {
     Caller::Spiffe("spiffe://t.test/ci".into())
 }
@@ -76,25 +134,15 @@ fn no_grant_without_its_record_and_revocation_goes_on() {
             audit_dir.display().to_string()
         ),
     );
-    let gate = TestGate::load();
-    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
-    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
-    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
-    sync.resync().expect("resync");
-    let audit = fixtures::audit_log(&cfg);
+    // Bound by name: the gate lives (and its pins with it) until the test ends.
+    let NodeWorld {
+        gate: _gate,
+        store: _store,
+        sync,
+        audit,
+        node,
+    } = NodeWorld::new(&dir, &cfg, POLICIES);
     let key = audit.public_key().to_string();
-    let engine = Engine::new(
-        Arc::clone(&store),
-        Arc::clone(&cfg),
-        fixtures::policies(POLICIES),
-        Arc::new(jit_agent::model::now_ms),
-    );
-    let node = Node::new(
-        engine,
-        Arc::clone(&sync),
-        Notifier::disabled(),
-        Arc::clone(&audit),
-    );
     let kernel_grants = || sync.kernel_grants().expect("kernel grants");
 
     let first = request(&node).expect("granted while the log is writable");
@@ -193,12 +241,7 @@ fn a_grant_without_its_audit_record_never_reaches_the_kernel() {
         return;
     }
     let dir = TempDir::new("jit-audit-");
-    let cfg = fixtures::config_in(
-        dir.path(),
-        "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
-         require_reason = false\n[[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\n\
-         sources = [\"10.1.0.0/24\"]\n",
-    );
+    let cfg = fixtures::config_in(dir.path(), DB);
     let gate = TestGate::load();
     let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
     let maps = GateMaps::open(gate.pin_dir()).expect("maps");
@@ -285,14 +328,7 @@ fn a_flood_of_denials_makes_one_record_with_counts() {
     assert_eq!(gate.run_xdp(&frame, 5_000), 1, "dropped (XDP_DROP)");
     reader.run_window().expect("one window");
     audit.close().expect("seal");
-    let text: String = fixtures::audit_series(&cfg.audit.dir)
-        .iter()
-        .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
-        .collect();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("record"))
-        .collect();
+    let records = records(&cfg.audit.dir);
     let denials: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["event"] == "kernel.denials")
@@ -334,26 +370,15 @@ fn usage_per_grant_is_live_then_recorded_when_the_grant_ends() {
          destinations = [\"10.99.0.2:6379/tcp\"]\nrequire_reason = false\n\
          [[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\nsources = [\"10.1.0.0/24\"]\n",
     );
-    let gate = TestGate::load();
-    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
-    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
-    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
+    let NodeWorld {
+        gate,
+        store,
+        sync,
+        audit,
+        node,
+    } = NodeWorld::new(&dir, &cfg, POLICIES);
     let mut ended = sync.ended_entries().expect("the ended entries, once");
     assert!(sync.ended_entries().is_none(), "handed out once");
-    sync.resync().expect("resync");
-    let audit = fixtures::audit_log(&cfg);
-    let engine = Engine::new(
-        Arc::clone(&store),
-        Arc::clone(&cfg),
-        fixtures::policies(POLICIES),
-        Arc::new(jit_agent::model::now_ms),
-    );
-    let node = Node::new(
-        engine,
-        Arc::clone(&sync),
-        Notifier::disabled(),
-        Arc::clone(&audit),
-    );
     let grant_of = |service: &str| {
         node.request_access(&ci(), service, "10m", &RequestOptions::default())
             .expect("granted")
@@ -451,29 +476,18 @@ fn requests_a_revoke_ends_are_denied_on_the_record() {
         return;
     }
     let dir = TempDir::new("jit-audit-");
-    let cfg = fixtures::config_in(
-        dir.path(),
-        "[[services]]\nname = \"db\"\ndestinations = [\"10.99.0.1:5432/tcp\"]\n\
-         require_reason = false\n[[identities]]\nspiffe_id = \"spiffe://t.test/ci\"\n\
-         sources = [\"10.1.0.0/24\"]\n",
-    );
-    let gate = TestGate::load();
-    let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).expect("store"));
-    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
-    let sync = Arc::new(KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps));
-    let audit = fixtures::audit_log(&cfg);
+    let cfg = fixtures::config_in(dir.path(), DB);
     // Requests wait for a human: nothing is approved by policy.
-    let engine = Engine::new(
-        Arc::clone(&store),
-        Arc::clone(&cfg),
-        fixtures::policies(r#"permit (principal, action == Jit::Action::"request", resource);"#),
-        Arc::new(jit_agent::model::now_ms),
-    );
-    let node = Node::new(
-        engine,
-        Arc::clone(&sync),
-        Notifier::disabled(),
-        Arc::clone(&audit),
+    let NodeWorld {
+        gate: _gate,
+        sync: _sync,
+        store,
+        audit,
+        node,
+    } = NodeWorld::new(
+        &dir,
+        &cfg,
+        r#"permit (principal, action == Jit::Action::"request", resource);"#,
     );
     let pending = node
         .request_access(&ci(), "db", "10m", &RequestOptions::default())
@@ -494,16 +508,11 @@ fn requests_a_revoke_ends_are_denied_on_the_record() {
         .value;
     assert_eq!(stored.state, jit_agent::model::RequestState::Denied);
     audit.close().expect("seal");
-    let text: String = fixtures::audit_series(&cfg.audit.dir)
-        .iter()
-        .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
-        .collect();
-    let denied: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("record"))
+    let denied: Vec<serde_json::Value> = records(&cfg.audit.dir)
+        .into_iter()
         .filter(|r| r["event"] == "request.denied")
         .collect();
-    assert_eq!(denied.len(), 1, "{text}");
+    assert_eq!(denied.len(), 1, "{denied:?}");
     assert_eq!(denied[0]["request"]["id"], pending.id.as_str());
     assert_eq!(denied[0]["actor"], "local:uid=0");
     assert!(
