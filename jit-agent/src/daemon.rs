@@ -15,7 +15,7 @@ use crate::{
     api::{Api, tls::ReloadingConfig},
     attach::Attacher,
     audit::{AuditLog, AuditOptions},
-    config::Config,
+    config::{Config, StoreConfig},
     datapath::{Gate, GateMaps, LoadOptions},
     denials::DenialReader,
     engine::Engine,
@@ -24,7 +24,7 @@ use crate::{
     node::Node,
     notify::Notifier,
     policy::Policies,
-    store::RedbStore,
+    store::{EtcdStore, RedbStore, Store},
 };
 
 /// How often expired grants and requests are swept.
@@ -90,7 +90,7 @@ fn digest(path: &std::path::Path) -> FileDigest {
 
 /// Records each grant entry that left the kernel with its usage (see
 /// [`Node::record_usage`]) until `stop`, then what is still queued.
-async fn record_usage<S: crate::store::Store + 'static>(
+async fn record_usage<S: Store + 'static>(
     node: Arc<Node<S>>,
     mut ended: tokio::sync::mpsc::Receiver<crate::kernel_sync::EndedEntry>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -117,11 +117,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
-    let store_path = cfg.state_dir.join("state.redb");
-    let store = Arc::new(
-        RedbStore::open(&store_path)
-            .with_context(|| format!("opening the store {}", store_path.display()))?,
-    );
+    match &cfg.store {
+        StoreConfig::Redb => {
+            let store_path = cfg.state_dir.join("state.redb");
+            let store = Arc::new(
+                RedbStore::open(&store_path)
+                    .with_context(|| format!("opening the store {}", store_path.display()))?,
+            );
+            serve(cfg, store).await
+        }
+        StoreConfig::Etcd(etcd) => {
+            let opts = etcd.options()?;
+            let at = etcd.endpoints.join(", ");
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(opts))
+                .await
+                .context("connecting to etcd")?
+                .with_context(|| format!("connecting to etcd at {at}"))?;
+            tracing::info!("store: etcd at {at} under {}", etcd.prefix);
+            serve(cfg, Arc::new(store)).await
+        }
+    }
+}
+
+/// The agent over `store`, until SIGTERM or SIGINT.
+async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> {
     let tls = Arc::new(
         ReloadingConfig::new(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)
             .context("loading the TLS files")?,
@@ -331,15 +350,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let node = Arc::clone(&node);
         writers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
+            // A store that is down fails every sweep: said once, and once more when it works.
+            let mut failing = 0u64;
             loop {
                 tick.tick().await;
                 let n = Arc::clone(&node);
                 match tokio::task::spawn_blocking(move || n.sweep()).await {
-                    Ok(Ok((g, r))) if g + r > 0 => {
-                        tracing::info!("expired {g} grant(s) and {r} pending request(s)");
+                    Ok(Ok((g, r))) => {
+                        if failing > 0 {
+                            tracing::info!("sweeping works again after {failing} failed sweep(s)");
+                            failing = 0;
+                        }
+                        if g + r > 0 {
+                            tracing::info!("expired {g} grant(s) and {r} pending request(s)");
+                        }
                     }
-                    Ok(Err(e)) => tracing::error!("sweep failed: {e}"),
-                    _ => {}
+                    Ok(Err(e)) => {
+                        if failing == 0 {
+                            tracing::error!(
+                                "sweep failed: {e}; the kernel still ends grants on time, the \
+                                 store's records follow once it works"
+                            );
+                        }
+                        failing += 1;
+                    }
+                    Err(e) => tracing::error!("sweep task failed: {e}"),
                 }
             }
         }));

@@ -3,6 +3,7 @@
 //! guard that removes what it made on drop, so a failing test cleans up too.
 
 pub mod echo;
+pub mod etcd;
 pub mod fixtures;
 pub mod frames;
 pub mod netns;

@@ -8,7 +8,8 @@ use crate::{run as run_command, step};
 
 /// Debian packages: LLVM 22 for bpf-linker, iproute2 for the namespace tests, prometheus for
 /// `promtool check metrics` (the metrics test checks the agent's exposition with Prometheus's own
-/// checker).
+/// checker), protobuf-compiler for etcd-client's generated code, etcd-server for the store tests
+/// against real etcd.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "prometheus",
+    "protobuf-compiler",
+    "etcd-server",
 ];
 
 /// bpf-linker release built against Debian's LLVM 22.

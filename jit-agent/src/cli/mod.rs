@@ -77,6 +77,13 @@ pub struct RunOverrides {
     /// Interface to gate, `eth0` or `eth0:tc` (repeatable; replaces agent.interfaces).
     #[arg(long = "interface")]
     pub interfaces: Vec<String>,
+    /// Where requests, grants and ids live: redb (this node) or etcd (shared by many nodes;
+    /// overrides store.backend).
+    #[arg(long = "store", value_enum)]
+    pub store: Option<crate::config::StoreBackend>,
+    /// etcd client URL (repeatable; replaces store.endpoints).
+    #[arg(long = "etcd-endpoint")]
+    pub etcd_endpoints: Vec<String>,
 }
 
 /// `audit` commands.
@@ -186,6 +193,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     state_dir: overrides.state_dir,
                     pin_dir: overrides.pin_dir,
                     interfaces: overrides.interfaces,
+                    store: overrides.store,
+                    etcd_endpoints: overrides.etcd_endpoints,
                 },
             )?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -199,6 +208,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: valid", config.display());
             println!("  policies {} valid", cfg.policy_file.display());
             println!("  listen {} and {}", cfg.listen, cfg.unix_socket.display());
+            match &cfg.store {
+                crate::config::StoreConfig::Redb => println!(
+                    "  store: redb at {}",
+                    cfg.state_dir.join("state.redb").display()
+                ),
+                crate::config::StoreConfig::Etcd(e) => println!(
+                    "  store: etcd at {} under {}",
+                    e.endpoints.join(", "),
+                    e.prefix
+                ),
+            }
             println!(
                 "  metrics and health on http://{} (/metrics, /healthz, /readyz)",
                 cfg.metrics_listen

@@ -10,6 +10,7 @@ use std::{
 };
 
 mod fields;
+mod store;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -18,6 +19,7 @@ pub use self::fields::{
     Destination, Dur, HookFormat, HookUrl, Interface, Listen, Member, Prefix, SpiffeId,
     canonical_prefix, parse_destination,
 };
+pub use self::store::{Backend as StoreBackend, EtcdConfig, StoreConfig, StoreSection};
 use crate::spec::{AttachMode, Mode, ServiceDest};
 
 /// A configuration error: which file, which field, what is wrong.
@@ -60,6 +62,9 @@ pub struct FileConfig {
     /// `[audit]`.
     #[serde(default)]
     pub audit: AuditSection,
+    /// `[store]`.
+    #[serde(default)]
+    pub store: StoreSection,
 }
 
 /// `[audit]`: the tamper-evident audit log (see README, "The audit log").
@@ -263,6 +268,10 @@ pub struct Overrides {
     pub pin_dir: Option<PathBuf>,
     /// `--interface` (replaces the file's list when given).
     pub interfaces: Vec<String>,
+    /// `--store`.
+    pub store: Option<StoreBackend>,
+    /// `--etcd-endpoint` (replaces the file's list when given).
+    pub etcd_endpoints: Vec<String>,
 }
 
 /// A validated service.
@@ -345,6 +354,8 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// The audit log.
     pub audit: Audit,
+    /// Where requests, grants and ids live.
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -542,6 +553,8 @@ impl Config {
             });
         }
 
+        let store = store::validate(file, f.store, overrides.store, &overrides.etcd_endpoints)
+            .map_err(|(field, message)| err(field, message))?;
         let state_dir = overrides
             .state_dir
             .clone()
@@ -618,6 +631,7 @@ impl Config {
             groups,
             webhooks,
             audit,
+            store,
         })
     }
 

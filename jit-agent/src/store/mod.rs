@@ -1,12 +1,15 @@
-//! Durable state behind one trait, shaped for more than one backend: every state transition is a
-//! transaction that compares revisions and then writes, and every committed write is published
-//! on a change stream. The embedded backend is redb; an etcd backend can implement the same
-//! trait with etcd transactions and watches.
+//! Durable state behind one trait with two backends: every state transition is a transaction
+//! that compares revisions and then writes, and every committed write is published on a change
+//! stream. The embedded backend is redb (one node); the shared one is etcd (many nodes: etcd
+//! transactions on mod revisions, and a watch as the change stream). Both pass one contract
+//! test suite (`tests/tests/store_contract.rs`).
 //!
 //! Ownership: the store keeps records; it never writes kernel maps and never evaluates policy.
 
+mod etcd_store;
 mod redb_store;
 
+pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use redb_store::RedbStore;
 use tokio::sync::broadcast;
 
