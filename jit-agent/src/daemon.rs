@@ -88,6 +88,24 @@ fn digest(path: &std::path::Path) -> FileDigest {
     }
 }
 
+/// Grants stored but never issued (no durable audit record) for this long are revoked: they are
+/// stuck, not about to be issued by another agent sharing the store.
+const UNISSUED_GRACE: Duration = Duration::from_secs(30);
+
+/// Sweeps between two looks for stuck unissued grants (10 s).
+const UNISSUED_EVERY: u64 = 20;
+
+/// Revokes grants left unissued for [`UNISSUED_GRACE`] (see [`Node::revoke_unissued`]).
+fn revoke_unissued<S: Store>(node: &Node<S>) {
+    match node.revoke_unissued(UNISSUED_GRACE) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            "revoked {n} grant(s) stored without their audit record (never enforced)"
+        ),
+        Err(e) => tracing::error!("revoking grants stored without their audit record: {e}"),
+    }
+}
+
 /// Records each grant entry that left the kernel with its usage (see
 /// [`Node::record_usage`]) until `stop`, then what is still queued.
 async fn record_usage<S: Store + 'static>(
@@ -261,15 +279,7 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
             None
         }
     };
-    match node.revoke_unissued() {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::warn!(
-                "revoked {n} grant(s) stored without their audit record (never enforced)"
-            )
-        }
-        Err(e) => tracing::error!("revoking grants stored without their audit record: {e}"),
-    }
+    revoke_unissued(&node);
     // One watcher for the files re-read while running; held until the agent stops.
     let _file_watch = {
         let (policies, tls, audit) = (Arc::clone(&policies), Arc::clone(&tls), Arc::clone(&audit));
@@ -352,8 +362,14 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             // A store that is down fails every sweep: said once, and once more when it works.
             let mut failing = 0u64;
+            let mut ticks = 0u64;
             loop {
                 tick.tick().await;
+                ticks += 1;
+                if ticks.is_multiple_of(UNISSUED_EVERY) {
+                    let n = Arc::clone(&node);
+                    let _ = tokio::task::spawn_blocking(move || revoke_unissued(&n)).await;
+                }
                 let n = Arc::clone(&node);
                 match tokio::task::spawn_blocking(move || n.sweep()).await {
                     Ok(Ok((g, r))) => {

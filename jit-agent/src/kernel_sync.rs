@@ -693,27 +693,38 @@ impl<S: Store> KernelSync<S> {
     pub async fn run(self: Arc<Self>) {
         let mut rx = self.store.subscribe();
         // Anything committed before we subscribed is covered by this full read.
-        if let Err(e) = self.resync() {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("kernel resync failed: {e}");
+        let me = Arc::clone(&self);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.resync()).await {
+            tracing::error!("kernel resync failed: {e}; reconciling again");
+            self.request_reconcile();
         }
         loop {
             match rx.recv().await {
                 Ok(change) => {
-                    if let Err(e) = self.apply(&change) {
-                        self.failures.fetch_add(1, Ordering::Relaxed);
+                    // Store reads and map writes block: off the async workers.
+                    let revision = change.revision;
+                    let me = Arc::clone(&self);
+                    let applied = tokio::task::spawn_blocking(move || me.apply(&change)).await;
+                    let failed = match applied {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(e) = failed {
                         tracing::error!(
-                            "kernel sync of revision {} failed: {e}; the next reconciliation retries it",
-                            change.revision
+                            "kernel sync of revision {revision} failed: {e}; reconciling now"
                         );
+                        self.request_reconcile();
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(
                         "kernel sync missed {n} changes; resynchronising from a full read"
                     );
-                    if let Err(e) = self.reconcile() {
-                        tracing::error!("kernel resync failed: {e}");
+                    let me = Arc::clone(&self);
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.reconcile()).await {
+                        tracing::error!("kernel resync failed: {e}; reconciling again");
+                        self.request_reconcile();
                     }
                 }
                 Err(RecvError::Closed) => return,

@@ -18,7 +18,7 @@ use crate::{
     audit::AuditLog,
     config::AuditFailure,
     datapath::DatapathError,
-    engine::{Engine, EngineError, RequestOptions, RevokeTarget},
+    engine::{Engine, EngineError, ListQuery, Page, RequestOptions, RevokeTarget},
     identity::Caller,
     kernel_sync::{EndedEntry, KernelSync, SyncError},
     messages,
@@ -447,9 +447,9 @@ impl<S: Store> Node<S> {
     pub fn list_requests(
         &self,
         caller: &Caller,
-        pending_only: bool,
-    ) -> Result<Vec<Request>, NodeError> {
-        Ok(self.engine.list_requests(caller, pending_only)?)
+        q: &ListQuery,
+    ) -> Result<Page<Request>, NodeError> {
+        Ok(self.engine.list_requests(caller, q)?)
     }
 
     /// One grant the caller may see.
@@ -458,8 +458,8 @@ impl<S: Store> Node<S> {
     }
 
     /// Grants the caller may see, newest first.
-    pub fn list_grants(&self, caller: &Caller, active_only: bool) -> Result<Vec<Grant>, NodeError> {
-        Ok(self.engine.list_grants(caller, active_only)?)
+    pub fn list_grants(&self, caller: &Caller, q: &ListQuery) -> Result<Page<Grant>, NodeError> {
+        Ok(self.engine.list_grants(caller, q)?)
     }
 
     /// Whether `caller` may see `req` (for the watch stream).
@@ -490,12 +490,15 @@ impl<S: Store> Node<S> {
         Ok((grants.len(), requests.len()))
     }
 
-    /// Revokes live grants whose audit record never became durable (the agent stopped between
-    /// storing a grant and recording it): they were never enforced and never will be. Run at
-    /// start. Returns how many.
-    pub fn revoke_unissued(&self) -> Result<usize, NodeError> {
+    /// Revokes live grants whose audit record never became durable (an agent stopped between
+    /// storing a grant and recording it): they were never enforced and never will be. Only
+    /// grants unissued for `older_than` or more: with agents sharing a store, a grant another
+    /// agent created a moment ago is about to be issued. Run at start and periodically. Returns
+    /// how many.
+    pub fn revoke_unissued(&self, older_than: std::time::Duration) -> Result<usize, NodeError> {
         let system = Caller::Local { uid: 0 };
         let now = self.engine.now();
+        let older_than = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
         let unissued: Vec<String> = self
             .engine
             .store()
@@ -503,10 +506,13 @@ impl<S: Store> Node<S> {
             .map_err(EngineError::from)?
             .into_iter()
             .map(|g| g.value)
-            .filter(|g| g.is_live(now) && !g.issued)
+            .filter(|g| {
+                g.is_live(now) && !g.issued && now.saturating_sub(g.not_before_ms) >= older_than
+            })
             .map(|g| g.id)
             .collect();
-        let reason = "never issued: the agent stopped before its audit record was written";
+        let reason =
+            "never issued: its audit record was never written (an agent stopped in between)";
         for id in &unissued {
             for g in self
                 .engine

@@ -11,7 +11,7 @@ use std::{
 };
 
 use jit_agent::{
-    engine::{Engine, EngineError, RequestOptions, RevokeTarget},
+    engine::{Engine, EngineError, ListQuery, RequestOptions, RevokeTarget},
     identity::Caller,
     model::{GrantState, RequestState},
     store::{RedbStore, Store},
@@ -603,4 +603,79 @@ fn an_address_carries_only_the_grant_it_was_bound_for() {
         .expect("store")
         .expect("grant");
     assert_eq!(grant.value.extra_sources, vec!["10.9.0.5/32".to_string()]);
+}
+
+/// One identity cannot fill the store or the approvers' queue with waiting requests (the 21st is
+/// refused; others, and requests granted at once, are not held back), and listings page through
+/// everything exactly once, with server-side filters.
+#[test]
+fn waiting_requests_are_limited_per_identity_and_listings_page() {
+    let f = fixture();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(
+            f.engine
+                .request_access(&who(0), "two", "5m", &opts("r"))
+                .expect("waiting")
+                .id,
+        );
+    }
+    let err = f
+        .engine
+        .request_access(&who(0), "two", "5m", &opts("r"))
+        .expect_err("the 21st waiting request");
+    assert!(
+        matches!(&err, EngineError::LimitReached(m) if m.contains("max_pending_per_identity")),
+        "{err}"
+    );
+    f.engine
+        .request_access(&who(1), "two", "5m", &opts("r"))
+        .expect("another identity");
+    f.engine
+        .request_access(&who(0), "auto", "1m", &opts(""))
+        .expect("granted at once: not waiting");
+    // Once they expire, there is room again.
+    f.clock.fetch_add(2 * 3_600_000, Ordering::SeqCst);
+    f.engine
+        .request_access(&who(0), "two", "5m", &opts("r"))
+        .expect("room again");
+
+    // Every one of u1's requests for "two", 7 a page, each once, newest first.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let q = ListQuery::new(false, "two", USERS[0], 7, &token).expect("query");
+        let page = f.engine.list_requests(&who(0), &q).expect("page");
+        assert!(page.items.len() <= 7);
+        assert!(
+            page.items
+                .iter()
+                .all(|r| r.service == "two" && r.requester == USERS[0])
+        );
+        seen.extend(page.items.into_iter().map(|r| r.id));
+        match page.next {
+            Some(t) => token = t,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 21, "{seen:?}");
+    let distinct: std::collections::BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), 21);
+    assert!(ids.iter().all(|id| seen.contains(id)));
+    assert!(matches!(
+        ListQuery::new(false, "", "", 7, "not-a-token"),
+        Err(EngineError::InvalidArgument {
+            field: "page_token",
+            ..
+        })
+    ));
+    // A grant listing filters on the server too.
+    let q = ListQuery::new(true, "auto", USERS[0], 0, "").expect("query");
+    assert!(
+        f.engine
+            .list_grants(&who(0), &q)
+            .expect("page")
+            .items
+            .is_empty()
+    );
 }

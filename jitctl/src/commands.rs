@@ -83,6 +83,12 @@ pub(crate) enum Command {
         /// Only active grants.
         #[arg(long)]
         active: bool,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this identity (the requester, or the grant's holder).
+        #[arg(long)]
+        identity: Option<String>,
         /// JSON for scripts (the API's messages, states as words).
         #[arg(long)]
         json: bool,
@@ -130,6 +136,9 @@ pub(crate) struct AccessArgs {
     ticket: String,
 }
 
+/// Pages `ls` follows at most (at the server's default of 100 a page: 1 000 000 records).
+const MAX_PAGES: usize = 10_000;
+
 /// What `ls` lists.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(crate) enum Listing {
@@ -172,30 +181,59 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
             what,
             pending,
             active,
+            service,
+            identity,
             json,
         } => {
+            let (service, identity) = (service.unwrap_or_default(), identity.unwrap_or_default());
+            // The server pages; every page is followed (bounded: a token that does not move on
+            // ends the listing).
             let out = match what {
                 Listing::Requests => {
-                    let rs = c
-                        .list_requests(pb::ListRequestsRequest {
-                            pending_only: pending,
-                        })
-                        .await
-                        .map_err(|e| explain("list requests", &e))?
-                        .into_inner()
-                        .requests;
-                    render::requests(&rs, json)?
+                    let mut all = Vec::new();
+                    let mut token = String::new();
+                    for _ in 0..MAX_PAGES {
+                        let page = c
+                            .list_requests(pb::ListRequestsRequest {
+                                pending_only: pending,
+                                page_size: 0,
+                                page_token: token.clone(),
+                                service: service.clone(),
+                                identity: identity.clone(),
+                            })
+                            .await
+                            .map_err(|e| explain("list requests", &e))?
+                            .into_inner();
+                        all.extend(page.requests);
+                        if page.next_page_token.is_empty() || page.next_page_token == token {
+                            break;
+                        }
+                        token = page.next_page_token;
+                    }
+                    render::requests(&all, json)?
                 }
                 Listing::Grants => {
-                    let gs = c
-                        .list_grants(pb::ListGrantsRequest {
-                            active_only: active,
-                        })
-                        .await
-                        .map_err(|e| explain("list grants", &e))?
-                        .into_inner()
-                        .grants;
-                    render::grants(&gs, json)?
+                    let mut all = Vec::new();
+                    let mut token = String::new();
+                    for _ in 0..MAX_PAGES {
+                        let page = c
+                            .list_grants(pb::ListGrantsRequest {
+                                active_only: active,
+                                page_size: 0,
+                                page_token: token.clone(),
+                                service: service.clone(),
+                                identity: identity.clone(),
+                            })
+                            .await
+                            .map_err(|e| explain("list grants", &e))?
+                            .into_inner();
+                        all.extend(page.grants);
+                        if page.next_page_token.is_empty() || page.next_page_token == token {
+                            break;
+                        }
+                        token = page.next_page_token;
+                    }
+                    render::grants(&all, json)?
                 }
             };
             println!("{out}");

@@ -271,7 +271,11 @@ fn a_grant_without_its_audit_record_never_reaches_the_kernel() {
         Notifier::disabled(),
         fixtures::audit_log(&cfg),
     );
-    assert_eq!(node.revoke_unissued().expect("revoke at start"), 1);
+    assert_eq!(
+        node.revoke_unissued(std::time::Duration::ZERO)
+            .expect("revoke at start"),
+        1
+    );
     let g = store
         .grant(&stored.grant_id)
         .expect("store")

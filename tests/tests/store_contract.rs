@@ -318,6 +318,19 @@ fn next_change(
     }
 }
 
+fn listings_read_past_one_page<B: Backend>(b: &B) {
+    let s = b.open();
+    // More than one etcd read page (500).
+    for i in 0..620 {
+        s.commit(Txn::put(Record::Grant(grant(&format!("grant-{i:04}"))), 0))
+            .expect("commit");
+    }
+    let all = s.grants().expect("list");
+    assert_eq!(all.len(), 620);
+    let ids: BTreeSet<String> = all.into_iter().map(|g| g.value.id).collect();
+    assert_eq!(ids.len(), 620, "each once");
+}
+
 macro_rules! contract {
     ($backend:ident, $make:expr, $($ignore:tt)*) => {
         mod $backend {
@@ -351,6 +364,12 @@ macro_rules! contract {
             $($ignore)*
             fn change_stream() {
                 super::change_stream(&$make);
+            }
+
+            #[test]
+            $($ignore)*
+            fn listings_read_past_one_page() {
+                super::listings_read_past_one_page(&$make);
             }
         }
     };
@@ -429,7 +448,7 @@ fn a_cluster_that_is_down_is_an_error_in_bounded_time_then_recovers() {
     e.cluster.kill(0);
     let started = std::time::Instant::now();
     let err = s.requests().expect_err("no cluster, no answer");
-    assert!(matches!(err, StoreError::Backend(_)), "{err}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "bounded by the store's timeout: {:?}",
@@ -437,7 +456,7 @@ fn a_cluster_that_is_down_is_an_error_in_bounded_time_then_recovers() {
     );
     assert!(matches!(
         s.commit(Txn::put(Record::Request(request("req-e", "a")), 0)),
-        Err(StoreError::Backend(_))
+        Err(StoreError::Unavailable(_))
     ));
     e.cluster.restart(0);
     e.cluster.wait_healthy(Duration::from_secs(30));

@@ -10,7 +10,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request as GrpcRequest, Response, Status};
 
 use crate::{
-    engine::{EngineError, RequestOptions, RevokeTarget},
+    engine::{EngineError, ListQuery, RequestOptions, RevokeTarget},
     identity::{Caller, spiffe_id_from_der},
     messages::request_msg,
     node::{Node, NodeError},
@@ -68,6 +68,7 @@ fn status(e: EngineError) -> Status {
         EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
         EngineError::AlreadyExists(m) => Status::already_exists(m),
         EngineError::Aborted(m) => Status::aborted(m),
+        EngineError::LimitReached(m) => Status::resource_exhausted(m),
         EngineError::Store(e) => {
             tracing::error!("store failure: {e}");
             Status::unavailable("the agent's store failed; see the agent log")
@@ -210,12 +211,21 @@ impl<S: Store> JitGate for Api<S> {
         req: GrpcRequest<pb::ListRequestsRequest>,
     ) -> Result<Response<pb::ListRequestsResponse>, Status> {
         let who = caller(&req)?;
-        let pending = req.into_inner().pending_only;
-        let rs = self
-            .blocking(move |n| n.list_requests(&who, pending).map_err(node_status))
+        let m = req.into_inner();
+        let q = ListQuery::new(
+            m.pending_only,
+            &m.service,
+            &m.identity,
+            m.page_size,
+            &m.page_token,
+        )
+        .map_err(status)?;
+        let page = self
+            .blocking(move |n| n.list_requests(&who, &q).map_err(node_status))
             .await?;
         Ok(Response::new(pb::ListRequestsResponse {
-            requests: rs.iter().map(request_msg).collect(),
+            requests: page.items.iter().map(request_msg).collect(),
+            next_page_token: page.next.unwrap_or_default(),
         }))
     }
 
@@ -240,15 +250,29 @@ impl<S: Store> JitGate for Api<S> {
         req: GrpcRequest<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::ListGrantsResponse>, Status> {
         let who = caller(&req)?;
-        let active = req.into_inner().active_only;
-        let grants = self
+        let m = req.into_inner();
+        let q = ListQuery::new(
+            m.active_only,
+            &m.service,
+            &m.identity,
+            m.page_size,
+            &m.page_token,
+        )
+        .map_err(status)?;
+        let page = self
             .blocking(move |n| {
-                n.list_grants(&who, active)
-                    .map(|gs| gs.iter().map(|g| n.grant_view(g)).collect())
+                n.list_grants(&who, &q)
+                    .map(|p| {
+                        let grants = p.items.iter().map(|g| n.grant_view(g)).collect();
+                        (grants, p.next)
+                    })
                     .map_err(node_status)
             })
             .await?;
-        Ok(Response::new(pb::ListGrantsResponse { grants }))
+        Ok(Response::new(pb::ListGrantsResponse {
+            grants: page.0,
+            next_page_token: page.1.unwrap_or_default(),
+        }))
     }
 
     type WatchStream = WatchStream;
@@ -266,7 +290,14 @@ impl<S: Store> JitGate for Api<S> {
             let (who, only) = (who.clone(), only.clone());
             self.blocking(move |n| {
                 if only.is_empty() {
-                    n.list_requests(&who, false).map_err(node_status)
+                    // Every request the caller may see, in one piece.
+                    let all = ListQuery {
+                        page_size: usize::MAX,
+                        ..ListQuery::default()
+                    };
+                    n.list_requests(&who, &all)
+                        .map(|p| p.items)
+                        .map_err(node_status)
                 } else {
                     n.get_request(&who, &only)
                         .map(|r| vec![r])

@@ -199,6 +199,8 @@ pub struct AgentSection {
     pub request_ttl: Option<Dur>,
     /// Capacity of the kernel grants map. Default 65536.
     pub max_grants: Option<u32>,
+    /// Requests one identity may have waiting for a decision at once. Default 20.
+    pub max_pending_per_identity: Option<u32>,
 }
 
 /// `[tls]`: the agent's certificate and the trust bundle for client certificates. Files are
@@ -334,6 +336,8 @@ pub struct Config {
     pub request_ttl: Duration,
     /// Kernel grants capacity.
     pub max_grants: u32,
+    /// Waiting requests per identity.
+    pub max_pending_per_identity: u32,
     /// CA bundle.
     pub tls_ca: PathBuf,
     /// Agent certificate.
@@ -555,6 +559,21 @@ impl Config {
 
         let store = store::validate(file, f.store, overrides.store, &overrides.etcd_endpoints)
             .map_err(|(field, message)| err(field, message))?;
+        // Fail closed: who holds an address is checked under a lock within one agent; across
+        // agents sharing etcd it is not yet, so two nodes could bind one address to two
+        // identities. Refused until the binding is part of the shared transaction.
+        if matches!(store, StoreConfig::Etcd(_))
+            && let Some((name, _)) = services.iter().find(|(_, s)| s.bind_requester_address)
+        {
+            return Err(err(
+                "store.backend",
+                format!(
+                    "service {name:?} binds requester addresses, which the etcd backend does not \
+                     support yet (the binding is checked within one agent only); use identity \
+                     prefixes for it, or the redb backend"
+                ),
+            ));
+        }
         let state_dir = overrides
             .state_dir
             .clone()
@@ -621,6 +640,16 @@ impl Config {
                 .request_ttl
                 .map_or(Duration::from_secs(3600), |d| d.0),
             max_grants,
+            max_pending_per_identity: match f.agent.max_pending_per_identity {
+                Some(0) => {
+                    return Err(err(
+                        "agent.max_pending_per_identity",
+                        "must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+                None => 20,
+            },
             tls_ca,
             tls_cert,
             tls_key,
@@ -704,6 +733,18 @@ mod tests {
     }
 
     const TLS: &str = "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n[policy]\nfile='p.cedar'\n";
+
+    #[test]
+    fn the_etcd_backend_refuses_requester_address_binding() {
+        let text = format!(
+            "{TLS}[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n\
+             [[services]]\nname = \"db\"\ndestinations = [\"10.0.0.1:5432/tcp\"]\n\
+             bind_requester_address = true\n"
+        );
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.field, "store.backend", "{e}");
+        assert!(e.message.contains("binds requester addresses"), "{e}");
+    }
 
     #[test]
     fn a_good_file_loads_with_defaults() {

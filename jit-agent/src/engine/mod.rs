@@ -20,6 +20,7 @@ mod transitions;
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 pub use ask::{Ask, Clamped, Question, ask_for, clamp, decide, facts};
+pub use queries::{DEFAULT_PAGE, ListQuery, MAX_PAGE, Page};
 pub use transitions::Revoked;
 
 use crate::{
@@ -57,6 +58,9 @@ pub enum EngineError {
     /// Lost too many races in a row.
     #[error("too much contention on {0}; retry")]
     Aborted(String),
+    /// A per-caller limit is reached.
+    #[error("{0}")]
+    LimitReached(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -148,9 +148,27 @@ impl<S: Store> Engine<S> {
                 policies,
             )
         };
+        let now = self.now();
+        if !granted_now {
+            // One caller cannot fill the store (or the approvers' queue) with waiting requests.
+            // A soft limit: requests racing each other may pass it together.
+            let limit = self.cfg.max_pending_per_identity;
+            let waiting = self
+                .store
+                .requests()?
+                .iter()
+                .filter(|r| r.value.requester == *requester && r.value.is_waiting(now))
+                .count();
+            if waiting >= limit as usize {
+                return Err(EngineError::LimitReached(format!(
+                    "{requester} already has {waiting} request(s) waiting for a decision (the \
+                     limit is {limit}, agent.max_pending_per_identity); wait for them or let them \
+                     expire"
+                )));
+            }
+        }
         let _binding = service.bind_requester_address.then(|| self.binding_lock());
         let extra_sources = self.requester_sources(requester, service, opts.peer)?;
-        let now = self.now();
         let mut req = Request {
             id: short_id("req"),
             requester: requester.clone(),

@@ -4,29 +4,38 @@
 //! nothing is read-modify-written outside a transaction. A record's revision is its etcd mod
 //! revision, and the change stream is an etcd watch on the records' prefix: commits made through
 //! any agent reach every agent's stream. After a watch error, a compaction or a reconnect the
-//! stream starts again from a full read at a known revision (every record is published again,
-//! as a change at its own revision), never trusting the gap.
+//! stream starts again from a full read at a known revision and publishes what changed in the
+//! gap (records are never deleted, so that is every record whose mod revision is newer than the
+//! last one published), never trusting the gap. Requests carry "require leader", so a member cut
+//! off from its quorum fails them (and ends its watches) instead of serving stale data.
 //!
 //! Keys, under the configured prefix (default `/jit/`): `requests/<id>` and `grants/<id>` (the
-//! record as JSON), `ids/<kind>/<name>` (a numeric id, decimal) and `ids-next/<kind>` (the next
-//! id to hand out). Numeric ids are allocated cluster-wide by a transaction that creates the
-//! name's key and moves the counter together, so two agents never hand out one id twice.
+//! record as JSON; an id never holds `/`, so one deployment's prefix cannot see into another's
+//! nested under it), `ids/<kind>/<name>` (a numeric id, decimal), `ids-next/<kind>` (the next id
+//! to hand out) and `txn/<uuid>` (a commit's marker, see below). Numeric ids are allocated
+//! cluster-wide by a transaction that creates the name's key and moves the counter together, so
+//! two agents never hand out one id twice.
 //!
 //! The [`Store`] trait is synchronous (the engine runs on blocking threads); etcd-client is
 //! async. The store owns a small runtime of its own, and a call waits for its future there with
-//! a bound ([`EtcdOptions::timeout`]): a cluster without quorum answers with an error after that
-//! bound, never a hang.
+//! a bound ([`EtcdOptions::timeout`]): a transient failure (a member down, a leader election, a
+//! broken connection) is tried again within the bound, so losing one member is not seen by
+//! callers; after the bound the call fails with [`StoreError::Unavailable`]. A commit carries a
+//! marker key of its own, `txn/<uuid>`, written in the same transaction: when an attempt fails
+//! without saying whether it landed, the next attempt first looks for the marker, so a commit is
+//! never applied twice nor reported lost when it landed. Markers are deleted after success; a
+//! commit that fails for good may leave its (empty) marker behind.
 
 use std::{
     collections::{BTreeSet, HashMap},
     future::Future,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    KvClient, TlsOptions, Txn, TxnOp, WatchOptions,
+    KeyValue, KvClient, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::broadcast;
 
@@ -34,7 +43,7 @@ use super::{Change, IdKind, Record, RecordKey, Store, StoreError, Txn as StoreTx
 use crate::model::{Grant, Request};
 
 /// How to reach etcd.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EtcdOptions {
     /// Client URLs (`http://127.0.0.1:2379`, `https://etcd-0:2379` ...).
     pub endpoints: Vec<String>,
@@ -48,6 +57,19 @@ pub struct EtcdOptions {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key's bytes.
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("tls", &self.ca.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
 /// etcd-backed [`Store`].
 pub struct EtcdStore {
     /// `Option` only so `Drop` can shut it down without blocking (the store may be dropped on
@@ -57,27 +79,99 @@ pub struct EtcdStore {
     opts: EtcdOptions,
     changes: broadcast::Sender<Change>,
     /// Records that could not be decoded, by key, each reported once.
-    corrupt: std::sync::Arc<Mutex<BTreeSet<String>>>,
+    corrupt: Arc<Mutex<BTreeSet<String>>>,
     /// Numeric ids already known: an id, once allocated, never changes.
     ids: Mutex<HashMap<(u8, String), u32>>,
 }
 
+const REQUESTS: &str = "requests/";
+const GRANTS: &str = "grants/";
+const MARKERS: &str = "txn/";
+/// How soon the change stream tries again after its watch failed.
+const WATCH_RETRY: Duration = Duration::from_millis(200);
+/// How soon a store call is tried again after a transient failure (within its bound).
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Keys per read: a listing of any size is read in pages of this many, at one revision.
+const READ_PAGE: i64 = 500;
+
+/// A permanent failure: configuration, permissions, a refused request.
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
 
-const REQUESTS: &str = "requests/";
-const GRANTS: &str = "grants/";
-/// How soon the change stream tries again after its watch failed.
-const WATCH_RETRY: Duration = Duration::from_millis(200);
-/// How soon a store call is tried again after a backend error (within its bound).
-const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// An etcd error: [`StoreError::Unavailable`] when trying again may help (no connection, no
+/// leader, a timeout, a broken stream), [`StoreError::Backend`] otherwise.
+fn etcd_error(e: etcd_client::Error) -> StoreError {
+    use tonic::Code;
+    let transient = match &e {
+        etcd_client::Error::TransportError(_)
+        | etcd_client::Error::IoError(_)
+        | etcd_client::Error::WatchError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        ),
+        _ => false,
+    };
+    if transient {
+        StoreError::Unavailable(format!("etcd: {e}"))
+    } else {
+        backend(e)
+    }
+}
 
 fn kind_name(kind: IdKind) -> &'static str {
     match kind {
         IdKind::Service => "service",
         IdKind::Identity => "identity",
     }
+}
+
+/// Every key under `start` at one revision (the first page's), in pages of [`READ_PAGE`].
+/// Returns the revision and the keys.
+async fn read_all(kv: &mut KvClient, start: &str) -> Result<(i64, Vec<KeyValue>), StoreError> {
+    let end = prefix_end(start.as_bytes());
+    let mut from = start.as_bytes().to_vec();
+    let mut at = 0i64;
+    let mut out = Vec::new();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(READ_PAGE);
+        if at != 0 {
+            opts = opts.with_revision(at);
+        }
+        let resp = kv.get(from.clone(), Some(opts)).await.map_err(etcd_error)?;
+        if at == 0 {
+            at = resp
+                .header()
+                .map(etcd_client::ResponseHeader::revision)
+                .ok_or_else(|| backend("a read without a revision"))?;
+        }
+        let more = resp.more();
+        let kvs = resp.kvs();
+        if let Some(last) = kvs.last() {
+            // The next page starts just after the last key.
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        out.extend_from_slice(kvs);
+        if !more || kvs.is_empty() {
+            return Ok((at, out));
+        }
+    }
+}
+
+/// The end of the range of keys starting with `prefix` (etcd's prefix convention).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 impl EtcdStore {
@@ -90,7 +184,7 @@ impl EtcdStore {
             ));
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .thread_name("etcd-store")
             .enable_all()
             .build()
@@ -101,7 +195,8 @@ impl EtcdStore {
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(attempt)
             .with_timeout(attempt)
-            .with_keep_alive(Duration::from_secs(2), attempt);
+            .with_keep_alive(Duration::from_secs(2), attempt)
+            .with_require_leader(true);
         if opts.ca.is_some() || opts.identity.is_some() {
             let mut tls = TlsOptions::new();
             if let Some(ca) = &opts.ca {
@@ -117,34 +212,41 @@ impl EtcdStore {
         let client = rt.block_on(async move {
             tokio::time::timeout(timeout, Client::connect(endpoints, Some(connect)))
                 .await
-                .map_err(|_| backend(format!("no endpoint answered within {timeout:?}")))?
-                .map_err(backend)
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "etcd: no endpoint answered within {timeout:?}"
+                    ))
+                })?
+                .map_err(etcd_error)
         })?;
         let (changes, _) = broadcast::channel(4096);
-        let corrupt = std::sync::Arc::new(Mutex::new(BTreeSet::new()));
         let store = Self {
             kv: client.kv_client(),
             rt: Some(rt),
             opts,
             changes,
-            corrupt,
+            corrupt: Arc::new(Mutex::new(BTreeSet::new())),
             ids: Mutex::new(HashMap::new()),
         };
-        // Fail now, not at the first request, when the cluster cannot be read.
-        store.call(|mut kv, prefix| async move {
+        // Fail now, not at the first request, when the cluster cannot be read; and learn the
+        // revision the change stream starts after.
+        let start_at = store.call(|mut kv, prefix| async move {
             kv.get(
                 prefix,
                 Some(GetOptions::new().with_keys_only().with_limit(1)),
             )
             .await
-            .map(|_| ())
-            .map_err(backend)
+            .map_err(etcd_error)?
+            .header()
+            .map(etcd_client::ResponseHeader::revision)
+            .ok_or_else(|| backend("a read without a revision"))
         })?;
         store.runtime().spawn(follow(
             client,
             store.opts.prefix.clone(),
+            start_at,
             store.changes.clone(),
-            std::sync::Arc::clone(&store.corrupt),
+            Arc::clone(&store.corrupt),
         ));
         Ok(store)
     }
@@ -156,39 +258,48 @@ impl EtcdStore {
             .unwrap_or_else(|| unreachable!("the runtime lives until drop"))
     }
 
-    /// Runs `f(kv, prefix)` on the store's runtime and waits for it, at most `timeout`.
-    /// `f` must be safe to run again: a backend error (a member down, a leader election, a
-    /// broken connection) runs it again after [`RETRY_AFTER`] until the bound, so the loss of
-    /// one member is not seen by callers. Conflicts and decoding errors are answers, not retried.
+    /// Runs `f(kv, prefix)` on the store's runtime and waits for it, at most `timeout`. A
+    /// transient failure ([`StoreError::Unavailable`]) runs `f` again after [`RETRY_AFTER`]
+    /// until the bound, so `f` must be safe to run again. Conflicts, decoding errors and
+    /// permanent failures are answers, not retried.
     fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: Fn(KvClient, String) -> Fut + Send + 'static,
+        F: Fn(KvClient, String) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let timeout = self.opts.timeout;
         let (kv, prefix) = (self.kv.clone(), self.opts.prefix.clone());
         let fut = async move {
-            loop {
-                match f(kv.clone(), prefix.clone()).await {
-                    Err(StoreError::Backend(e)) => {
-                        tracing::debug!("etcd: {e}; trying again");
-                        tokio::time::sleep(RETRY_AFTER).await;
+            let mut last = String::new();
+            let attempts = async {
+                loop {
+                    match f(kv.clone(), prefix.clone()).await {
+                        Err(StoreError::Unavailable(e)) => {
+                            tracing::debug!("{e}; trying again");
+                            last = e;
+                            tokio::time::sleep(RETRY_AFTER).await;
+                        }
+                        other => return other,
                     }
-                    other => return other,
                 }
+            };
+            match tokio::time::timeout(timeout, attempts).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "etcd: no answer within {timeout:?} (is the cluster reachable and in \
+                     quorum?){}",
+                    if last.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last: {last}")
+                    }
+                ))),
             }
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.runtime().spawn(async move {
-            let result = tokio::time::timeout(timeout, fut)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(backend(format!(
-                        "no answer within {timeout:?} (is the cluster reachable and in quorum?)"
-                    )))
-                });
-            let _ = tx.send(result);
+            let _ = tx.send(fut.await);
         });
         rx.recv()
             .map_err(|_| backend("the store's runtime stopped"))?
@@ -199,13 +310,16 @@ impl EtcdStore {
         table: &'static str,
         id: &str,
     ) -> Result<Option<Versioned<T>>, StoreError> {
+        if id.is_empty() || id.contains('/') {
+            return Ok(None);
+        }
         let id = id.to_string();
-        let corrupt = std::sync::Arc::clone(&self.corrupt);
+        let corrupt = Arc::clone(&self.corrupt);
         self.call(move |mut kv, prefix| {
             let key = format!("{prefix}{table}{id}");
-            let corrupt = std::sync::Arc::clone(&corrupt);
+            let corrupt = Arc::clone(&corrupt);
             async move {
-                let resp = kv.get(key.as_str(), None).await.map_err(backend)?;
+                let resp = kv.get(key.as_str(), None).await.map_err(etcd_error)?;
                 let Some(item) = resp.kvs().first() else {
                     return Ok(None);
                 };
@@ -222,21 +336,23 @@ impl EtcdStore {
         &self,
         table: &'static str,
     ) -> Result<Vec<Versioned<T>>, StoreError> {
-        let corrupt = std::sync::Arc::clone(&self.corrupt);
+        let corrupt = Arc::clone(&self.corrupt);
         self.call(move |mut kv, prefix| {
-            let corrupt = std::sync::Arc::clone(&corrupt);
+            let corrupt = Arc::clone(&corrupt);
             async move {
                 let start = format!("{prefix}{table}");
-                let resp = kv
-                    .get(start.as_str(), Some(GetOptions::new().with_prefix()))
-                    .await
-                    .map_err(backend)?;
+                let (_, kvs) = read_all(&mut kv, &start).await?;
                 let mut out = Vec::new();
-                for item in resp.kvs() {
+                for item in &kvs {
                     let key = String::from_utf8_lossy(item.key()).into_owned();
+                    // Only `<prefix><table><id>`: keys of a deployment nested under this
+                    // prefix are not this deployment's.
+                    if key[start.len()..].contains('/') {
+                        continue;
+                    }
                     match decode(&key, item.value(), item.mod_revision()) {
                         Ok(v) => out.push(v),
-                        // One bad record must not hide the others: report it once and go on.
+                        // One bad record must not hide the others: report it once, go on.
                         Err(e) => {
                             if note_corrupt(&corrupt, &key) {
                                 tracing::error!(
@@ -284,7 +400,8 @@ fn decode<T: serde::de::DeserializeOwned>(
     Ok(Versioned { value, revision })
 }
 
-/// The record a key under `prefix` holds, decoded; `None` for keys that are not records.
+/// The record a key under `prefix` holds, decoded; `None` for keys that are not this
+/// deployment's records (markers, ids, a nested deployment's keys).
 fn record_of(prefix: &str, key: &[u8], value: &[u8]) -> Option<Result<Record, StoreError>> {
     let key = std::str::from_utf8(key).ok()?;
     let rest = key.strip_prefix(prefix)?;
@@ -292,63 +409,75 @@ fn record_of(prefix: &str, key: &[u8], value: &[u8]) -> Option<Result<Record, St
         key: key.to_string(),
         reason: e.to_string(),
     };
-    if rest.starts_with(REQUESTS) {
-        Some(
+    let own = |id: &str| !id.is_empty() && !id.contains('/');
+    if let Some(id) = rest.strip_prefix(REQUESTS) {
+        own(id).then(|| {
             serde_json::from_slice::<Request>(value)
                 .map(Record::Request)
-                .map_err(corrupt),
-        )
-    } else if rest.starts_with(GRANTS) {
-        Some(
+                .map_err(corrupt)
+        })
+    } else if let Some(id) = rest.strip_prefix(GRANTS) {
+        own(id).then(|| {
             serde_json::from_slice::<Grant>(value)
                 .map(Record::Grant)
-                .map_err(corrupt),
-        )
+                .map_err(corrupt)
+        })
     } else {
         None
     }
 }
 
-/// The change stream: a full read of the records at a known revision, then a watch from the
-/// next one; after any failure, again from a full read.
+/// The change stream: a watch from the revision after the last one published; after any
+/// failure, a full read at a known revision publishes what changed since (the gap), then the
+/// watch starts again after that read.
 async fn follow(
     mut client: Client,
     prefix: String,
+    start_at: i64,
     changes: broadcast::Sender<Change>,
-    corrupt: std::sync::Arc<Mutex<BTreeSet<String>>>,
+    corrupt: Arc<Mutex<BTreeSet<String>>>,
 ) {
+    // Everything up to here is what subscribers read for themselves when they subscribe.
+    let mut published = start_at;
     let mut first = true;
     loop {
         if !first {
             tokio::time::sleep(WATCH_RETRY).await;
+            let mut kv = client.kv_client();
+            let (at, kvs) = match read_all(&mut kv, &prefix).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("etcd: reading the records after a watch gap: {e}; retrying");
+                    continue;
+                }
+            };
+            let mut gap: Vec<&KeyValue> = kvs
+                .iter()
+                .filter(|kv| kv.mod_revision() > published)
+                .collect();
+            gap.sort_by_key(|kv| kv.mod_revision());
+            if !gap.is_empty() {
+                tracing::info!(
+                    "etcd: {} record(s) changed during the watch gap; published now",
+                    gap.len()
+                );
+            }
+            for item in gap {
+                publish(
+                    &prefix,
+                    &changes,
+                    &corrupt,
+                    item.key(),
+                    item.value(),
+                    item.mod_revision(),
+                );
+            }
+            published = published.max(at);
         }
         first = false;
-        let read = match client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("etcd: reading the records for the change stream: {e}; retrying");
-                continue;
-            }
-        };
-        let Some(at) = read.header().map(etcd_client::ResponseHeader::revision) else {
-            continue;
-        };
-        for item in read.kvs() {
-            publish(
-                &prefix,
-                &changes,
-                &corrupt,
-                item.key(),
-                item.value(),
-                item.mod_revision(),
-            );
-        }
         let options = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(at + 1);
+            .with_start_revision(published + 1);
         let mut stream = match client.watch(prefix.as_str(), Some(options)).await {
             Ok(s) => s,
             Err(e) => {
@@ -372,10 +501,8 @@ async fn follow(
                         break;
                     }
                     for event in resp.events() {
-                        if event.event_type() != EventType::Put {
-                            continue;
-                        }
-                        if let Some(kv) = event.kv() {
+                        let Some(kv) = event.kv() else { continue };
+                        if event.event_type() == EventType::Put {
                             publish(
                                 &prefix,
                                 &changes,
@@ -385,6 +512,7 @@ async fn follow(
                                 kv.mod_revision(),
                             );
                         }
+                        published = published.max(kv.mod_revision());
                     }
                 }
                 Ok(None) => {
@@ -452,84 +580,79 @@ impl Store for EtcdStore {
 
     fn commit(&self, txn: StoreTxn) -> Result<u64, StoreError> {
         let prefix = self.opts.prefix.clone();
-        let key_of = |k: &RecordKey| match k {
-            RecordKey::Request(id) => format!("{prefix}{REQUESTS}{id}"),
-            RecordKey::Grant(id) => format!("{prefix}{GRANTS}{id}"),
+        let key_of = |k: &RecordKey| -> Result<String, StoreError> {
+            let (table, id) = match k {
+                RecordKey::Request(id) => (REQUESTS, id),
+                RecordKey::Grant(id) => (GRANTS, id),
+            };
+            if id.is_empty() || id.contains('/') {
+                return Err(backend(format!("record id {id:?} cannot be a key")));
+            }
+            Ok(format!("{prefix}{table}{id}"))
         };
         let mut compares = Vec::new();
         for (key, expected) in &txn.compares {
             let rev = i64::try_from(*expected).map_err(backend)?;
             compares.push(if rev == 0 {
-                Compare::create_revision(key_of(key), CompareOp::Equal, 0)
+                Compare::create_revision(key_of(key)?, CompareOp::Equal, 0)
             } else {
-                Compare::mod_revision(key_of(key), CompareOp::Equal, rev)
+                Compare::mod_revision(key_of(key)?, CompareOp::Equal, rev)
             });
         }
-        let mut puts = Vec::new();
+        let marker = format!("{prefix}{MARKERS}{}", uuid::Uuid::new_v4().simple());
+        let mut puts = vec![TxnOp::put(marker.as_str(), "", None)];
         for record in &txn.puts {
             let value = match record {
                 Record::Request(r) => serde_json::to_vec(r),
                 Record::Grant(g) => serde_json::to_vec(g),
             }
             .map_err(backend)?;
-            puts.push(TxnOp::put(key_of(&record.key()), value, None));
+            puts.push(TxnOp::put(key_of(&record.key())?, value, None));
         }
         let first_key = txn.compares.first().map(|(k, _)| k.clone());
-        // What tells, after an error that leaves it unknown whether the commit landed, that it
-        // did: the first record holds exactly the bytes written (records carry ids and times, so
-        // another writer does not write the same bytes).
-        let landed = match txn.puts.first() {
-            Some(r) => Some((
-                key_of(&r.key()),
-                match r {
-                    Record::Request(r) => serde_json::to_vec(r),
-                    Record::Grant(g) => serde_json::to_vec(g),
-                }
-                .map_err(backend)?,
-            )),
-            None => None,
-        };
         let txn = Txn::new().when(compares).and_then(puts);
-        let unsure = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.call(move |mut kv, _| {
-            let (txn, first_key, landed, unsure) = (
-                txn.clone(),
-                first_key.clone(),
-                landed.clone(),
-                std::sync::Arc::clone(&unsure),
-            );
-            async move {
-                // A retry after an error: did the earlier attempt land?
-                if unsure.load(std::sync::atomic::Ordering::Relaxed)
-                    && let Some((key, bytes)) = &landed
-                {
-                    let now = kv.get(key.as_str(), None).await.map_err(backend)?;
-                    if let Some(item) = now.kvs().first()
-                        && item.value() == bytes.as_slice()
-                    {
-                        return u64::try_from(item.mod_revision()).map_err(backend);
+        let unsure = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = {
+            let marker = marker.clone();
+            self.call(move |mut kv, _| {
+                let (txn, first_key, marker, unsure) = (
+                    txn.clone(),
+                    first_key.clone(),
+                    marker.clone(),
+                    Arc::clone(&unsure),
+                );
+                async move {
+                    // An earlier attempt failed without an answer: did it land? Its marker says.
+                    if unsure.load(std::sync::atomic::Ordering::Relaxed) {
+                        let m = kv.get(marker.as_str(), None).await.map_err(etcd_error)?;
+                        if let Some(item) = m.kvs().first() {
+                            return u64::try_from(item.mod_revision()).map_err(backend);
+                        }
                     }
-                }
-                let resp = match kv.txn(txn).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        unsure.store(true, std::sync::atomic::Ordering::Relaxed);
-                        return Err(backend(e));
+                    unsure.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let resp = kv.txn(txn).await.map_err(etcd_error)?;
+                    if !resp.succeeded() {
+                        return Err(match first_key {
+                            Some(k) => StoreError::Conflict(k),
+                            None => backend("a transaction without compares failed"),
+                        });
                     }
-                };
-                if !resp.succeeded() {
-                    return Err(match first_key {
-                        Some(k) => StoreError::Conflict(k),
-                        None => backend("a transaction without compares failed"),
-                    });
+                    let revision = resp
+                        .header()
+                        .map(etcd_client::ResponseHeader::revision)
+                        .ok_or_else(|| backend("a commit without a revision"))?;
+                    u64::try_from(revision).map_err(backend)
                 }
-                let revision = resp
-                    .header()
-                    .map(etcd_client::ResponseHeader::revision)
-                    .ok_or_else(|| backend("a commit without a revision"))?;
-                u64::try_from(revision).map_err(backend)
-            }
-        })
+            })
+        };
+        if done.is_ok() {
+            // The marker has served; removing it is best effort (a leftover is an empty key).
+            let mut kv = self.kv.clone();
+            self.runtime().spawn(async move {
+                let _ = kv.delete(marker, None).await;
+            });
+        }
+        done
     }
 
     fn numeric_id(&self, kind: IdKind, name: &str) -> Result<u32, StoreError> {
@@ -562,13 +685,14 @@ impl Store for EtcdStore {
                             reason: "not a decimal id".into(),
                         })
                 };
-                // Bounded: each round loses only to an agent that allocated meanwhile.
+                // Each round loses only to an agent that allocated meanwhile; the name's key is
+                // read first, so a round that landed without an answer is found by the next.
                 for _ in 0..32 {
-                    let have = kv.get(name_key.as_str(), None).await.map_err(backend)?;
+                    let have = kv.get(name_key.as_str(), None).await.map_err(etcd_error)?;
                     if let Some(item) = have.kvs().first() {
                         return parse(item.value());
                     }
-                    let counter = kv.get(next_key.as_str(), None).await.map_err(backend)?;
+                    let counter = kv.get(next_key.as_str(), None).await.map_err(etcd_error)?;
                     let (next, counter_cmp) = match counter.kvs().first() {
                         Some(item) => (
                             parse(item.value())?,
@@ -603,14 +727,14 @@ impl Store for EtcdStore {
                                 ]),
                         )
                         .await
-                        .map_err(backend)?;
+                        .map_err(etcd_error)?;
                     if resp.succeeded() {
                         return Ok(next);
                     }
                 }
                 // Tried again by `call` until its bound.
-                Err(backend(format!(
-                    "allocating an id for {name_key}: 32 rounds of contention"
+                Err(StoreError::Unavailable(format!(
+                    "etcd: allocating an id for {name_key}: 32 rounds of contention"
                 )))
             }
         })?;
@@ -624,5 +748,27 @@ impl Store for EtcdStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ranges_and_record_keys() {
+        assert_eq!(prefix_end(b"/jit/"), b"/jit0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        let grant = serde_json::to_vec(&serde_json::json!({})).expect("json");
+        // Not records: markers, ids, a nested deployment's keys, keys of other prefixes.
+        assert!(record_of("/jit/", b"/jit/txn/abc", b"").is_none());
+        assert!(record_of("/jit/", b"/jit/ids/service/db", b"0").is_none());
+        assert!(record_of("/jit/", b"/jit/grants/other/grants/g-1", &grant).is_none());
+        assert!(record_of("/jit/", b"/other/grants/g-1", &grant).is_none());
+        // A record that does not decode is named.
+        assert!(matches!(
+            record_of("/jit/", b"/jit/grants/g-1", b"{"),
+            Some(Err(StoreError::Corrupt { .. }))
+        ));
     }
 }

@@ -111,6 +111,10 @@ pub enum StoreError {
     /// The backend failed.
     #[error("store backend: {0}")]
     Backend(String),
+    /// The backend did not answer in time (down, or without quorum). A read may be made again;
+    /// a commit may or may not have landed (read the record again before deciding).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// A stored record could not be decoded.
     #[error("corrupt record {key}: {reason}")]
     Corrupt {
