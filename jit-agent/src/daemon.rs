@@ -31,8 +31,6 @@ use crate::{
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// How often the kernel maps are reconciled with the store (and at once after a failed write).
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Removes the maps of an older layout once every pinned link runs this layout's program, which
 /// holds when every pinned link is on a configured interface (each was swapped at start). A link
@@ -421,32 +419,11 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    {
-        let tls = Arc::clone(&tls);
-        tokio::spawn(async move {
-            loop {
-                let (sock, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok::<_, std::io::Error>(stream)).await;
-                        }
-                        Ok(Err(e)) => tracing::info!("TLS handshake from {peer} refused: {e}"),
-                        Err(_) => tracing::info!("TLS handshake from {peer} timed out"),
-                    }
-                });
-            }
-        });
-    }
+    tokio::spawn(crate::api::accept::accept_loop(
+        listener,
+        Arc::clone(&tls),
+        tx,
+    ));
 
     // The node-local Unix socket.
     if let Some(dir) = cfg.unix_socket.parent() {

@@ -1170,6 +1170,51 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
     let out = w.ctl_in(&stale, "alice", &["whoami"]);
     assert!(!out.status.success(), "an expired certificate was accepted");
 
+    // A stream lasts no longer than the certificate that opened it.
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://jit.test/alice".try_into().expect("uri"),
+    ));
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let brief = w.dir.0.join("brief");
+    std::fs::create_dir_all(&brief).expect("dir");
+    std::fs::copy(w.dir.0.join("certs/ca.pem"), brief.join("ca.pem")).expect("copy");
+    w.sign_client(p, &brief, "alice");
+    let mut watch = w
+        .jitctl(
+            &brief.join("ca.pem"),
+            &brief.join("alice.pem"),
+            &brief.join("alice.key"),
+        )
+        .arg("watch")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jitctl watch");
+    let started = Instant::now();
+    let ended = loop {
+        if let Some(st) = watch.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = watch.kill();
+            let _ = watch.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = ended.expect("the watch outlived its certificate by 15 s");
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("expired"), "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it ended before its certificate did: {err}"
+    );
+
     // Rotation: a new CA and agent certificate replace the old files in place; the agent picks
     // them up without a restart. New clients work, clients of the old CA no longer do.
     let fresh = w.dir.0.join("fresh");

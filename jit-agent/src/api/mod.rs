@@ -1,6 +1,7 @@
 //! The gRPC API (`jit.v1.JitGate`): authentication, status codes and conversions. The decisions
 //! are the node's; this layer only says who is asking and turns answers into messages.
 
+pub mod accept;
 pub mod tls;
 
 use std::{pin::Pin, sync::Arc};
@@ -27,6 +28,41 @@ impl<S: Store> Api<S> {
     pub fn new(node: Arc<Node<S>>) -> Self {
         Self { node }
     }
+}
+
+/// When the caller's client certificate stops being valid: a stream it opened ends then
+/// ([`ended_by_expiry`]). `None` for the local socket. A certificate the TLS layer accepted but
+/// that does not parse here ends its streams at once (fail closed).
+fn credential_expiry<T>(req: &GrpcRequest<T>) -> Option<tokio::time::Instant> {
+    let certs = req.peer_certs()?;
+    let now = tokio::time::Instant::now();
+    let Some(leaf) = certs.first() else {
+        return Some(now);
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Some(now);
+    };
+    let not_after = cert.validity().not_after.timestamp();
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let left = u64::try_from(not_after.saturating_sub(unix_now)).unwrap_or(0);
+    Some(now + std::time::Duration::from_secs(left))
+}
+
+/// Resolves when `at` comes (never for `None`).
+async fn expiry(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a stream's caller gets when its certificate expires.
+fn ended_by_expiry() -> Status {
+    Status::unauthenticated(
+        "your client certificate has expired: the stream ends here; reconnect with a valid one",
+    )
 }
 
 /// Who is calling: the SPIFFE ID of the mTLS client certificate, or the user of the Unix socket
@@ -282,6 +318,7 @@ impl<S: Store> JitGate for Api<S> {
         req: GrpcRequest<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let who = caller(&req)?;
+        let ends = credential_expiry(&req);
         let only = req.into_inner().request_id;
         let node = Arc::clone(&self.node);
         // Subscribe before the snapshot so nothing falls between them.
@@ -317,7 +354,14 @@ impl<S: Store> JitGate for Api<S> {
                 }
             }
             loop {
-                let change = match changes.recv().await {
+                let received = tokio::select! {
+                    c = changes.recv() => c,
+                    () = expiry(ends) => {
+                        let _ = tx.send(Err(ended_by_expiry())).await;
+                        return;
+                    }
+                };
+                let change = match received {
                     Ok(c) => c,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         let _ = tx
@@ -359,6 +403,7 @@ impl<S: Store> JitGate for Api<S> {
                 who.name()
             )));
         }
+        let ends = credential_expiry(&req);
         let from = req.into_inner().from_seq;
         let audit = Arc::clone(self.node.audit());
         // Subscribed before the files are read: a line is either in the files or in the channel.
@@ -399,7 +444,14 @@ impl<S: Store> JitGate for Api<S> {
                         return;
                     }
                 }
-                match lines.recv().await {
+                let received = tokio::select! {
+                    l = lines.recv() => l,
+                    () = expiry(ends) => {
+                        let _ = tx.send(Err(ended_by_expiry())).await;
+                        return;
+                    }
+                };
+                match received {
                     Ok(l) if l.seq < next => {}
                     Ok(l) if l.seq == next => backlog.push(l),
                     // Fell behind the channel, or a line is missing from it: the files have it.
