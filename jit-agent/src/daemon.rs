@@ -158,8 +158,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// The agent over `store`, until SIGTERM or SIGINT.
 async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> {
     let tls = Arc::new(
-        ReloadingConfig::new(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)
-            .context("loading the TLS files")?,
+        ReloadingConfig::new(crate::api::tls::TlsFiles {
+            cert: cfg.tls_cert.clone(),
+            key: cfg.tls_key.clone(),
+            authorities: cfg
+                .tls_authorities
+                .iter()
+                .map(|a| (a.ca.clone(), a.trust_domains.clone()))
+                .collect(),
+        })
+        .context("loading the TLS files")?,
     );
     let policies = Arc::new(
         Policies::load(&cfg.policy_file, cfg.policy_schema.as_deref())

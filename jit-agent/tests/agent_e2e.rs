@@ -287,8 +287,15 @@ impl World {
 
     /// Signs a client certificate with `params` by the test CA, written to `dir/<stem>.pem` and
     /// `.key`.
-    fn sign_client(&self, mut params: rcgen::CertificateParams, dir: &Path, stem: &str) {
-        let certs = self.dir.0.join("certs");
+    fn sign_client(&self, params: rcgen::CertificateParams, dir: &Path, stem: &str) {
+        sign_client_by(&self.dir.0.join("certs"), params, dir, stem);
+    }
+}
+
+/// Signs a client certificate with `params` by the CA in `certs` (`ca.pem`, `ca.key`), written to
+/// `dir/<stem>.pem` and `.key`.
+fn sign_client_by(certs: &Path, mut params: rcgen::CertificateParams, dir: &Path, stem: &str) {
+    {
         let ca_key = rcgen::KeyPair::from_pem(
             &std::fs::read_to_string(certs.join("ca.key")).expect("ca key"),
         )
@@ -301,7 +308,9 @@ impl World {
         std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).expect("write");
         std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).expect("write");
     }
+}
 
+impl World {
     /// Runs jitctl as `who` with the test's certificates.
     fn ctl(&self, who: &str, args: &[&str]) -> Output {
         self.ctl_in(&self.dir.0.join("certs"), who, args)
@@ -2085,4 +2094,84 @@ fn metrics_health_and_structured_logs() {
     );
     assert!(body.contains("store: ok"), "{body}");
     assert_eq!(http_get(&w, "/healthz").0, 200);
+}
+
+/// Trust domains are pinned per CA: the main CA issues `jit.test` identities only, a partner
+/// CA (federation) `partner.test` only; an identity of another trust domain is refused at the
+/// handshake, whichever CA signed it.
+#[test]
+#[ignore = "needs root"]
+fn each_ca_issues_only_for_its_trust_domains() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("1h");
+    let partner = w.dir.0.join("partner");
+    let out = Command::new(AGENT)
+        .args(["certs", "init", "--trust-domain", "partner.test"])
+        .args(["--identity", "bob", "--dir"])
+        .arg(&partner)
+        .output()
+        .expect("certs init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&w.config).expect("config");
+    let text = text.replacen("[tls]\n", "[tls]\ntrust_domains = [\"jit.test\"]\n", 1)
+        + &format!(
+            "\n[[tls.authorities]]\nca = {:?}\ntrust_domains = [\"partner.test\"]\n",
+            partner.join("ca.pem").display().to_string()
+        );
+    std::fs::write(&w.config, text).expect("config");
+    w.start_agent();
+
+    let whoami = |certs: &Path, ca: &Path, stem: &str| {
+        w.jitctl(
+            ca,
+            &certs.join(format!("{stem}.pem")),
+            &certs.join(format!("{stem}.key")),
+        )
+        .arg("whoami")
+        .output()
+        .expect("jitctl")
+    };
+    let main_ca = w.dir.0.join("certs/ca.pem");
+    // The main CA's own identity: accepted.
+    let out = whoami(&w.dir.0.join("certs"), &main_ca, "alice");
+    assert!(ok(&out).contains("spiffe://jit.test/alice"));
+    // The partner's identity from the partner's CA: accepted (federation).
+    let out = whoami(&partner, &main_ca, "bob");
+    assert!(ok(&out).contains("spiffe://partner.test/bob"));
+    // The main CA minting another trust domain, and the partner minting ours: refused.
+    let forged = w.dir.0.join("forged");
+    std::fs::create_dir_all(&forged).expect("dir");
+    let params = |id: &str| {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.subject_alt_names
+            .push(rcgen::SanType::URI(id.try_into().expect("uri")));
+        p
+    };
+    sign_client_by(
+        &w.dir.0.join("certs"),
+        params("spiffe://partner.test/mallory"),
+        &forged,
+        "main-mints-partner",
+    );
+    sign_client_by(
+        &partner,
+        params("spiffe://jit.test/sre/carol"),
+        &forged,
+        "partner-mints-ours",
+    );
+    for stem in ["main-mints-partner", "partner-mints-ours"] {
+        let out = whoami(&forged, &main_ca, stem);
+        assert!(!out.status.success(), "{stem} was accepted: {}", ok(&out));
+    }
+    let log = w.agent_log();
+    assert!(
+        log.contains("may not issue identities of trust domain"),
+        "the refusal is logged with its reason:\n{log}"
+    );
 }

@@ -1,5 +1,8 @@
-//! mTLS for the gRPC listener: client certificates must chain to the trust bundle, be within
-//! their validity, and carry exactly one SPIFFE ID; anything else is refused at the handshake.
+//! mTLS for the gRPC listener: client certificates must chain to a configured CA, be within
+//! their validity, and carry exactly one SPIFFE ID in a trust domain that CA may issue for
+//! (`tls.trust_domains` for the `tls.ca` bundle, `[[tls.authorities]]` for more CAs); anything
+//! else is refused at the handshake. A CA pinned to its trust domains cannot mint an identity of
+//! another (a corporate CA cannot issue `spiffe://prod/...`), and federation stays possible.
 //! Certificate, key and bundle are re-read when their files change, so rotation needs no
 //! restart; a set of files that does not load is refused and the previous one stays in force.
 
@@ -58,13 +61,30 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsLoadError> {
         .ok_or_else(|| load_err(path, "holds no private key"))
 }
 
-/// Wraps the WebPKI verifier with the SPIFFE ID requirement.
+/// One CA's WebPKI verifier and the trust domains it may issue for (empty: any).
 #[derive(Debug)]
-struct SpiffeClientVerifier(Arc<dyn ClientCertVerifier>);
+struct Authority {
+    verifier: Arc<dyn ClientCertVerifier>,
+    trust_domains: Vec<String>,
+}
+
+/// The WebPKI verifiers of the configured CAs, with the SPIFFE ID and trust-domain requirements.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    authorities: Vec<Authority>,
+    hints: Vec<DistinguishedName>,
+}
+
+/// The trust domain of a SPIFFE ID (`spiffe://<domain>/...`).
+fn trust_domain(id: &str) -> &str {
+    id.strip_prefix("spiffe://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default()
+}
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.0.root_hint_subjects()
+        &self.hints
     }
 
     fn verify_client_cert(
@@ -73,9 +93,33 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let ok = self.0.verify_client_cert(end_entity, intermediates, now)?;
-        spiffe_id_from_der(end_entity).map_err(TlsError::General)?;
-        Ok(ok)
+        let id = spiffe_id_from_der(end_entity).map_err(TlsError::General)?;
+        let domain = trust_domain(&id);
+        let mut first_error = None;
+        let mut chained_elsewhere = false;
+        for a in &self.authorities {
+            match a
+                .verifier
+                .verify_client_cert(end_entity, intermediates, now)
+            {
+                Ok(ok)
+                    if a.trust_domains.is_empty()
+                        || a.trust_domains.iter().any(|d| d == domain) =>
+                {
+                    return Ok(ok);
+                }
+                Ok(_) => chained_elsewhere = true,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if chained_elsewhere {
+            return Err(TlsError::General(format!(
+                "{id}: the CA that issued it may not issue identities of trust domain {domain:?}"
+            )));
+        }
+        Err(first_error.unwrap_or_else(|| TlsError::General("no CA configured".into())))
     }
 
     fn verify_tls12_signature(
@@ -84,7 +128,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.first()?.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -93,25 +137,69 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.first()?.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.first()
+            .map(|v| v.supported_verify_schemes())
+            .unwrap_or_default()
     }
 }
 
-/// Builds the server configuration from the three files.
-pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<ServerConfig, TlsLoadError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(ca)? {
-        roots.add(c).map_err(|e| load_err(ca, e))?;
+impl SpiffeClientVerifier {
+    /// Signature checks do not depend on the CA: any verifier (one provider) does them.
+    fn first(&self) -> Result<&Arc<dyn ClientCertVerifier>, TlsError> {
+        self.authorities
+            .first()
+            .map(|a| &a.verifier)
+            .ok_or_else(|| TlsError::General("no CA configured".into()))
     }
+}
+
+/// The files TLS is built from.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The agent's certificate chain.
+    pub cert: PathBuf,
+    /// The agent's key.
+    pub key: PathBuf,
+    /// The CAs client certificates may chain to, each with its trust domains (empty: any).
+    pub authorities: Vec<(PathBuf, Vec<String>)>,
+}
+
+impl TlsFiles {
+    /// Every file, for the watcher.
+    #[must_use]
+    pub fn all(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.cert.clone(), self.key.clone()];
+        out.extend(self.authorities.iter().map(|(ca, _)| ca.clone()));
+        out
+    }
+}
+
+/// Builds the server configuration from the files.
+pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsLoadError> {
+    let (cert, key) = (&files.cert, &files.key);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| load_err(ca, e))?;
-    let verifier = Arc::new(SpiffeClientVerifier(webpki));
+    let mut authorities = Vec::new();
+    let mut hints = Vec::new();
+    for (ca, trust_domains) in &files.authorities {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_certs(ca)? {
+            roots.add(c).map_err(|e| load_err(ca, e))?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| load_err(ca, e))?;
+        hints.extend(verifier.root_hint_subjects().iter().cloned());
+        authorities.push(Authority {
+            verifier,
+            trust_domains: trust_domains.clone(),
+        });
+    }
+    let verifier = Arc::new(SpiffeClientVerifier { authorities, hints });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| load_err(cert, e))?
@@ -124,11 +212,12 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<ServerConfig,
 
 /// The server configuration in force, re-read when its files change.
 pub struct ReloadingConfig {
-    files: [PathBuf; 3],
+    files: TlsFiles,
+    all: Vec<PathBuf>,
     state: RwLock<(Arc<ServerConfig>, Vec<Option<SystemTime>>)>,
 }
 
-fn mtimes(files: &[PathBuf; 3]) -> Vec<Option<SystemTime>> {
+fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
     files
         .iter()
         .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
@@ -137,12 +226,13 @@ fn mtimes(files: &[PathBuf; 3]) -> Vec<Option<SystemTime>> {
 
 impl ReloadingConfig {
     /// Loads the files once; fails when they do not make a working configuration.
-    pub fn new(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsLoadError> {
-        let files = [ca.to_path_buf(), cert.to_path_buf(), key.to_path_buf()];
-        let cfg = server_config(ca, cert, key)?;
-        let times = mtimes(&files);
+    pub fn new(files: TlsFiles) -> Result<Self, TlsLoadError> {
+        let cfg = server_config(&files)?;
+        let all = files.all();
+        let times = mtimes(&all);
         Ok(Self {
             files,
+            all,
             state: RwLock::new((Arc::new(cfg), times)),
         })
     }
@@ -158,7 +248,7 @@ impl ReloadingConfig {
 
     /// Re-reads the files if any changed. Returns whether a new configuration took effect.
     pub fn reload_if_changed(&self) -> bool {
-        let now = mtimes(&self.files);
+        let now = mtimes(&self.all);
         {
             let state = self
                 .state
@@ -168,14 +258,13 @@ impl ReloadingConfig {
                 return false;
             }
         }
-        let [ca, cert, key] = &self.files;
         let mut state = self
             .state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Whatever happens, do not retry the same files every tick.
         state.1 = now;
-        match server_config(ca, cert, key) {
+        match server_config(&self.files) {
             Ok(cfg) => {
                 state.0 = Arc::new(cfg);
                 tracing::info!("TLS certificates reloaded");
@@ -188,8 +277,8 @@ impl ReloadingConfig {
         }
     }
 
-    /// The files this configuration is read from (CA bundle, certificate, key).
-    pub fn files(&self) -> &[PathBuf; 3] {
-        &self.files
+    /// The files this configuration is read from (certificate, key, CAs).
+    pub fn files(&self) -> &[PathBuf] {
+        &self.all
     }
 }

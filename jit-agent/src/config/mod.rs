@@ -214,6 +214,22 @@ pub struct TlsSection {
     pub cert: Option<PathBuf>,
     /// The agent's private key (PEM).
     pub key: Option<PathBuf>,
+    /// The trust domains the `ca` bundle may issue identities for. Empty: any (not pinned).
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    /// More CAs, each pinned to the trust domains it may issue for (federation).
+    #[serde(default)]
+    pub authorities: Vec<AuthoritySection>,
+}
+
+/// `[[tls.authorities]]`: a CA that may issue identities for the trust domains named, only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthoritySection {
+    /// The CA's certificate(s), PEM.
+    pub ca: PathBuf,
+    /// The trust domains it may issue for (at least one).
+    pub trust_domains: Vec<String>,
 }
 
 /// `[[services]]`: a protected service.
@@ -315,6 +331,15 @@ pub struct Webhook {
 /// Where the agent keeps its state unless `agent.state_dir` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/jit-agent";
 
+/// A CA and the trust domains it may issue identities for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustAuthority {
+    /// The CA certificate file (PEM, one or more certificates).
+    pub ca: PathBuf,
+    /// Trust domains; empty: any.
+    pub trust_domains: Vec<String>,
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -344,6 +369,9 @@ pub struct Config {
     pub tls_cert: PathBuf,
     /// Agent key.
     pub tls_key: PathBuf,
+    /// The CAs client certificates may chain to, each with the trust domains it may issue for
+    /// (the first is `tls.ca`; empty domains: any).
+    pub tls_authorities: Vec<TrustAuthority>,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
     /// Static bindings: identity → prefixes.
@@ -445,6 +473,38 @@ impl Config {
         let tls_ca = need(f.tls.ca, "tls.ca")?;
         let tls_cert = need(f.tls.cert, "tls.cert")?;
         let tls_key = need(f.tls.key, "tls.key")?;
+        let check_domains = |field: &str, domains: &[String]| {
+            for d in domains {
+                crate::identity::check_spiffe_id(&format!("spiffe://{d}/x")).map_err(|_| {
+                    err(
+                        field,
+                        format!(
+                            "{d:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')"
+                        ),
+                    )
+                })?;
+            }
+            Ok::<(), ConfigError>(())
+        };
+        check_domains("tls.trust_domains", &f.tls.trust_domains)?;
+        let mut tls_authorities = vec![TrustAuthority {
+            ca: tls_ca.clone(),
+            trust_domains: f.tls.trust_domains.clone(),
+        }];
+        for (i, a) in f.tls.authorities.into_iter().enumerate() {
+            let field = format!("tls.authorities[{i}].trust_domains");
+            if a.trust_domains.is_empty() {
+                return Err(err(
+                    &field,
+                    "name the trust domains this CA may issue for (at least one)".into(),
+                ));
+            }
+            check_domains(&field, &a.trust_domains)?;
+            tls_authorities.push(TrustAuthority {
+                ca: a.ca,
+                trust_domains: a.trust_domains,
+            });
+        }
 
         let mut services = BTreeMap::new();
         let mut seen_dests = BTreeMap::new();
@@ -653,6 +713,7 @@ impl Config {
             tls_ca,
             tls_cert,
             tls_key,
+            tls_authorities,
             services,
             identities,
             policy_file: resolve(file, policy_file),
