@@ -234,37 +234,91 @@ fn request_id(out: &str) -> String {
         .unwrap_or_else(|| panic!("no request id in {out:?}"))
 }
 
+/// Three nodes, their agents running, on a three-member etcd cluster; the echo service runs on
+/// node 1. Field order is drop order: agents and namespaces go before etcd.
+struct Fleet {
+    nodes: Vec<Node>,
+    configs: Vec<PathBuf>,
+    _echo: EchoServer,
+    etcd: Cluster,
+    home: TempDir,
+    /// One fleet at a time: they use the same addresses on the host.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+static ONE_FLEET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Fleet {
+    fn start() -> Self {
+        let one_at_a_time = ONE_FLEET
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut nodes: Vec<Node> = (0..NODES).map(Node::new).collect();
+        let hosts: Vec<String> = (0..NODES).map(host_ip).collect();
+        let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let etcd = Cluster::start_on(3, &host_refs);
+        let home = TempDir::new("jit-fleet-certs-");
+        let certs = home.path().join("certs");
+        let mut init = Command::new(AGENT);
+        init.args(["certs", "init", "--trust-domain", "jit.test"]);
+        for i in 0..NODES {
+            init.args(["--host", &node_ip(i)]);
+        }
+        init.args(["--identity", "ci", "--identity", "sre/carol", "--dir"])
+            .arg(&certs);
+        ok(&init.output().expect("certs init"));
+        let configs: Vec<PathBuf> = (0..NODES)
+            .map(|i| nodes[i].config(i, &certs, &etcd.endpoints_at(&host_ip(i))))
+            .collect();
+        for (node, config) in nodes.iter_mut().zip(&configs) {
+            node.start(config);
+        }
+        let echo = EchoServer::start(
+            &nodes[1].ns,
+            format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr"),
+        );
+        Self {
+            nodes,
+            configs,
+            _echo: echo,
+            etcd,
+            home,
+            _one_at_a_time: one_at_a_time,
+        }
+    }
+
+    /// The grant ids node `i`'s kernel holds.
+    fn kernel_grants(&self, i: usize) -> Vec<String> {
+        kernel_grants(&self.nodes[i].pin_dir)
+    }
+}
+
+/// The grant ids the kernel under `pin_dir` holds.
+fn kernel_grants(pin_dir: &Path) -> Vec<String> {
+    {
+        let out = Command::new(AGENT)
+            .args(["bpf", "grants", "--json", "--pin-dir"])
+            .arg(pin_dir)
+            .output()
+            .expect("bpf grants");
+        let v: serde_json::Value = serde_json::from_str(&ok(&out)).expect("JSON");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|g| format!("grant-{:012x}", g["grant_id"].as_u64().expect("id")))
+            .collect()
+    }
+}
+
 #[test]
 #[ignore = "needs root and etcd"]
 fn a_fleet_on_etcd_enforces_everywhere_and_survives_etcd_failures() {
     if !require_root() {
         return;
     }
-    let mut nodes: Vec<Node> = (0..NODES).map(Node::new).collect();
-    let hosts: Vec<String> = (0..NODES).map(host_ip).collect();
-    let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let mut etcd = Cluster::start_on(3, &host_refs);
-    let home = TempDir::new("jit-fleet-certs-");
-    let certs = home.path().join("certs");
-    let mut init = Command::new(AGENT);
-    init.args(["certs", "init", "--trust-domain", "jit.test"]);
-    for i in 0..NODES {
-        init.args(["--host", &node_ip(i)]);
-    }
-    init.args(["--identity", "ci", "--identity", "sre/carol", "--dir"])
-        .arg(&certs);
-    ok(&init.output().expect("certs init"));
-    let configs: Vec<PathBuf> = (0..NODES)
-        .map(|i| nodes[i].config(i, &certs, &etcd.endpoints_at(&host_ip(i))))
-        .collect();
-    for (node, config) in nodes.iter_mut().zip(&configs) {
-        node.start(config);
-    }
-    let _echo = EchoServer::start(
-        &nodes[1].ns,
-        format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr"),
-    );
-    let ctl = |i: usize, who: &str, args: &[&str]| ctl(&certs, home.path(), i, who, args);
+    let mut f = Fleet::start();
+    let (certs, home) = (f.home.path().join("certs"), f.home.path().to_path_buf());
+    let ctl = |i: usize, who: &str, args: &[&str]| ctl(&certs, &home, i, who, args);
 
     assert!(connect().is_none(), "connected without a grant");
 
@@ -285,7 +339,7 @@ fn a_fleet_on_etcd_enforces_everywhere_and_survives_etcd_failures() {
             conn.is_some()
         }),
         "the grant approved on node 0 never opened node 1:\n{}",
-        nodes[1].log()
+        f.nodes[1].log()
     );
     eprintln!(
         "approval on node 0 to first connection on node 1: {:?}",
@@ -318,7 +372,7 @@ fn a_fleet_on_etcd_enforces_everywhere_and_survives_etcd_failures() {
     assert!(connect().is_none());
 
     // One etcd member down: nothing visible to users.
-    etcd.kill(0);
+    f.etcd.kill(0);
     let out = ok(&ctl(
         1,
         "ci",
@@ -338,7 +392,7 @@ fn a_fleet_on_etcd_enforces_everywhere_and_survives_etcd_failures() {
 
     // Quorum lost: no new grant (UNAVAILABLE, within the store's bound), the grant in force is
     // still enforced.
-    etcd.kill(1);
+    f.etcd.kill(1);
     let started = Instant::now();
     let refused = ctl(
         0,
@@ -362,9 +416,9 @@ fn a_fleet_on_etcd_enforces_everywhere_and_survives_etcd_failures() {
     );
 
     // Quorum back: the agents work again, no restart.
-    etcd.restart(0);
-    etcd.restart(1);
-    etcd.wait_healthy(Duration::from_secs(30));
+    f.etcd.restart(0);
+    f.etcd.restart(1);
+    f.etcd.wait_healthy(Duration::from_secs(30));
     let mut back = false;
     for _ in 0..50 {
         let out = ctl(
@@ -382,8 +436,101 @@ fn a_fleet_on_etcd_enforces_everywhere_and_survives_etcd_failures() {
 
     // An agent killed with kill -9 and started again: the kernel kept enforcing, and the grant
     // is still there when it is back.
-    nodes[1].kill9();
+    f.nodes[1].kill9();
     assert!(round_trip(&mut conn, b"agent down", Duration::from_secs(2)));
-    nodes[1].start(&configs[1]);
+    f.nodes[1].start(&f.configs[1]);
     assert!(round_trip(&mut conn, b"agent back", Duration::from_secs(2)));
+}
+
+/// The enforcing agent is killed with `kill -9` and started again, over and over, while grants
+/// are approved and revoked through the other nodes: no acknowledged grant is lost and no
+/// acknowledged revoke undone; once it is back, its kernel holds exactly the live grant.
+#[test]
+#[ignore = "needs root and etcd"]
+fn acknowledged_grants_and_revokes_survive_kill_9_loops() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::start();
+    let (certs, home) = (f.home.path().join("certs"), f.home.path().to_path_buf());
+    let ctl = |i: usize, who: &str, args: &[&str]| ctl(&certs, &home, i, who, args);
+    let config1 = f.configs[1].clone();
+    const ROUNDS: usize = 6;
+    let mut revoked = Vec::new();
+    let mut live = String::new();
+    std::thread::scope(|s| {
+        let node1 = &mut f.nodes[1];
+        let killer = s.spawn(move || {
+            for i in 0..ROUNDS {
+                std::thread::sleep(Duration::from_millis(150 + 100 * (i as u64 % 3)));
+                node1.kill9();
+                std::thread::sleep(Duration::from_millis(200));
+                node1.start(&config1);
+            }
+        });
+        for round in 0..ROUNDS {
+            let out = ok(&ctl(
+                0,
+                "ci",
+                &["request", "echo", "--for", "10m", "--reason", "loop"],
+            ));
+            let id = request_id(&out);
+            ok(&ctl(2, "sre_carol", &["approve", &id]));
+            let got: serde_json::Value = serde_json::from_str(&ok(&ctl(
+                2,
+                "sre_carol",
+                &[
+                    "ls",
+                    "requests",
+                    "--json",
+                    "--identity",
+                    "spiffe://jit.test/ci",
+                ],
+            )))
+            .expect("JSON");
+            let grant = got
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["id"] == id.as_str()))
+                .and_then(|r| r["grant_id"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            assert!(grant.starts_with("grant-"), "round {round}: {got}");
+            if round + 1 < ROUNDS {
+                ok(&ctl(
+                    2,
+                    "sre_carol",
+                    &["revoke", &grant, "--reason", "loop"],
+                ));
+                revoked.push(grant);
+            } else {
+                live = grant;
+            }
+        }
+        killer.join().expect("killer");
+    });
+    // The store has every acknowledged outcome.
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&ctl(0, "sre_carol", &["ls", "grants", "--json"]))).expect("JSON");
+    let state = |id: &str| -> String {
+        all.as_array()
+            .and_then(|a| a.iter().find(|g| g["id"] == id))
+            .map(|g| g["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    for id in &revoked {
+        assert_eq!(state(id), "revoked", "{id}");
+    }
+    assert_eq!(state(&live), "active");
+    // The kernel that was killed over and over holds exactly the live grant, and enforces it.
+    assert!(
+        eventually(Duration::from_secs(15), || f.kernel_grants(1)
+            == vec![live.clone()]),
+        "node 1's kernel holds {:?}, not [{live}]:\n{}",
+        f.kernel_grants(1),
+        f.nodes[1].log()
+    );
+    assert!(
+        connect().is_some(),
+        "the live grant does not pass on node 1"
+    );
 }
