@@ -95,7 +95,12 @@ pub(crate) fn explain(action: &str, st: &Status) -> anyhow::Error {
         Code::NotFound => anyhow!("{action}: not found: {m}"),
         Code::FailedPrecondition => anyhow!("{action}: cannot do that now: {m}"),
         Code::AlreadyExists => anyhow!("{action}: already done: {m}"),
-        Code::ResourceExhausted => anyhow!("{action}: the gate is full: {m}"),
+        Code::ResourceExhausted => anyhow!("{action}: a limit is reached: {m}"),
+        // The agent answered, but its store or audit log cannot be used right now.
+        Code::Unavailable if m.contains("store") || m.contains("audit log") => anyhow!(
+            "{action}: the agent cannot do that right now: {m} (retry shortly; `jitctl status` \
+             and the agent's /readyz say what is wrong)"
+        ),
         Code::Unavailable => anyhow!(
             "{action}: agent unavailable: {m} (is jit-agent running? check --agent or JIT_AGENT)"
         ),

@@ -5,6 +5,7 @@
 pub mod echo;
 pub mod etcd;
 pub mod fixtures;
+pub mod fleet;
 pub mod frames;
 pub mod netns;
 pub mod tun;

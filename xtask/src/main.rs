@@ -28,8 +28,14 @@ enum Task {
     Lint,
     /// Set up, build, and show the whole story in two network namespaces: a connection dropped,
     /// a request, an approval, the connection passing, a revoke cutting it, a grant expiring.
-    /// Needs root; cleans up on exit and on Ctrl-C.
-    Demo,
+    /// Needs root; cleans up on exit and on Ctrl-C. `--nodes 3`: a fleet instead, three agents
+    /// in three namespaces on a three-member etcd cluster (approve on one node, enforce on
+    /// another, revoke from a third, etcd members lost and back).
+    Demo {
+        /// 1 (the default): one node. 3: the fleet.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        nodes: u8,
+    },
     /// Set up, build in release, and measure the gate's per-packet cost and grant loading as
     /// ratios against a pass-everything XDP program in the same run. Needs root.
     Bench,
@@ -68,7 +74,15 @@ fn main() -> anyhow::Result<()> {
                 "jit-bench",
             ])
         }
-        Task::Demo => {
+        Task::Demo { nodes } => {
+            if nodes == 2 {
+                bail!("--nodes takes 1 (one node) or 3 (a fleet on a three-member etcd cluster)");
+            }
+            let demo = if nodes == 3 {
+                "jit-fleet-demo"
+            } else {
+                "jit-demo"
+            };
             setup::run()?;
             step("building jit-agent, jitctl and the demo");
             cargo(&[
@@ -82,20 +96,13 @@ fn main() -> anyhow::Result<()> {
                 "--package",
                 "jit-tests",
                 "--bin",
-                "jit-demo",
+                demo,
             ])?;
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the demo needs root (it loads BPF and creates network namespaces)");
             }
-            cargo(&[
-                "run",
-                "--quiet",
-                "--package",
-                "jit-tests",
-                "--bin",
-                "jit-demo",
-            ])
+            cargo(&["run", "--quiet", "--package", "jit-tests", "--bin", demo])
         }
         Task::Test { args } => {
             setup::run()?;
