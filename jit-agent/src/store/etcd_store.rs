@@ -570,12 +570,7 @@ impl Store for EtcdStore {
     }
 
     fn corrupt_records(&self) -> Vec<String> {
-        self.corrupt
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        super::listed(&self.corrupt)
     }
 
     fn commit(&self, txn: StoreTxn) -> Result<u64, StoreError> {

@@ -125,6 +125,16 @@ pub enum StoreError {
     },
 }
 
+/// The keys in a backend's set of undecodable records, in order (for [`Store::corrupt_records`]).
+fn listed(corrupt: &std::sync::Mutex<std::collections::BTreeSet<String>>) -> Vec<String> {
+    corrupt
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .cloned()
+        .collect()
+}
+
 /// Durable state of requests, grants and numeric ids.
 pub trait Store: Send + Sync + 'static {
     /// One request.

@@ -142,12 +142,7 @@ impl Store for RedbStore {
     }
 
     fn corrupt_records(&self) -> Vec<String> {
-        self.corrupt
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
+        super::listed(&self.corrupt)
     }
 
     fn commit(&self, txn: Txn) -> Result<u64, StoreError> {
