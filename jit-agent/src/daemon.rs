@@ -157,6 +157,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// The agent over `store`, until SIGTERM or SIGINT.
 async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> {
+    if cfg
+        .tls_authorities
+        .first()
+        .is_some_and(|a| a.trust_domains.is_empty())
+    {
+        tracing::warn!(
+            "tls.trust_domains is empty: the tls.ca bundle may issue identities of any trust \
+             domain; pin it"
+        );
+    }
     let tls = Arc::new(
         ReloadingConfig::new(crate::api::tls::TlsFiles {
             cert: cfg.tls_cert.clone(),

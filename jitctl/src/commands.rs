@@ -210,6 +210,9 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
                         }
                         token = page.next_page_token;
                     }
+                    if all.len() >= MAX_PAGES * 100 {
+                        eprintln!("note: stopped after {MAX_PAGES} pages; narrow the listing");
+                    }
                     render::requests(&all, json)?
                 }
                 Listing::Grants => {
@@ -232,6 +235,9 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
                             break;
                         }
                         token = page.next_page_token;
+                    }
+                    if all.len() >= MAX_PAGES * 100 {
+                        eprintln!("note: stopped after {MAX_PAGES} pages; narrow the listing");
                     }
                     render::grants(&all, json)?
                 }

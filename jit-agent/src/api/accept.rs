@@ -2,7 +2,8 @@
 //! ([`HANDSHAKE_TIMEOUT`]) and in number, overall ([`MAX_HANDSHAKES`]) and per source address
 //! ([`MAX_HANDSHAKES_PER_PEER`]): no one caller can hold all the handshake slots and keep others
 //! (or the node's own administration) out. A connection over a limit is closed at once. Who the
-//! caller is is known only after the handshake, so the per-caller limit is per address.
+//! caller is is known only after the handshake, so the per-caller limit is per address (per /64
+//! for IPv6).
 
 use std::{
     collections::HashMap,
@@ -23,7 +24,20 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Handshakes in progress from one address at most.
 pub const MAX_HANDSHAKES_PER_PEER: usize = 16;
 
-/// Handshakes in progress per address; the entry goes when its count reaches zero.
+/// The range a handshake is counted against: the address itself for IPv4, its /64 for IPv6 (one
+/// host usually holds a whole /64).
+fn range_of(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Handshakes in progress per address range; the entry goes when its count reaches zero.
 #[derive(Default)]
 struct InProgress(Mutex<HashMap<IpAddr, usize>>);
 
@@ -88,7 +102,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = in_progress.take(peer.ip()) else {
+        let Some(slot) = in_progress.take(range_of(peer.ip())) else {
             tracing::warn!("too many TLS handshakes in progress (from {peer} or overall); closed");
             continue;
         };
@@ -111,6 +125,15 @@ pub async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_peers_count_per_64() {
+        let a: IpAddr = "fd00:1:2:3::1".parse().expect("addr");
+        let b: IpAddr = "fd00:1:2:3:ffff::9".parse().expect("addr");
+        assert_eq!(range_of(a), range_of(b));
+        let v4: IpAddr = "::ffff:10.0.0.1".parse().expect("addr");
+        assert_eq!(range_of(v4), "10.0.0.1".parse::<IpAddr>().expect("addr"));
+    }
 
     #[test]
     fn slots_are_limited_per_peer_and_given_back() {

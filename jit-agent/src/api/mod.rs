@@ -36,13 +36,17 @@ impl<S: Store> Api<S> {
 fn credential_expiry<T>(req: &GrpcRequest<T>) -> Option<tokio::time::Instant> {
     let certs = req.peer_certs()?;
     let now = tokio::time::Instant::now();
-    let Some(leaf) = certs.first() else {
+    if certs.is_empty() {
         return Some(now);
-    };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
-        return Some(now);
-    };
-    let not_after = cert.validity().not_after.timestamp();
+    }
+    // The chain is as good as its first certificate to expire (an intermediate may go first).
+    let mut not_after = i64::MAX;
+    for der in certs.iter() {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return Some(now);
+        };
+        not_after = not_after.min(cert.validity().not_after.timestamp());
+    }
     let unix_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -61,13 +65,19 @@ async fn expiry(at: Option<tokio::time::Instant>) {
 /// What a stream's caller gets when its certificate expires.
 fn ended_by_expiry() -> Status {
     Status::unauthenticated(
-        "your client certificate has expired: the stream ends here; reconnect with a valid one",
+        "your client certificate (or a certificate in its chain) has expired: reconnect with a \
+         valid one",
     )
 }
 
 /// Who is calling: the SPIFFE ID of the mTLS client certificate, or the user of the Unix socket
 /// peer (root only).
 fn caller<T>(req: &GrpcRequest<T>) -> Result<Caller, Status> {
+    // The handshake checked the certificate once; a connection kept open past its expiry is
+    // refused call by call.
+    if credential_expiry(req).is_some_and(|t| t <= tokio::time::Instant::now()) {
+        return Err(ended_by_expiry());
+    }
     if let Some(certs) = req.peer_certs() {
         let leaf = certs
             .first()

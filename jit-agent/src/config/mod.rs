@@ -487,6 +487,16 @@ impl Config {
             Ok::<(), ConfigError>(())
         };
         check_domains("tls.trust_domains", &f.tls.trust_domains)?;
+        // Pinning partners while the bundle may issue any trust domain pins nothing: a partner's
+        // root left in (or cross-signed into) the bundle would mint any identity.
+        if !f.tls.authorities.is_empty() && f.tls.trust_domains.is_empty() {
+            return Err(err(
+                "tls.trust_domains",
+                "is required when tls.authorities are configured: name the trust domains the \
+                 tls.ca bundle may issue for"
+                    .into(),
+            ));
+        }
         let mut tls_authorities = vec![TrustAuthority {
             ca: tls_ca.clone(),
             trust_domains: f.tls.trust_domains.clone(),
