@@ -139,6 +139,31 @@ pub(crate) struct AccessArgs {
 /// Pages `ls` follows at most (at the server's default of 100 a page: 1 000 000 records).
 const MAX_PAGES: usize = 10_000;
 
+/// Follows the server's pages: every page, bounded (a token that does not move on, or
+/// [`MAX_PAGES`], ends the listing; the second says so).
+#[derive(Default)]
+struct Pager {
+    /// The token of the page to fetch next (empty: the first).
+    token: String,
+    fetched: usize,
+}
+
+impl Pager {
+    /// Takes a page's `next_page_token`; whether to fetch another page.
+    fn advance(&mut self, next: String) -> bool {
+        self.fetched += 1;
+        if next.is_empty() || next == self.token {
+            return false;
+        }
+        if self.fetched >= MAX_PAGES {
+            eprintln!("note: stopped after {MAX_PAGES} pages; narrow the listing");
+            return false;
+        }
+        self.token = next;
+        true
+    }
+}
+
 /// What `ls` lists.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(crate) enum Listing {
@@ -186,18 +211,16 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
             json,
         } => {
             let (service, identity) = (service.unwrap_or_default(), identity.unwrap_or_default());
-            // The server pages; every page is followed (bounded: a token that does not move on
-            // ends the listing).
             let out = match what {
                 Listing::Requests => {
                     let mut all = Vec::new();
-                    let mut token = String::new();
-                    for _ in 0..MAX_PAGES {
+                    let mut pages = Pager::default();
+                    loop {
                         let page = c
                             .list_requests(pb::ListRequestsRequest {
                                 pending_only: pending,
                                 page_size: 0,
-                                page_token: token.clone(),
+                                page_token: pages.token.clone(),
                                 service: service.clone(),
                                 identity: identity.clone(),
                             })
@@ -205,25 +228,21 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
                             .map_err(|e| explain("list requests", &e))?
                             .into_inner();
                         all.extend(page.requests);
-                        if page.next_page_token.is_empty() || page.next_page_token == token {
+                        if !pages.advance(page.next_page_token) {
                             break;
                         }
-                        token = page.next_page_token;
-                    }
-                    if all.len() >= MAX_PAGES * 100 {
-                        eprintln!("note: stopped after {MAX_PAGES} pages; narrow the listing");
                     }
                     render::requests(&all, json)?
                 }
                 Listing::Grants => {
                     let mut all = Vec::new();
-                    let mut token = String::new();
-                    for _ in 0..MAX_PAGES {
+                    let mut pages = Pager::default();
+                    loop {
                         let page = c
                             .list_grants(pb::ListGrantsRequest {
                                 active_only: active,
                                 page_size: 0,
-                                page_token: token.clone(),
+                                page_token: pages.token.clone(),
                                 service: service.clone(),
                                 identity: identity.clone(),
                             })
@@ -231,13 +250,9 @@ pub(crate) async fn run(c: &mut Client, command: Command) -> anyhow::Result<u8> 
                             .map_err(|e| explain("list grants", &e))?
                             .into_inner();
                         all.extend(page.grants);
-                        if page.next_page_token.is_empty() || page.next_page_token == token {
+                        if !pages.advance(page.next_page_token) {
                             break;
                         }
-                        token = page.next_page_token;
-                    }
-                    if all.len() >= MAX_PAGES * 100 {
-                        eprintln!("note: stopped after {MAX_PAGES} pages; narrow the listing");
                     }
                     render::grants(&all, json)?
                 }
