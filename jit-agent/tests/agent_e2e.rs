@@ -39,6 +39,9 @@ struct World {
     agent: Option<Child>,
     /// Run the agent with `--log-format json` (through `JIT_LOG_FORMAT`).
     json_logs: bool,
+    /// Run the agent with exactly these capabilities (as a container whose every other one is
+    /// dropped), through `setpriv`; `None`: as root with all.
+    capabilities: Option<Vec<String>>,
 }
 
 /// The policies the tests run under (the example set is tested on its own).
@@ -160,16 +163,22 @@ impl World {
             config,
             agent: None,
             json_logs: false,
+            capabilities: None,
         }
     }
 
     /// Starts `jit-agent run` in the server namespace and waits until it answers.
     fn start_agent(&mut self) {
         let log = std::fs::File::create(self.dir.0.join("agent.log")).expect("log");
-        let child = self
-            .link
-            .server
-            .command(AGENT)
+        let mut cmd = match &self.capabilities {
+            Some(caps) => {
+                let mut c = self.link.server.command("setpriv");
+                c.args(setpriv_args(caps)).arg("--").arg(AGENT);
+                c
+            }
+            None => self.link.server.command(AGENT),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -294,6 +303,32 @@ impl World {
 
 /// Signs a client certificate with `params` by the CA in `certs` (`ca.pem`, `ca.key`), written to
 /// `dir/<stem>.pem` and `.key`.
+/// `setpriv` arguments that leave root with exactly `caps` (names as in a pod's
+/// `securityContext`: `BPF`, `NET_ADMIN`), no inheritable or ambient ones, and no way to gain
+/// more (`allowPrivilegeEscalation: false`).
+fn setpriv_args(caps: &[String]) -> Vec<String> {
+    let keep: Vec<String> = caps
+        .iter()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
+    vec![
+        "--no-new-privs".into(),
+        "--inh-caps=-all".into(),
+        "--ambient-caps=-all".into(),
+        format!("--bounding-set=-all,{}", keep.join(",")),
+    ]
+}
+
+/// The bit of a capability in `/proc/<pid>/status`'s masks.
+fn capability_bit(name: &str) -> u64 {
+    match name {
+        "NET_ADMIN" => 1 << 12,
+        "PERFMON" => 1 << 38,
+        "BPF" => 1 << 39,
+        other => panic!("capability {other}: add its number here"),
+    }
+}
+
 fn sign_client_by(certs: &Path, mut params: rcgen::CertificateParams, dir: &Path, stem: &str) {
     {
         let ca_key = rcgen::KeyPair::from_pem(
@@ -2174,4 +2209,107 @@ fn each_ca_issues_only_for_its_trust_domains() {
         log.contains("may not issue identities of trust domain"),
         "the refusal is logged with its reason:\n{log}"
     );
+}
+
+/// The agent as the DaemonSet runs it (deploy/kubernetes/daemonset.yaml): with exactly the
+/// capabilities the manifest adds, each of them needed. A pod restart (SIGTERM, then a new
+/// agent) never opens the gate: while no agent runs, a granted connection keeps flowing, a new
+/// granted one is accepted and one without a grant is dropped; the next agent takes over the
+/// pinned link and maps and revokes as before.
+#[test]
+#[ignore = "needs root"]
+fn the_daemonset_capabilities_suffice_and_a_restart_keeps_the_gate() {
+    if !require_root() {
+        return;
+    }
+    let caps = jit_tests::deploy::daemonset_capabilities();
+    assert!(!caps.is_empty());
+    let mut w = World::new("1h");
+    // Each capability is needed: without any one the gate cannot be set up.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let out = w
+            .link
+            .server
+            .command("setpriv")
+            .args(setpriv_args(&fewer))
+            .arg("--")
+            .arg(AGENT)
+            .args(["bpf", "attach", "--iface", &w.link.server_if, "--pin-dir"])
+            .arg(&w.pin_dir)
+            .output()
+            .expect("setpriv jit-agent bpf attach");
+        assert!(
+            !out.status.success(),
+            "the gate was set up without CAP_{missing}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    w.capabilities = Some(caps.clone());
+    w.start_agent();
+    // The agent holds these capabilities and no other.
+    let pid = w.agent.as_ref().expect("agent").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+        .expect("CapEff");
+    let wanted = caps.iter().fold(0, |m, c| m | capability_bit(c));
+    assert_eq!(effective, wanted, "CapEff {effective:x}, wanted {wanted:x}");
+
+    let _echo = EchoServer::start(
+        &w.link.server,
+        format!("{SERVER_V4}:{ECHO_PORT}").parse().expect("addr"),
+    );
+    assert!(
+        w.connect(CLIENT_V4, ECHO_PORT).is_none(),
+        "open without a grant"
+    );
+    let out = ok(&w.ctl(
+        "alice",
+        &["request", "echo", "--for", "10m", "--reason", "rollout"],
+    ));
+    let id = request_id(&out);
+    ok(&w.ctl("bob", &["approve", &id]));
+    let mut conn = w.connect(CLIENT_V4, ECHO_PORT).expect("granted connection");
+    assert!(round_trip(&mut conn, b"before", Duration::from_secs(2)));
+
+    // The pod stops (SIGTERM): the gate stays, both ways.
+    w.stop();
+    assert!(
+        !w.local(&["status"]).status.success(),
+        "an agent still answers"
+    );
+    assert!(
+        round_trip(&mut conn, b"between", Duration::from_secs(2)),
+        "the granted connection stopped while no agent ran"
+    );
+    assert!(
+        w.connect(CLIENT_V4, ECHO_PORT).is_some(),
+        "a granted connection was refused while no agent ran"
+    );
+    assert!(
+        w.connect(CI_V4, ECHO_PORT).is_none(),
+        "a connection without a grant passed while no agent ran"
+    );
+
+    // The next pod: same capabilities, same pins; it enforces and revokes as before.
+    w.start_agent();
+    let status = ok(&w.local(&["status"]));
+    assert!(status.contains(&w.link.server_if), "{status}");
+    assert!(round_trip(&mut conn, b"after", Duration::from_secs(2)));
+    assert!(w.connect(CI_V4, ECHO_PORT).is_none());
+    let grants = w.json("alice", &["ls", "grants", "--active", "--json"]);
+    let grant_id = grants[0]["id"].as_str().expect("grant id").to_string();
+    ok(&w.ctl(
+        "sre_carol",
+        &["revoke", &grant_id, "--reason", "rolled out"],
+    ));
+    assert!(
+        !round_trip(&mut conn, b"revoked", Duration::from_millis(1500)),
+        "data flowed after revoke"
+    );
+    assert!(w.connect(CLIENT_V4, ECHO_PORT).is_none());
+    w.stop();
 }

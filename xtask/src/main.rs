@@ -18,8 +18,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what a fresh Debian machine lacks: rust-src for nightly, LLVM 22 development
-    /// packages, bpf-linker, iproute2. Idempotent: present pieces are only checked.
-    Setup,
+    /// packages, bpf-linker, and what the tests use (iproute2, etcd, promtool, libfaketime).
+    /// Idempotent: present pieces are only checked.
+    Setup {
+        /// Only what a release build needs (nightly rust-src, LLVM 22, protoc, bpf-linker): the
+        /// container image's build stage (deploy/Dockerfile).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the agent (and, through its build.rs, the kernel program).
     Build,
     /// rustfmt check, then clippy with warnings denied: host crates, then the eBPF crate on its
@@ -51,7 +57,11 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::run(),
+        Task::Setup { build_only } => setup::run_for(if build_only {
+            setup::Scope::Build
+        } else {
+            setup::Scope::Everything
+        }),
         Task::Build => {
             setup::run()?;
             cargo(&["build", "--workspace", "--exclude", "jit-ebpf"])
@@ -367,4 +377,43 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, workspace_root};
+
+    /// Every `cargo xtask ...` the container image's build runs is a command this xtask takes.
+    #[test]
+    fn the_dockerfile_runs_commands_xtask_takes() {
+        let dockerfile = workspace_root().join("deploy/Dockerfile");
+        let text = std::fs::read_to_string(&dockerfile).expect("deploy/Dockerfile");
+        let calls: Vec<Vec<&str>> = text
+            .split(['\n', '&', ';'])
+            .filter_map(|part| {
+                part.trim()
+                    .trim_start_matches("RUN ")
+                    .strip_prefix("cargo xtask ")
+            })
+            .map(|rest| rest.trim_end_matches('\\').split_whitespace().collect())
+            .collect();
+        assert!(
+            !calls.is_empty(),
+            "no `cargo xtask` in {}",
+            dockerfile.display()
+        );
+        for args in calls {
+            let parsed = Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.clone()));
+            assert!(
+                parsed.is_ok(),
+                "cargo xtask {}: {:?}",
+                args.join(" "),
+                parsed.err()
+            );
+        }
+        // And a command it does not take would be caught.
+        assert!(Cli::try_parse_from(["cargo xtask", "setup", "--build-onyl"]).is_err());
+    }
 }

@@ -6,29 +6,47 @@ use anyhow::{Context as _, bail};
 
 use crate::{run as run_command, step};
 
-/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the namespace tests, prometheus for
-/// `promtool check metrics` (the metrics test checks the agent's exposition with Prometheus's own
-/// checker), protobuf-compiler for etcd-client's generated code, etcd-server for the store tests
-/// against real etcd.
-const DEBIAN_PACKAGES: &[&str] = &[
+/// Debian packages a release build needs: LLVM 22 for bpf-linker, protobuf-compiler for
+/// etcd-client's generated code.
+const BUILD_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
-    "iproute2",
-    "prometheus",
     "protobuf-compiler",
-    "etcd-server",
 ];
+
+/// Debian packages the tests and demos need besides: iproute2 for the namespace tests,
+/// prometheus for `promtool check metrics` (the metrics test checks the agent's exposition with
+/// Prometheus's own checker), etcd-server for the store and fleet tests against real etcd,
+/// faketime (libfaketime) for the agent whose clock is off in the fleet test.
+const TEST_PACKAGES: &[&str] = &["iproute2", "prometheus", "etcd-server", "faketime"];
+
+/// What `setup` installs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// What `cargo build --release` needs (the container image's build stage).
+    Build,
+    /// That, and what linting, the tests, the demos and the benchmarks need.
+    Everything,
+}
 
 /// bpf-linker release built against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub(crate) fn run() -> anyhow::Result<()> {
+    run_for(Scope::Everything)
+}
+
+pub(crate) fn run_for(scope: Scope) -> anyhow::Result<()> {
     step("setup: checking the toolchain and system packages");
-    nightly_rust_src()?;
-    debian_packages()?;
+    nightly_rust_src(scope)?;
+    let mut packages = BUILD_PACKAGES.to_vec();
+    if scope == Scope::Everything {
+        packages.extend_from_slice(TEST_PACKAGES);
+    }
+    debian_packages(&packages)?;
     bpf_linker()?;
     step("setup: done");
     Ok(())
@@ -48,7 +66,7 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn nightly_rust_src() -> anyhow::Result<()> {
+fn nightly_rust_src(scope: Scope) -> anyhow::Result<()> {
     if !quiet_ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         println!("    installing the nightly toolchain (the eBPF program needs -Z build-std)");
         run_command(Command::new("rustup").args([
@@ -62,6 +80,9 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     }
     // rust-src for -Z build-std=core; clippy for linting the eBPF crate; rustfmt and clippy on
     // the default toolchain for the host crates.
+    if scope == Scope::Build {
+        return components("nightly", &["rust-src"]);
+    }
     components("nightly", &["rust-src", "clippy"])?;
     components("stable", &["rustfmt", "clippy"])
 }
@@ -92,8 +113,8 @@ fn components(toolchain: &str, wanted: &[&str]) -> anyhow::Result<()> {
     )
 }
 
-fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn debian_packages(wanted: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {
@@ -102,7 +123,7 @@ fn debian_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!("    ok: Debian packages ({})", DEBIAN_PACKAGES.join(" "));
+        println!("    ok: Debian packages ({})", wanted.join(" "));
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
