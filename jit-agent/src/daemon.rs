@@ -92,6 +92,17 @@ const UNISSUED_GRACE: Duration = Duration::from_secs(30);
 
 /// Sweeps between two looks for stuck unissued grants (10 s).
 const UNISSUED_EVERY: u64 = 20;
+/// Sweeps between prunes of old records (every minute).
+const PRUNE_EVERY: u64 = 120;
+
+/// Prunes closed records past `retention`; failures are logged (the next minute tries again).
+fn prune<S: Store>(node: &Node<S>, retention: Duration) {
+    match node.prune(retention) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("pruned {n} closed record(s) older than the store's retention"),
+        Err(e) => tracing::warn!("pruning old records failed: {e}; trying again in a minute"),
+    }
+}
 
 /// Revokes grants left unissued for [`UNISSUED_GRACE`] (see [`Node::revoke_unissued`]).
 fn revoke_unissued<S: Store>(node: &Node<S>) {
@@ -374,6 +385,7 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
     ];
     {
         let node = Arc::clone(&node);
+        let retention = cfg.store_retention;
         writers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             // A store that is down fails every sweep: said once, and once more when it works.
@@ -385,6 +397,10 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
                 if ticks.is_multiple_of(UNISSUED_EVERY) {
                     let n = Arc::clone(&node);
                     let _ = tokio::task::spawn_blocking(move || revoke_unissued(&n)).await;
+                }
+                if ticks.is_multiple_of(PRUNE_EVERY) {
+                    let n = Arc::clone(&node);
+                    let _ = tokio::task::spawn_blocking(move || prune(&n, retention)).await;
                 }
                 let n = Arc::clone(&node);
                 match tokio::task::spawn_blocking(move || n.sweep()).await {

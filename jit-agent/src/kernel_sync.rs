@@ -481,7 +481,12 @@ impl<S: Store> KernelSync<S> {
     /// Grants: the kernel holds exactly the live grants of the store.
     fn sync_grants_locked(&self, maps: &mut GateMaps) -> Result<Repairs, SyncError> {
         let mut repairs = Repairs::default();
-        let grants: Vec<Grant> = self.store.grants()?.into_iter().map(|g| g.value).collect();
+        let grants: Vec<Grant> = self
+            .store
+            .open_grants()?
+            .into_iter()
+            .map(|g| g.value)
+            .collect();
         let wanted = self.wanted(&grants)?;
         let mut held: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
         for e in maps.grants()? {
@@ -630,7 +635,7 @@ impl<S: Store> KernelSync<S> {
         let mut maps = self.maps();
         let grants: Vec<Grant> = self
             .store
-            .grants()?
+            .open_grants()?
             .into_iter()
             .map(|g| g.value)
             .filter(|g| g.service == grant.service)

@@ -61,6 +61,11 @@ pub enum NodeError {
 
 /// Engine and kernel sync of one node: the one door the API goes through. The API never reads
 /// the store, the kernel sync or the datapath itself.
+/// Records one prune transaction may delete.
+const PRUNE_BATCH: usize = 500;
+/// Prune batches per [`Node::prune`] call; the rest waits for the next call.
+const PRUNE_BATCHES: usize = 20;
+
 pub struct Node<S: Store> {
     engine: Engine<S>,
     sync: Arc<KernelSync<S>>,
@@ -490,6 +495,26 @@ impl<S: Store> Node<S> {
         Ok((grants.len(), requests.len()))
     }
 
+    /// Prunes closed records older than `retention` (the audit log keeps their history), in
+    /// batches of [`PRUNE_BATCH`], at most [`PRUNE_BATCHES`] per call. Returns how many went.
+    pub fn prune(&self, retention: std::time::Duration) -> Result<usize, NodeError> {
+        let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let before = self.engine.now().saturating_sub(retention);
+        let mut pruned = 0;
+        for _ in 0..PRUNE_BATCHES {
+            let n = self
+                .engine
+                .store()
+                .prune(before, PRUNE_BATCH)
+                .map_err(EngineError::from)?;
+            pruned += n;
+            if n < PRUNE_BATCH {
+                break;
+            }
+        }
+        Ok(pruned)
+    }
+
     /// Revokes live grants whose audit record never became durable (an agent stopped between
     /// storing a grant and recording it): they were never enforced and never will be. Only
     /// grants unissued for `older_than` or more: with agents sharing a store, a grant another
@@ -502,7 +527,7 @@ impl<S: Store> Node<S> {
         let unissued: Vec<String> = self
             .engine
             .store()
-            .grants()
+            .open_grants()
             .map_err(EngineError::from)?
             .into_iter()
             .map(|g| g.value)

@@ -679,3 +679,174 @@ fn waiting_requests_are_limited_per_identity_and_listings_page() {
             .is_empty()
     );
 }
+
+/// A store that counts full listings (every record ever kept) and hands everything else to
+/// redb.
+struct ScanCounting {
+    inner: RedbStore,
+    full_scans: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for ScanCounting {
+    fn request(
+        &self,
+        id: &str,
+    ) -> Result<
+        Option<jit_agent::store::Versioned<jit_agent::model::Request>>,
+        jit_agent::store::StoreError,
+    > {
+        self.inner.request(id)
+    }
+    fn requests(
+        &self,
+    ) -> Result<
+        Vec<jit_agent::store::Versioned<jit_agent::model::Request>>,
+        jit_agent::store::StoreError,
+    > {
+        self.full_scans.fetch_add(1, Ordering::SeqCst);
+        self.inner.requests()
+    }
+    fn grant(
+        &self,
+        id: &str,
+    ) -> Result<
+        Option<jit_agent::store::Versioned<jit_agent::model::Grant>>,
+        jit_agent::store::StoreError,
+    > {
+        self.inner.grant(id)
+    }
+    fn grants(
+        &self,
+    ) -> Result<
+        Vec<jit_agent::store::Versioned<jit_agent::model::Grant>>,
+        jit_agent::store::StoreError,
+    > {
+        self.full_scans.fetch_add(1, Ordering::SeqCst);
+        self.inner.grants()
+    }
+    fn open_requests(
+        &self,
+    ) -> Result<
+        Vec<jit_agent::store::Versioned<jit_agent::model::Request>>,
+        jit_agent::store::StoreError,
+    > {
+        self.inner.open_requests()
+    }
+    fn open_grants(
+        &self,
+    ) -> Result<
+        Vec<jit_agent::store::Versioned<jit_agent::model::Grant>>,
+        jit_agent::store::StoreError,
+    > {
+        self.inner.open_grants()
+    }
+    fn commit(&self, txn: jit_agent::store::Txn) -> Result<u64, jit_agent::store::StoreError> {
+        self.inner.commit(txn)
+    }
+    fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, jit_agent::store::StoreError> {
+        self.inner.prune(before_ms, limit)
+    }
+    fn corrupt_records(&self) -> Vec<String> {
+        self.inner.corrupt_records()
+    }
+    fn numeric_id(
+        &self,
+        kind: jit_agent::store::IdKind,
+        name: &str,
+    ) -> Result<u32, jit_agent::store::StoreError> {
+        self.inner.numeric_id(kind, name)
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<jit_agent::store::Change> {
+        self.inner.subscribe()
+    }
+}
+
+/// What the agent does on every request, approval, revoke and sweep reads the index of open
+/// records, never every record ever kept: with a thousand ended grants in the store, none of
+/// these makes a full listing (only a listing of history does, and it is paged to the caller).
+#[test]
+fn requests_and_sweeps_never_read_the_history() {
+    let dir = jit_tests::TempDir::new("jit-sm-");
+    let store = Arc::new(ScanCounting {
+        inner: RedbStore::open(&dir.path().join("s.redb")).expect("store"),
+        full_scans: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
+    let c = Arc::clone(&clock);
+    let engine = Engine::new(
+        Arc::clone(&store),
+        jit_tests::fixtures::config(CONFIG),
+        jit_tests::fixtures::policies(POLICIES),
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    );
+    // History: a thousand grants granted at once and ended.
+    for _ in 0..1000 {
+        let r = engine
+            .request_access(&who(0), "auto", "1m", &opts(""))
+            .expect("granted at once");
+        engine
+            .revoke(&who(2), &RevokeTarget::Grant(r.grant_id), "done")
+            .expect("revoke");
+    }
+    assert_eq!(store.inner.open_grants().expect("open").len(), 0);
+    store.full_scans.store(0, Ordering::SeqCst);
+
+    let pending = engine
+        .request_access(&who(1), "two", "5m", &opts("r"))
+        .expect("pending");
+    engine
+        .approve(&who(2), &pending.id, "")
+        .expect("first approval");
+    let granted = engine.approve(&who(3), &pending.id, "").expect("second");
+    assert_eq!(granted.state, RequestState::Granted);
+    let waiting = engine
+        .request_access(&who(0), "two", "5m", &opts("r"))
+        .expect("pending");
+    engine
+        .request_access(&who(0), "auto", "1m", &opts(""))
+        .expect("granted at once");
+    engine.sweep().expect("sweep");
+    let (w, live) = engine.counts().expect("counts");
+    assert_eq!((w.len(), live.len()), (1, 2));
+    let current = ListQuery::new(true, "", "", 100, "").expect("query");
+    assert_eq!(
+        engine
+            .list_grants(&who(2), &current)
+            .expect("list")
+            .items
+            .len(),
+        2
+    );
+    assert_eq!(
+        engine
+            .list_requests(&who(2), &current)
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    engine
+        .revoke(&who(2), &RevokeTarget::Identity(USERS[0].into()), "r")
+        .expect("revoke by identity");
+    engine
+        .revoke(&who(2), &RevokeTarget::Service("two".into()), "r")
+        .expect("revoke by service");
+    clock.fetch_add(3_600_000, Ordering::SeqCst);
+    engine.sweep().expect("sweep");
+    assert_eq!(
+        engine
+            .get_request(&who(2), &waiting.id)
+            .expect("request")
+            .state,
+        RequestState::Denied
+    );
+    assert_eq!(
+        store.full_scans.load(Ordering::SeqCst),
+        0,
+        "a request, approval, revoke, sweep or count read every record"
+    );
+    // The counter counts: a listing of the history is a full read.
+    let all = ListQuery::new(false, "", "", 10, "").expect("query");
+    engine.list_grants(&who(2), &all).expect("list");
+    assert!(store.full_scans.load(Ordering::SeqCst) > 0);
+}

@@ -235,13 +235,15 @@ fn an_undecodable_record_stops_no_other_grant() {
         return;
     }
     let dir = TempDir::new("jit-ks-");
+    let damaged;
     {
         let w = world_in(TempDir(dir.path().to_path_buf()));
         let _ = request(&w, "db", "10.1.0.5");
         let _ = request(&w, "web", "10.7.0.9");
+        damaged = request(&w, "web", "10.7.0.9");
         std::mem::forget(w._dir);
     }
-    // Damage one record with the store closed, as a disk or a bad migration would.
+    // Damage one live grant's record with the store closed, as a disk or a bad migration would.
     {
         let db = redb::Database::create(dir.path().join("s.redb")).expect("open");
         let tx = db.begin_write().expect("tx");
@@ -249,7 +251,7 @@ fn an_undecodable_record_stops_no_other_grant() {
             let mut t = tx
                 .open_table(redb::TableDefinition::<&str, &[u8]>::new("grants"))
                 .expect("grants table");
-            t.insert("grant-000000000bad", b"{not json".as_slice())
+            t.insert(damaged.as_str(), b"{not json".as_slice())
                 .expect("insert");
         }
         tx.commit().expect("commit");
@@ -262,8 +264,5 @@ fn an_undecodable_record_stops_no_other_grant() {
             .passes(&Packet::tcp(ip("10.7.0.9"), ip("10.99.0.1"), 443).build()),
         "the host grant"
     );
-    assert_eq!(
-        w.store.corrupt_records(),
-        vec!["grants/grant-000000000bad".to_string()]
-    );
+    assert_eq!(w.store.corrupt_records(), vec![format!("grants/{damaged}")]);
 }

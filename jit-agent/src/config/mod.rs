@@ -388,6 +388,8 @@ pub struct Config {
     pub audit: Audit,
     /// Where requests, grants and ids live.
     pub store: StoreConfig,
+    /// How long closed records are kept before they are pruned (`store.retention`).
+    pub store_retention: std::time::Duration,
 }
 
 impl Config {
@@ -627,6 +629,8 @@ impl Config {
             });
         }
 
+        let store_retention =
+            store::retention(&f.store).map_err(|(field, message)| err(field, message))?;
         let store = store::validate(file, f.store, overrides.store, &overrides.etcd_endpoints)
             .map_err(|(field, message)| err(field, message))?;
         // Fail closed: who holds an address is checked under a lock within one agent; across
@@ -732,6 +736,7 @@ impl Config {
             webhooks,
             audit,
             store,
+            store_retention,
         })
     }
 

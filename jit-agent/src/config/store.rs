@@ -28,6 +28,9 @@ pub enum Backend {
 pub struct StoreSection {
     /// `redb` (default) or `etcd`.
     pub backend: Option<Backend>,
+    /// How long closed records (ended grants, decided or expired requests) are kept before they
+    /// are pruned; both backends. Default `30d`, at least `1m`.
+    pub retention: Option<Dur>,
     /// etcd client URLs, `http://host:2379` or `https://host:2379`.
     #[serde(default)]
     pub endpoints: Vec<String>,
@@ -85,6 +88,25 @@ impl EtcdConfig {
             },
         })
     }
+}
+
+/// Default of `store.retention`.
+const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `store.retention`, validated: at least a minute.
+pub(super) fn retention(s: &StoreSection) -> Result<Duration, (&'static str, String)> {
+    let r = s.retention.map_or(DEFAULT_RETENTION, |d| d.0);
+    if r < Duration::from_secs(60) {
+        return Err((
+            "store.retention",
+            format!(
+                "{} is shorter than a minute; records are kept at least that long (the audit \
+                 log keeps the history)",
+                jit_api::duration::format_duration(r)
+            ),
+        ));
+    }
+    Ok(r)
 }
 
 /// Validates `[store]` with the flags' overrides (`--store`, `--etcd-endpoint`); an error names
@@ -188,6 +210,20 @@ pub(super) fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_defaults_to_30_days_and_is_at_least_a_minute() {
+        assert_eq!(retention(&parse("")), Ok(DEFAULT_RETENTION));
+        assert_eq!(
+            retention(&parse("retention = \"7d\"")),
+            Ok(Duration::from_secs(7 * 86_400))
+        );
+        let (field, message) = retention(&parse("retention = \"30s\"")).expect_err("too short");
+        assert_eq!(field, "store.retention");
+        assert!(message.contains("shorter than a minute"), "{message}");
+        // Valid for redb as for etcd: not an etcd-only setting.
+        assert_eq!(check("retention = \"1h\""), Ok(StoreConfig::Redb));
+    }
 
     fn parse(toml_text: &str) -> StoreSection {
         toml::from_str(toml_text).expect("section")

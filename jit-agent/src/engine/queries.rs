@@ -36,9 +36,13 @@ impl<S: Store> Engine<S> {
         q: &ListQuery,
     ) -> Result<Page<Request>, EngineError> {
         let now = self.now();
-        let mut out: Vec<Request> = self
-            .store
-            .requests()?
+        // Pending requests only: the open index, not the history.
+        let records = if q.only_current {
+            self.store.open_requests()?
+        } else {
+            self.store.requests()?
+        };
+        let mut out: Vec<Request> = records
             .into_iter()
             .map(|r| r.value)
             .filter(|r| self.may_see_request(caller, r))
@@ -62,9 +66,13 @@ impl<S: Store> Engine<S> {
     /// Grants the caller may see, newest first.
     pub fn list_grants(&self, caller: &Caller, q: &ListQuery) -> Result<Page<Grant>, EngineError> {
         let now = self.now();
-        let mut out: Vec<Grant> = self
-            .store
-            .grants()?
+        // Active grants only: the open index, not the history.
+        let records = if q.only_current {
+            self.store.open_grants()?
+        } else {
+            self.store.grants()?
+        };
+        let mut out: Vec<Grant> = records
             .into_iter()
             .map(|g| g.value)
             .filter(|g| self.may_see_grant(caller, g))
@@ -82,14 +90,14 @@ impl<S: Store> Engine<S> {
         let now = self.now();
         let waiting = self
             .store
-            .requests()?
+            .open_requests()?
             .into_iter()
             .map(|r| r.value)
             .filter(|r| r.is_waiting(now))
             .collect();
         let live = self
             .store
-            .grants()?
+            .open_grants()?
             .into_iter()
             .map(|g| g.value)
             .filter(|g| g.is_live(now))

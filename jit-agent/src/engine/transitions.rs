@@ -155,7 +155,7 @@ impl<S: Store> Engine<S> {
             let limit = self.cfg.max_pending_per_identity;
             let waiting = self
                 .store
-                .requests()?
+                .open_requests()?
                 .iter()
                 .filter(|r| r.value.requester == *requester && r.value.is_waiting(now))
                 .count();
@@ -253,7 +253,7 @@ impl<S: Store> Engine<S> {
             )));
         }
         let now = self.now();
-        for g in self.store.grants()? {
+        for g in self.store.open_grants()? {
             let g = g.value;
             if !(g.is_live(now) && g.identity != requester) {
                 continue;
@@ -551,7 +551,7 @@ impl<S: Store> Engine<S> {
     ) -> Result<(), EngineError> {
         let ids: Vec<String> = self
             .store
-            .requests()?
+            .open_requests()?
             .into_iter()
             .filter(|r| {
                 r.value.state == RequestState::Pending
@@ -606,7 +606,7 @@ impl<S: Store> Engine<S> {
     ) -> Result<Vec<String>, EngineError> {
         let all: Vec<Grant> = self
             .store
-            .grants()?
+            .open_grants()?
             .into_iter()
             .map(|g| g.value)
             .filter(|g| g.state == GrantState::Active && pred(g))
@@ -703,7 +703,7 @@ impl<S: Store> Engine<S> {
     pub fn sweep(&self) -> Result<(Vec<Grant>, Vec<Request>), EngineError> {
         let now = self.now();
         let mut grants = Vec::new();
-        for g in self.store.grants()? {
+        for g in self.store.open_grants()? {
             if g.value.state == GrantState::Active && g.value.expires_ms <= now {
                 let mut ng = g.value.clone();
                 ng.state = GrantState::Expired;
@@ -719,7 +719,7 @@ impl<S: Store> Engine<S> {
             }
         }
         let mut requests = Vec::new();
-        for r in self.store.requests()? {
+        for r in self.store.open_requests()? {
             if let Some(Some(expired)) = self.expire_if_due(&r, now)? {
                 requests.push(expired);
             }

@@ -87,6 +87,15 @@ pub struct EtcdStore {
 const REQUESTS: &str = "requests/";
 const GRANTS: &str = "grants/";
 const MARKERS: &str = "txn/";
+/// Index of open records: `open/requests/<id>` and `open/grants/<id>` hold a copy of the record,
+/// written in the same transaction as the record (so with the same mod revision).
+const OPEN: &str = "open/";
+/// Index of closed records by closing time: `closed/<ms>/<table><id>`, empty values.
+const CLOSED: &str = "closed/";
+/// Present once the indexes are complete (records written before them are indexed on connect).
+const INDEX_VERSION: &str = "meta/index-version";
+const OPEN_REQUESTS: &str = "open/requests/";
+const OPEN_GRANTS: &str = "open/grants/";
 /// How soon the change stream tries again after its watch failed.
 const WATCH_RETRY: Duration = Duration::from_millis(200);
 /// How soon a store call is tried again after a transient failure (within its bound).
@@ -241,6 +250,7 @@ impl EtcdStore {
             .map(etcd_client::ResponseHeader::revision)
             .ok_or_else(|| backend("a read without a revision"))
         })?;
+        store.index_once()?;
         store.runtime().spawn(follow(
             client,
             store.opts.prefix.clone(),
@@ -249,6 +259,71 @@ impl EtcdStore {
             Arc::clone(&store.corrupt),
         ));
         Ok(store)
+    }
+
+    /// Indexes the records written before the indexes existed, once per deployment: each
+    /// record is rewritten with its index entries in one transaction that holds only if the
+    /// record is unchanged (an agent that changed it meanwhile wrote its entries itself), so
+    /// agents doing this at once agree.
+    fn index_once(&self) -> Result<(), StoreError> {
+        let marker = format!("{}{INDEX_VERSION}", self.opts.prefix);
+        let done = {
+            let marker = marker.clone();
+            self.call(move |mut kv, _| {
+                let marker = marker.clone();
+                async move {
+                    let resp = kv.get(marker, None).await.map_err(etcd_error)?;
+                    Ok(!resp.kvs().is_empty())
+                }
+            })?
+        };
+        if done {
+            return Ok(());
+        }
+        let mut records: Vec<(Record, u64)> = self
+            .requests()?
+            .into_iter()
+            .map(|r| (Record::Request(r.value), r.revision))
+            .collect();
+        records.extend(
+            self.grants()?
+                .into_iter()
+                .map(|g| (Record::Grant(g.value), g.revision)),
+        );
+        if !records.is_empty() {
+            tracing::info!(
+                "store: indexing {} record(s) written before the indexes",
+                records.len()
+            );
+        }
+        let prefix = self.opts.prefix.clone();
+        for (record, revision) in records {
+            let (table, id) = match record.key() {
+                RecordKey::Request(id) => (REQUESTS, id),
+                RecordKey::Grant(id) => (GRANTS, id),
+            };
+            let rev = i64::try_from(revision).map_err(backend)?;
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    format!("{prefix}{table}{id}"),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then(record_ops(&prefix, &record)?);
+            self.call(move |mut kv, _| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await.map(|_| ()).map_err(etcd_error) }
+            })?;
+        }
+        self.call(move |mut kv, _| {
+            let marker = marker.clone();
+            async move {
+                kv.put(marker, "1", None)
+                    .await
+                    .map(|_| ())
+                    .map_err(etcd_error)
+            }
+        })
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -427,6 +502,34 @@ fn record_of(prefix: &str, key: &[u8], value: &[u8]) -> Option<Result<Record, St
     }
 }
 
+/// The writes of one record with its indexes: the record, and its copy under `open/` while it is
+/// open, or its entry under `closed/` once it is closed.
+fn record_ops(prefix: &str, record: &Record) -> Result<Vec<TxnOp>, StoreError> {
+    let (table, id, value) = match record {
+        Record::Request(r) => (REQUESTS, &r.id, serde_json::to_vec(r)),
+        Record::Grant(g) => (GRANTS, &g.id, serde_json::to_vec(g)),
+    };
+    if id.is_empty() || id.contains('/') {
+        return Err(backend(format!("record id {id:?} cannot be a key")));
+    }
+    let value = value.map_err(backend)?;
+    let open = format!("{prefix}{OPEN}{table}{id}");
+    let mut ops = vec![TxnOp::put(
+        format!("{prefix}{table}{id}"),
+        value.clone(),
+        None,
+    )];
+    match record.closed_at_ms() {
+        None => ops.push(TxnOp::put(open, value, None)),
+        Some(at) => {
+            ops.push(TxnOp::delete(open, None));
+            let closed = super::closed_key(at, &record.key());
+            ops.push(TxnOp::put(format!("{prefix}{CLOSED}{closed}"), "", None));
+        }
+    }
+    Ok(ops)
+}
+
 /// The change stream: a watch from the revision after the last one published; after any
 /// failure, a full read at a known revision publishes what changed since (the gap), then the
 /// watch starts again after that read.
@@ -573,6 +676,99 @@ impl Store for EtcdStore {
         super::listed(&self.corrupt)
     }
 
+    fn open_requests(&self) -> Result<Vec<Versioned<Request>>, StoreError> {
+        self.all(OPEN_REQUESTS)
+    }
+
+    fn open_grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        self.all(OPEN_GRANTS)
+    }
+
+    fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let prefix = self.opts.prefix.clone();
+        let from = format!("{prefix}{CLOSED}");
+        let to = format!("{from}{}", super::closed_bound(before_ms));
+        let scan = i64::try_from(limit.saturating_mul(super::PRUNE_LOOKAHEAD)).unwrap_or(i64::MAX);
+        let keys: Vec<String> = {
+            let (from, to) = (from.clone(), to);
+            self.call(move |mut kv, _| {
+                let (from, to) = (from.clone(), to.clone());
+                async move {
+                    let resp = kv
+                        .get(
+                            from,
+                            Some(
+                                GetOptions::new()
+                                    .with_range(to)
+                                    .with_keys_only()
+                                    .with_limit(scan),
+                            ),
+                        )
+                        .await
+                        .map_err(etcd_error)?;
+                    Ok(resp
+                        .kvs()
+                        .iter()
+                        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                        .collect())
+                }
+            })?
+        };
+        let mut pruned = 0;
+        for index_key in keys {
+            if pruned >= limit {
+                break;
+            }
+            let found = match index_key.strip_prefix(&from).and_then(super::closed_record) {
+                None => None,
+                Some(RecordKey::Request(id)) => self
+                    .request(&id)?
+                    .map(|r| (Record::Request(r.value), r.revision)),
+                Some(RecordKey::Grant(id)) => self
+                    .grant(&id)?
+                    .map(|g| (Record::Grant(g.value), g.revision)),
+            };
+            let mut ops = vec![TxnOp::delete(index_key.as_str(), None)];
+            let mut compares = Vec::new();
+            match found {
+                // Gone already, or not an index key: only the entry goes.
+                None => {}
+                // Reopened since it was indexed: the entry is stale.
+                Some((record, _)) if record.closed_at_ms().is_none() => {}
+                Some((record, revision)) => {
+                    let grant = match &record {
+                        Record::Request(r) if !r.grant_id.is_empty() => {
+                            self.grant(&r.grant_id)?.map(|g| g.value)
+                        }
+                        _ => None,
+                    };
+                    if !super::prunable(&record, grant.as_ref(), before_ms) {
+                        continue;
+                    }
+                    let (table, id) = match record.key() {
+                        RecordKey::Request(id) => (REQUESTS, id),
+                        RecordKey::Grant(id) => (GRANTS, id),
+                    };
+                    let key = format!("{prefix}{table}{id}");
+                    let rev = i64::try_from(revision).map_err(backend)?;
+                    compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, rev));
+                    ops.push(TxnOp::delete(key, None));
+                }
+            }
+            let deletes_record = !compares.is_empty();
+            let txn = Txn::new().when(compares).and_then(ops);
+            let done = self.call(move |mut kv, _| {
+                let txn = txn.clone();
+                async move { Ok(kv.txn(txn).await.map_err(etcd_error)?.succeeded()) }
+            })?;
+            // A record changed meanwhile stays for the next pass.
+            if done && deletes_record {
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
     fn commit(&self, txn: StoreTxn) -> Result<u64, StoreError> {
         let prefix = self.opts.prefix.clone();
         let key_of = |k: &RecordKey| -> Result<String, StoreError> {
@@ -597,12 +793,7 @@ impl Store for EtcdStore {
         let marker = format!("{prefix}{MARKERS}{}", uuid::Uuid::new_v4().simple());
         let mut puts = vec![TxnOp::put(marker.as_str(), "", None)];
         for record in &txn.puts {
-            let value = match record {
-                Record::Request(r) => serde_json::to_vec(r),
-                Record::Grant(g) => serde_json::to_vec(g),
-            }
-            .map_err(backend)?;
-            puts.push(TxnOp::put(key_of(&record.key())?, value, None));
+            puts.extend(record_ops(&prefix, record)?);
         }
         let first_key = txn.compares.first().map(|(k, _)| k.clone());
         let txn = Txn::new().when(compares).and_then(puts);

@@ -61,6 +61,31 @@ pub struct Txn {
 }
 
 impl Record {
+    /// Whether the record is open: a request waiting for a decision, or a grant not ended (in
+    /// force, or not yet started). The stores index open records, so what the agent does on
+    /// every request and every sweep costs what is open, never the history.
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        match self {
+            Self::Request(r) => r.state == crate::model::RequestState::Pending,
+            Self::Grant(g) => g.state == crate::model::GrantState::Active,
+        }
+    }
+
+    /// When a closed record becomes prunable, the time its retention counts from: a grant's
+    /// end (its expiry if it has no end time), a request's creation. `None` while open.
+    #[must_use]
+    pub fn closed_at_ms(&self) -> Option<i64> {
+        if self.is_open() {
+            return None;
+        }
+        Some(match self {
+            Self::Request(r) => r.created_ms,
+            Self::Grant(g) if g.ended_ms > 0 => g.ended_ms,
+            Self::Grant(g) => g.expires_ms,
+        })
+    }
+
     /// The record's key.
     #[must_use]
     pub fn key(&self) -> RecordKey {
@@ -125,6 +150,47 @@ pub enum StoreError {
     },
 }
 
+/// How many index entries a prune may look at per record it may delete: entries of requests
+/// whose grants are still kept are passed over, and a pass stays bounded.
+const PRUNE_LOOKAHEAD: usize = 4;
+
+/// The key of a closed record in the index by closing time: ordered by time as text.
+fn closed_key(at_ms: i64, key: &RecordKey) -> String {
+    let at = u64::try_from(at_ms).unwrap_or(0);
+    match key {
+        RecordKey::Request(id) => format!("{at:020}/requests/{id}"),
+        RecordKey::Grant(id) => format!("{at:020}/grants/{id}"),
+    }
+}
+
+/// The first key of the index by closing time at or after `at_ms` (prune's end, exclusive).
+fn closed_bound(at_ms: i64) -> String {
+    format!("{:020}/", u64::try_from(at_ms).unwrap_or(0))
+}
+
+/// The record key of a closing-time index key.
+fn closed_record(index_key: &str) -> Option<RecordKey> {
+    let (_, rest) = index_key.split_once('/')?;
+    if let Some(id) = rest.strip_prefix("requests/") {
+        return Some(RecordKey::Request(id.to_string()));
+    }
+    rest.strip_prefix("grants/")
+        .map(|id| RecordKey::Grant(id.to_string()))
+}
+
+/// Whether a closed record found through the index may go: it is still closed before
+/// `before_ms` and, for a request, its grant is gone or closed before `before_ms` too.
+fn prunable(record: &Record, grant_of_request: Option<&Grant>, before_ms: i64) -> bool {
+    let closed_before = |r: &Record| r.closed_at_ms().is_some_and(|at| at < before_ms);
+    if !closed_before(record) {
+        return false;
+    }
+    match (record, grant_of_request) {
+        (Record::Request(_), Some(g)) => closed_before(&Record::Grant(g.clone())),
+        _ => true,
+    }
+}
+
 /// The keys in a backend's set of undecodable records, in order (for [`Store::corrupt_records`]).
 fn listed(corrupt: &std::sync::Mutex<std::collections::BTreeSet<String>>) -> Vec<String> {
     corrupt
@@ -145,8 +211,20 @@ pub trait Store: Send + Sync + 'static {
     fn grant(&self, id: &str) -> Result<Option<Versioned<Grant>>, StoreError>;
     /// All grants.
     fn grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError>;
-    /// Applies `txn` atomically and durably; returns the new revision.
+    /// Requests waiting for a decision (pending, whether or not their TTL has passed), read
+    /// through the index of open records.
+    fn open_requests(&self) -> Result<Vec<Versioned<Request>>, StoreError>;
+    /// Grants not ended (active, in force or not yet started), read through the index of open
+    /// records.
+    fn open_grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError>;
+    /// Applies `txn` atomically and durably, with the indexes; returns the new revision.
     fn commit(&self, txn: Txn) -> Result<u64, StoreError>;
+    /// Deletes closed records whose retention started before `before_ms` (see
+    /// [`Record::closed_at_ms`]), oldest first, at most `limit` of them; returns how many. Never
+    /// an open record, and never a request whose grant is still kept (open, or closed since
+    /// `before_ms`): a grant always finds its request. Changes nothing on the change stream (a
+    /// closed record has no effect on any kernel).
+    fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError>;
     /// Records that listings skipped because they could not be decoded (`table/key`). Listings
     /// report such a record and go on: one bad record never hides the others.
     fn corrupt_records(&self) -> Vec<String>;
