@@ -432,7 +432,7 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let service = JitGateServer::new(Api::new(Arc::clone(&node)));
+    let service = JitGateServer::new(Api::new(Arc::clone(&node)).with_trust(Arc::clone(&tls)));
 
     // Metrics and health, on their own address; the metrics read the pinned maps through their
     // own handle.

@@ -2209,6 +2209,62 @@ fn each_ca_issues_only_for_its_trust_domains() {
         log.contains("may not issue identities of trust domain"),
         "the refusal is logged with its reason:\n{log}"
     );
+
+    // The partner's CA removed (its file now holds another CA): a stream the partner's identity
+    // opened before ends, and so does every call it makes; our own identity's stream goes on.
+    let watch = |certs: &Path, stem: &str| {
+        w.jitctl(
+            &main_ca,
+            &certs.join(format!("{stem}.pem")),
+            &certs.join(format!("{stem}.key")),
+        )
+        .arg("watch")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("jitctl watch")
+    };
+    let mut bobs = watch(&partner, "bob");
+    let mut alices = watch(&w.dir.0.join("certs"), "alice");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        bobs.try_wait().expect("wait").is_none(),
+        "bob's watch ended early"
+    );
+    let other = w.dir.0.join("other");
+    let out = Command::new(AGENT)
+        .args(["certs", "init", "--trust-domain", "partner.test", "--dir"])
+        .arg(&other)
+        .output()
+        .expect("certs init");
+    assert!(out.status.success());
+    std::fs::copy(other.join("ca.pem"), partner.join("ca.pem")).expect("replace the CA");
+    let removed = Instant::now();
+    let ended = loop {
+        if let Some(st) = bobs.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if removed.elapsed() > Duration::from_secs(40) {
+            let _ = bobs.kill();
+            let _ = bobs.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = ended.expect("bob's watch outlived the removal of its CA by 40 s");
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut bobs.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("no longer trusted"), "{err}");
+    assert!(
+        alices.try_wait().expect("wait").is_none(),
+        "a stream of a CA still trusted ended"
+    );
+    let _ = alices.kill();
+    let _ = alices.wait();
+    assert!(!whoami(&partner, &main_ca, "bob").status.success());
+    assert!(ok(&whoami(&w.dir.0.join("certs"), &main_ca, "alice")).contains("jit.test/alice"));
 }
 
 /// The agent as the DaemonSet runs it (deploy/kubernetes/daemonset.yaml): with exactly the

@@ -10,6 +10,7 @@ use jit_api::pb::{self, jit_gate_server::JitGate};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request as GrpcRequest, Response, Status};
 
+use self::tls::ReloadingConfig;
 use crate::{
     engine::{EngineError, ListQuery, RequestOptions, RevokeTarget},
     identity::{Caller, spiffe_id_from_der},
@@ -21,12 +22,88 @@ use crate::{
 /// The API service over a node.
 pub struct Api<S: Store> {
     node: Arc<Node<S>>,
+    /// The TLS trust in force, which a connection made before a reload is held to.
+    trust: Option<Arc<ReloadingConfig>>,
 }
 
 impl<S: Store> Api<S> {
     /// Serves `node`.
     pub fn new(node: Arc<Node<S>>) -> Self {
-        Self { node }
+        Self { node, trust: None }
+    }
+
+    /// Holds every call and stream to `trust` as it is reloaded, not only as it was at the
+    /// handshake.
+    #[must_use]
+    pub fn with_trust(mut self, trust: Arc<ReloadingConfig>) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
+    /// Who is calling (see [`caller`]), refused when the client chain no longer verifies
+    /// against the trust reloaded since its handshake.
+    fn caller<T>(&self, req: &GrpcRequest<T>) -> Result<Caller, Status> {
+        let who = caller(req)?;
+        if let (Some(trust), Some(chain)) = (&self.trust, req.peer_certs())
+            && trust.reloaded()
+        {
+            trust.trusts(&chain).map_err(|e| untrusted(&e))?;
+        }
+        Ok(who)
+    }
+
+    /// What ends a stream the caller of `req` opens: its certificate's expiry, or a reload of
+    /// the trust that no longer verifies its chain.
+    fn credential<T>(&self, req: &GrpcRequest<T>) -> Credential {
+        let chain = req.peer_certs();
+        Credential {
+            expires: credential_expiry(req),
+            reloads: match (&self.trust, &chain) {
+                (Some(t), Some(_)) => Some((Arc::clone(t), t.reloads())),
+                _ => None,
+            },
+            chain,
+        }
+    }
+}
+
+/// What a stream's caller gets when its certificate is no longer trusted.
+fn untrusted(why: &str) -> Status {
+    Status::unauthenticated(format!(
+        "your client certificate is no longer trusted by the agent ({why}): its CA was removed \
+         or may no longer issue its trust domain; reconnect with a trusted one"
+    ))
+}
+
+/// The credential a stream was opened with, and what ends it.
+struct Credential {
+    expires: Option<tokio::time::Instant>,
+    chain: Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>>,
+    reloads: Option<(Arc<ReloadingConfig>, tokio::sync::watch::Receiver<u64>)>,
+}
+
+impl Credential {
+    /// Resolves with the status that ends the stream: at the certificate's expiry, or at the
+    /// first reload after which its chain does not verify. Cancel-safe (a reload seen is
+    /// checked before this returns).
+    async fn ended(&mut self) -> Status {
+        let untrusted_after_reload = async {
+            let (Some((trust, reloads)), Some(chain)) = (&mut self.reloads, &self.chain) else {
+                return std::future::pending().await;
+            };
+            loop {
+                if reloads.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if let Err(e) = trust.trusts(chain) {
+                    return untrusted(&e);
+                }
+            }
+        };
+        tokio::select! {
+            () = expiry(self.expires) => ended_by_expiry(),
+            st = untrusted_after_reload => st,
+        }
     }
 }
 
@@ -167,7 +244,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::RequestAccessRequest>,
     ) -> Result<Response<pb::AccessRequest>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let peer = req.remote_addr().map(|a| a.ip().to_canonical());
         let m = req.into_inner();
         let r = self
@@ -193,7 +270,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::DecideRequest>,
     ) -> Result<Response<pb::AccessRequest>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let m = req.into_inner();
         let r = self
             .blocking(move |n| {
@@ -208,7 +285,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::DecideRequest>,
     ) -> Result<Response<pb::AccessRequest>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let m = req.into_inner();
         let r = self
             .blocking(move |n| n.deny(&who, &m.request_id, &m.comment).map_err(node_status))
@@ -220,7 +297,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let m = req.into_inner();
         let target = match m.target {
             Some(pb::revoke_request::Target::GrantId(id)) => RevokeTarget::Grant(id),
@@ -244,7 +321,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::GetRequestRequest>,
     ) -> Result<Response<pb::AccessRequest>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let id = req.into_inner().id;
         let r = self
             .blocking(move |n| n.get_request(&who, &id).map_err(node_status))
@@ -256,7 +333,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::ListRequestsRequest>,
     ) -> Result<Response<pb::ListRequestsResponse>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let m = req.into_inner();
         let q = ListQuery::new(
             m.pending_only,
@@ -279,7 +356,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::GetGrantRequest>,
     ) -> Result<Response<pb::Grant>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let id = req.into_inner().id;
         let g = self
             .blocking(move |n| {
@@ -295,7 +372,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::ListGrantsResponse>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let m = req.into_inner();
         let q = ListQuery::new(
             m.active_only,
@@ -327,8 +404,8 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = caller(&req)?;
-        let ends = credential_expiry(&req);
+        let who = self.caller(&req)?;
+        let mut cred = self.credential(&req);
         let only = req.into_inner().request_id;
         let node = Arc::clone(&self.node);
         // Subscribe before the snapshot so nothing falls between them.
@@ -366,8 +443,8 @@ impl<S: Store> JitGate for Api<S> {
             loop {
                 let received = tokio::select! {
                     c = changes.recv() => c,
-                    () = expiry(ends) => {
-                        let _ = tx.send(Err(ended_by_expiry())).await;
+                    st = cred.ended() => {
+                        let _ = tx.send(Err(st)).await;
                         return;
                     }
                 };
@@ -406,14 +483,14 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::WatchAuditRequest>,
     ) -> Result<Response<Self::WatchAuditStream>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         if !self.node.may_read_audit(&who) {
             return Err(Status::permission_denied(format!(
                 "{} may not read the audit log (root on the local socket, or audit.readers)",
                 who.name()
             )));
         }
-        let ends = credential_expiry(&req);
+        let mut cred = self.credential(&req);
         let from = req.into_inner().from_seq;
         let audit = Arc::clone(self.node.audit());
         // Subscribed before the files are read: a line is either in the files or in the channel.
@@ -456,8 +533,8 @@ impl<S: Store> JitGate for Api<S> {
                 }
                 let received = tokio::select! {
                     l = lines.recv() => l,
-                    () = expiry(ends) => {
-                        let _ = tx.send(Err(ended_by_expiry())).await;
+                    st = cred.ended() => {
+                        let _ = tx.send(Err(st)).await;
                         return;
                     }
                 };
@@ -485,7 +562,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let who = caller(&req)?;
+        let who = self.caller(&req)?;
         let out = self.blocking(move |n| Ok(n.who_am_i(&who))).await?;
         Ok(Response::new(out))
     }
@@ -494,7 +571,7 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        caller(&req)?;
+        self.caller(&req)?;
         let out = self.blocking(|n| n.status().map_err(node_status)).await?;
         Ok(Response::new(out))
     }

@@ -5,6 +5,9 @@
 //! another (a corporate CA cannot issue `spiffe://prod/...`), and federation stays possible.
 //! Certificate, key and bundle are re-read when their files change, so rotation needs no
 //! restart; a set of files that does not load is refused and the previous one stays in force.
+//! A connection made before a reload is held to the reloaded trust: the API re-verifies its
+//! client chain on every call and ends its streams once the chain no longer verifies (a CA
+//! removed from the files, or no longer allowed the identity's trust domain).
 
 use std::{
     path::{Path, PathBuf},
@@ -180,6 +183,11 @@ impl TlsFiles {
 
 /// Builds the server configuration from the files.
 pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsLoadError> {
+    load(files).map(|(cfg, _)| cfg)
+}
+
+/// The server configuration and its client verifier.
+fn load(files: &TlsFiles) -> Result<(ServerConfig, Arc<SpiffeClientVerifier>), TlsLoadError> {
     let (cert, key) = (&files.cert, &files.key);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut authorities = Vec::new();
@@ -203,18 +211,27 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsLoadError> {
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| load_err(cert, e))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::clone(&verifier) as Arc<dyn ClientCertVerifier>)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| load_err(key, format!("does not match the certificate: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(cfg)
+    Ok((cfg, verifier))
 }
 
 /// The server configuration in force, re-read when its files change.
 pub struct ReloadingConfig {
     files: TlsFiles,
     all: Vec<PathBuf>,
-    state: RwLock<(Arc<ServerConfig>, Vec<Option<SystemTime>>)>,
+    state: RwLock<Loaded>,
+    /// How many reloads took effect; receivers learn of each.
+    reloads: tokio::sync::watch::Sender<u64>,
+}
+
+/// The configuration in force, its client verifier, and the files' times it was read at.
+struct Loaded {
+    server: Arc<ServerConfig>,
+    clients: Arc<SpiffeClientVerifier>,
+    times: Vec<Option<SystemTime>>,
 }
 
 fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
@@ -227,13 +244,18 @@ fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
 impl ReloadingConfig {
     /// Loads the files once; fails when they do not make a working configuration.
     pub fn new(files: TlsFiles) -> Result<Self, TlsLoadError> {
-        let cfg = server_config(&files)?;
+        let (cfg, clients) = load(&files)?;
         let all = files.all();
         let times = mtimes(&all);
         Ok(Self {
             files,
             all,
-            state: RwLock::new((Arc::new(cfg), times)),
+            state: RwLock::new(Loaded {
+                server: Arc::new(cfg),
+                clients,
+                times,
+            }),
+            reloads: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -242,8 +264,37 @@ impl ReloadingConfig {
         self.state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
+            .server
             .clone()
+    }
+
+    /// Whether a client chain (leaf first) verifies against the trust in force now; why not.
+    pub fn trusts(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let clients = Arc::clone(
+            &self
+                .state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clients,
+        );
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "no client certificate".to_string())?;
+        clients
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether any reload took effect since start (before one, the handshake's verification
+    /// still holds).
+    pub fn reloaded(&self) -> bool {
+        *self.reloads.borrow() > 0
+    }
+
+    /// Learns of each reload that takes effect from now on.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     /// Re-reads the files if any changed. Returns whether a new configuration took effect.
@@ -254,7 +305,7 @@ impl ReloadingConfig {
                 .state
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if state.1 == now {
+            if state.times == now {
                 return false;
             }
         }
@@ -263,10 +314,13 @@ impl ReloadingConfig {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Whatever happens, do not retry the same files every tick.
-        state.1 = now;
-        match server_config(&self.files) {
-            Ok(cfg) => {
-                state.0 = Arc::new(cfg);
+        state.times = now;
+        match load(&self.files) {
+            Ok((cfg, clients)) => {
+                state.server = Arc::new(cfg);
+                state.clients = clients;
+                drop(state);
+                self.reloads.send_modify(|n| *n += 1);
                 tracing::info!("TLS certificates reloaded");
                 true
             }
