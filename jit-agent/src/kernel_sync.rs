@@ -412,7 +412,7 @@ impl<S: Store> KernelSync<S> {
         let mut wanted: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
         for g in grants {
             // A grant whose audit record is not durable yet is not the kernel's.
-            if !g.is_live(now) || !g.issued || !self.cfg.services.contains_key(&g.service) {
+            if !g.is_unended(now) || !g.issued || !self.cfg.services.contains_key(&g.service) {
                 continue;
             }
             let identity_id = self.identity_id(&g.identity)?;
@@ -478,7 +478,8 @@ impl<S: Store> KernelSync<S> {
         }
     }
 
-    /// Grants: the kernel holds exactly the live grants of the store.
+    /// Grants: the kernel holds exactly the store's grants that are live or yet to start (the
+    /// kernel opens each at its start by itself).
     fn sync_grants_locked(&self, maps: &mut GateMaps) -> Result<Repairs, SyncError> {
         let mut repairs = Repairs::default();
         let grants: Vec<Grant> = self

@@ -147,6 +147,14 @@ impl Grant {
     pub fn is_live(&self, now_ms: i64) -> bool {
         self.state == GrantState::Active && self.not_before_ms <= now_ms && now_ms < self.expires_ms
     }
+
+    /// Whether the grant is live or yet to start at `now_ms`: what a kernel holds (it opens the
+    /// grant at its start by itself). A node whose clock is behind the approving node's sees
+    /// a fresh grant as yet to start, and must still hold it.
+    #[must_use]
+    pub fn is_unended(&self, now_ms: i64) -> bool {
+        self.state == GrantState::Active && now_ms < self.expires_ms
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.

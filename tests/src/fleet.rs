@@ -119,12 +119,18 @@ impl Node {
 
     /// Starts `agent` with `config` and waits (at most 30 s) until it answers.
     pub fn start(&mut self, config: &Path) {
+        self.start_with(config, &[]);
+    }
+
+    /// Starts `agent` with `config` and `env` and waits (at most 30 s) until it answers.
+    pub fn start_with(&mut self, config: &Path, env: &[(&str, String)]) {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).expect("log");
         let child = self
             .ns
             .command(agent_bin())
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,jit_agent::store=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -225,6 +231,29 @@ pub fn ok(out: &Output) -> String {
 pub fn connect() -> Option<TcpStream> {
     let to: SocketAddr = format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr");
     TcpStream::connect_timeout(&to, Duration::from_millis(700)).ok()
+}
+
+/// The environment that runs a program with its wall clock `offset` (as `+4s` or `-4s`) off
+/// this machine's, through libfaketime (Debian's `faketime`, installed by `cargo xtask
+/// setup`): `CLOCK_REALTIME` only; the monotonic and boot clocks stay true, as they do on a
+/// node whose NTP is off.
+///
+/// # Panics
+/// When libfaketime is not installed.
+#[must_use]
+pub fn clock_off_by(offset: &str) -> Vec<(&'static str, String)> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime (Debian's faketime; cargo xtask setup installs it)");
+    vec![
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME", offset.to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+    ]
 }
 
 /// Polls `f` every 50 ms for at most `within`.
