@@ -92,8 +92,8 @@ const UNISSUED_GRACE: Duration = Duration::from_secs(30);
 
 /// Sweeps between two looks for stuck unissued grants (10 s).
 const UNISSUED_EVERY: u64 = 20;
-/// Sweeps between prunes of old records (every minute).
-const PRUNE_EVERY: u64 = 120;
+/// How often old records are pruned (the first pass at start).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Prunes closed records past `retention`; failures are logged (the next minute tries again).
 fn prune<S: Store>(node: &Node<S>, retention: Duration) {
@@ -384,8 +384,19 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
         tokio::spawn(Arc::clone(&sync).reconcile_loop(RECONCILE_EVERY)),
     ];
     {
+        // Pruning on its own: a long pass never holds up the sweep.
+        let (node, retention) = (Arc::clone(&node), cfg.store_retention);
+        writers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            loop {
+                tick.tick().await;
+                let n = Arc::clone(&node);
+                let _ = tokio::task::spawn_blocking(move || prune(&n, retention)).await;
+            }
+        }));
+    }
+    {
         let node = Arc::clone(&node);
-        let retention = cfg.store_retention;
         writers.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             // A store that is down fails every sweep: said once, and once more when it works.
@@ -397,10 +408,6 @@ async fn serve<S: Store>(cfg: Arc<Config>, store: Arc<S>) -> anyhow::Result<()> 
                 if ticks.is_multiple_of(UNISSUED_EVERY) {
                     let n = Arc::clone(&node);
                     let _ = tokio::task::spawn_blocking(move || revoke_unissued(&n)).await;
-                }
-                if ticks.is_multiple_of(PRUNE_EVERY) {
-                    let n = Arc::clone(&node);
-                    let _ = tokio::task::spawn_blocking(move || prune(&n, retention)).await;
                 }
                 let n = Arc::clone(&node);
                 match tokio::task::spawn_blocking(move || n.sweep()).await {

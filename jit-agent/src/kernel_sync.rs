@@ -409,6 +409,7 @@ impl<S: Store> KernelSync<S> {
     /// longest. Grants of services not configured here are not this node's.
     fn wanted(&self, grants: &[Grant]) -> Result<BTreeMap<GrantKeyOrd, GrantEntry>, SyncError> {
         let now = now_ms();
+        let boot_now = datapath::boottime_ns()?;
         let mut wanted: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
         for g in grants {
             // A grant whose audit record is not durable yet is not the kernel's.
@@ -438,9 +439,10 @@ impl<S: Store> KernelSync<S> {
                     usage: datapath::Usage::default(),
                 };
                 let key = GrantKeyOrd(entry.key());
-                let keep = wanted
-                    .get(&key)
-                    .is_none_or(|w| w.expires_at_ns < entry.expires_at_ns);
+                // One entry per key: a grant in force before one yet to start, then the
+                // later expiry.
+                let rank = |e: &GrantEntry| (e.not_before_ns <= boot_now, e.expires_at_ns);
+                let keep = wanted.get(&key).is_none_or(|w| rank(w) < rank(&entry));
                 if keep {
                     wanted.insert(key, entry);
                 }

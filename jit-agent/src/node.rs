@@ -59,13 +59,13 @@ pub enum NodeError {
     AuditUnavailable(String),
 }
 
-/// Engine and kernel sync of one node: the one door the API goes through. The API never reads
-/// the store, the kernel sync or the datapath itself.
 /// Records one prune transaction may delete.
 const PRUNE_BATCH: usize = 500;
 /// Prune batches per [`Node::prune`] call; the rest waits for the next call.
 const PRUNE_BATCHES: usize = 20;
 
+/// Engine and kernel sync of one node: the one door the API goes through. The API never reads
+/// the store, the kernel sync or the datapath itself.
 pub struct Node<S: Store> {
     engine: Engine<S>,
     sync: Arc<KernelSync<S>>,

@@ -368,10 +368,91 @@ impl Fleet {
     }
 
     /// The grant ids node `i`'s kernel holds.
-    /// The grant ids node `i`'s kernel holds.
     #[must_use]
     pub fn kernel_grants(&self, i: usize) -> Vec<String> {
         kernel_grants(&self.nodes[i].pin_dir)
+    }
+
+    /// `jitctl` through node `i` as `who`.
+    #[must_use]
+    pub fn ctl(&self, i: usize, who: &str, args: &[&str]) -> Output {
+        let home = self.home.path();
+        ctl(&home.join("certs"), home, i, who, args)
+    }
+
+    /// One sample of propagation: a request pending on node 0 is approved through node 0, and
+    /// connections to node 1's echo service are tried every 2 ms from the moment the approval
+    /// starts (the `jitctl approve` process and its TLS handshake included). Returns the time to
+    /// the first connection attempt that passed, and how long the approval call itself took;
+    /// then revokes the grant and waits until node 1 drops again.
+    ///
+    /// # Panics
+    /// When no connection passes within 5 s, or a call fails.
+    #[must_use]
+    pub fn approval_to_first_connection(&self) -> (Duration, Duration) {
+        use std::sync::{Arc, Mutex};
+        let id = request_id(&ok(&self.ctl(
+            0,
+            "ci",
+            &["request", "echo", "--for", "5m", "--reason", "propagation"],
+        )));
+        let first: Arc<Mutex<Option<Duration>>> = Arc::default();
+        let start = Instant::now();
+        let approver = {
+            let (home, id) = (self.home.path().to_path_buf(), id.clone());
+            std::thread::spawn(move || {
+                let out = ctl(
+                    &home.join("certs"),
+                    &home,
+                    0,
+                    "sre_carol",
+                    &["approve", &id],
+                );
+                (ok(&out), start.elapsed())
+            })
+        };
+        let to: SocketAddr = format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr");
+        let mut probes = Vec::new();
+        while start.elapsed() < Duration::from_secs(5)
+            && first.lock().map(|f| f.is_none()).unwrap_or(false)
+        {
+            let (first, at) = (Arc::clone(&first), start.elapsed());
+            probes.push(std::thread::spawn(move || {
+                // A dropped SYN is not retransmitted within 300 ms: a success means the SYN
+                // sent at `at` passed.
+                if TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok()
+                    && let Ok(mut f) = first.lock()
+                {
+                    *f = Some(f.map_or(at, |t| t.min(at)));
+                }
+            }));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for p in probes {
+            let _ = p.join();
+        }
+        let (_, approve_took) = approver.join().expect("approver");
+        let passed = first
+            .lock()
+            .ok()
+            .and_then(|f| *f)
+            .expect("no connection passed within 5 s of the approval");
+        let grants: serde_json::Value = serde_json::from_str(&ok(&self.ctl(
+            0,
+            "sre_carol",
+            &["ls", "grants", "--active", "--json"],
+        )))
+        .expect("JSON");
+        for g in grants.as_array().into_iter().flatten() {
+            if let Some(gid) = g["id"].as_str() {
+                ok(&self.ctl(0, "sre_carol", &["revoke", gid, "--reason", "next sample"]));
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || connect().is_none()),
+            "node 1 still open after the revoke"
+        );
+        (passed, approve_took)
     }
 }
 

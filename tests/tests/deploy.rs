@@ -292,6 +292,13 @@ fn the_daemonset_gives_the_agent_what_it_needs_and_nothing_more() {
             "{section}.{key} {p} is not from a Secret"
         );
     }
+    // The CAs of client identities are not the Secret of the agent's own certificate (whose
+    // issuer, shared, would let anyone it serves mint identities).
+    let secret_of = |p: &str| volume_of(&ds, p).map(|v| v["secret"]["secretName"].clone());
+    assert_ne!(
+        secret_of(cfg["tls"]["ca"].as_str().expect("tls.ca")),
+        secret_of(cfg["tls"]["cert"].as_str().expect("tls.cert"))
+    );
     assert_eq!(cfg["store"]["backend"].as_str(), Some("etcd"));
 
     // The API on the host port; probes where the health endpoints listen.

@@ -394,7 +394,7 @@ fn open_records_are_indexed<B: Backend>(b: &B) {
 }
 
 /// Pruning deletes closed records past the retention, oldest first and at most the limit asked;
-/// never an open record, a recent one, or a request whose grant is still kept.
+/// a grant goes with its request; never an open record or a recent one.
 fn pruning_keeps_what_is_open_or_recent<B: Backend>(b: &B) {
     const DAY: i64 = 86_400_000;
     let s = b.open();
@@ -416,7 +416,12 @@ fn pruning_keeps_what_is_open_or_recent<B: Backend>(b: &B) {
         g.ended_ms = ended;
         (r, g)
     };
-    // Five old pairs, closed 44, 43, ... 40 days ago.
+    // A request denied 45 days ago; five old pairs, ended 44, 43, ... 40 days ago.
+    let mut denied = request("req-denied", "x");
+    denied.state = RequestState::Denied;
+    denied.created_ms = now - 45 * DAY;
+    s.commit(Txn::put(Record::Request(denied), 0))
+        .expect("commit");
     for i in 0..5 {
         let t = now - (44 - i) * DAY;
         let (r, g) = pair(&format!("old-{i}"), t, GrantState::Expired, t + 1_000);
@@ -444,13 +449,19 @@ fn pruning_keeps_what_is_open_or_recent<B: Backend>(b: &B) {
         }
     };
     let retention = now - 30 * DAY;
-    // At most the limit, oldest first.
+    // At most the limit, oldest first; a grant and its request together.
     assert_eq!(s.prune(retention, 3).expect("prune"), 3);
-    for id in ["req-old-0", "grant-old-0", "req-old-1"] {
+    for id in [
+        "req-denied",
+        "req-old-0",
+        "grant-old-0",
+        "req-old-1",
+        "grant-old-1",
+    ] {
         assert!(!kept(id), "{id} was not pruned first");
     }
-    assert!(kept("grant-old-1"));
-    assert_eq!(s.prune(retention, 100).expect("prune"), 7);
+    assert!(kept("grant-old-2") && kept("req-old-2"));
+    assert_eq!(s.prune(retention, 100).expect("prune"), 3);
     assert_eq!(
         s.prune(retention, 100).expect("prune"),
         0,
@@ -470,9 +481,9 @@ fn pruning_keeps_what_is_open_or_recent<B: Backend>(b: &B) {
     ] {
         assert!(kept(id), "{id} was pruned");
     }
-    // With a retention of a day, the long grant is past it too and its request goes with it
-    // (as the recent pair does); the open records stay whatever their age.
-    assert_eq!(s.prune(now - DAY + 1, 100).expect("prune"), 4);
+    // With a retention of a day, the long and the recent grants are past it, their requests go
+    // with them; the open records stay whatever their age.
+    assert_eq!(s.prune(now - DAY + 1, 100).expect("prune"), 2);
     assert!(!kept("req-long") && !kept("grant-long"));
     assert!(!kept("grant-recent") && !kept("req-recent"));
     assert_eq!(s.prune(i64::MAX / 2, 100).expect("prune"), 0);
@@ -661,8 +672,9 @@ fn an_undecodable_record_is_reported_and_skipped() {
     );
 }
 
-/// Records written before the indexes existed (a redb file of the earlier layout) are indexed
-/// when the store opens: an open one is listed, with its revision.
+/// Records written before the indexes existed (a redb file of the earlier layout), or by a
+/// binary that does not keep them (a downgrade), are indexed when the store opens: an open one
+/// is listed, with its revision.
 #[test]
 fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
     let dir = TempDir::new("jit-store-");
@@ -693,6 +705,31 @@ fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
     r.state = RequestState::Expired;
     s.commit(Txn::put(Record::Request(r), 4)).expect("commit");
     assert!(s.open_requests().expect("open").is_empty());
+    drop(s);
+
+    // A binary that does not keep the indexes (a downgrade) writes a record and moves the
+    // revision: the next open sees the indexes are behind and rebuilds them.
+    {
+        let db = ::redb::Database::create(&path).expect("redb");
+        let tx = db.begin_write().expect("write");
+        {
+            let mut t = tx
+                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("requests"))
+                .expect("requests");
+            let body = serde_json::json!({ "value": request("req-downgrade", "x"), "revision": 6 });
+            t.insert("req-downgrade", body.to_string().as_bytes())
+                .expect("insert");
+            let mut meta = tx
+                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
+                .expect("meta");
+            meta.insert("revision", 6).expect("revision");
+        }
+        tx.commit().expect("commit");
+    }
+    let s = RedbStore::open(&path).expect("open");
+    let open = s.open_requests().expect("open requests");
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].value.id, "req-downgrade");
 }
 
 /// The same for etcd: records written under the prefix before the indexes are indexed when an
@@ -708,8 +745,16 @@ fn etcd_records_from_before_the_indexes_are_indexed_on_connect() {
         &legacy,
     );
     let s = e.open();
-    let open = s.open_grants().expect("open grants");
-    assert_eq!(open.len(), 1);
+    // Checked in the background when an agent connects.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open = s.open_grants().expect("open grants");
+        if !open.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(open.len(), 1, "never indexed");
     assert_eq!(open[0].value.id, "grant-legacy");
     let stored = s.grant("grant-legacy").expect("read").expect("grant");
     assert_eq!(open[0].revision, stored.revision);
@@ -721,6 +766,40 @@ fn etcd_records_from_before_the_indexes_are_indexed_on_connect() {
     assert!(s.open_grants().expect("open").is_empty());
     // A second agent connecting later finds the indexes done and agrees.
     assert!(e.open().open_grants().expect("open").is_empty());
+
+    // An agent of that earlier version, still running beside this one (a rolling upgrade),
+    // writes records without index entries: a new open grant is indexed from the change stream
+    // within moments; closing an indexed grant behind the index's back never leaves it open
+    // (the record decides).
+    let mut old = grant("grant-old-agent");
+    put_raw(
+        &e.cluster.endpoints()[0],
+        &format!("{}grants/grant-old-agent", e.prefix),
+        &serde_json::to_string(&old).expect("json"),
+    );
+    let mut seen = false;
+    for _ in 0..100 {
+        if s.open_grants().expect("open").len() == 1 {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        seen,
+        "a grant written without its index entry was never indexed"
+    );
+    old.state = GrantState::Revoked;
+    old.ended_ms = 9;
+    put_raw(
+        &e.cluster.endpoints()[0],
+        &format!("{}grants/grant-old-agent", e.prefix),
+        &serde_json::to_string(&old).expect("json"),
+    );
+    assert!(
+        s.open_grants().expect("open").is_empty(),
+        "a grant revoked by an earlier version still counted as open"
+    );
 }
 
 /// Writes a raw value through etcd's JSON gateway (`/v3/kv/put`, base64 key and value).

@@ -970,6 +970,19 @@ fn a_grant_counts_its_own_packets_and_keeps_them_across_rewrites() {
 #[ignore = "needs root"]
 fn events_are_rate_limited_per_cpu() {
     root_or_skip!();
+    // Both test runs below on one CPU: the budget is per CPU, and a second run landing on the
+    // other CPU would find a fresh one.
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set),
+            0,
+            "pinning to CPU 0: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     let mut g = setup(Mode::Enforce);
     g.maps.refill_event_tokens(5).expect("event budget");
     let mut events = jit_agent::datapath::EventReader::open(g.pin_dir()).expect("ring buffer");

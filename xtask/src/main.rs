@@ -43,7 +43,8 @@ enum Task {
         nodes: u8,
     },
     /// Set up, build in release, and measure the gate's per-packet cost and grant loading as
-    /// ratios against a pass-everything XDP program in the same run. Needs root.
+    /// ratios against a pass-everything XDP program in the same run, then a fleet's approval to
+    /// first packet across nodes (p50/p99). Needs root.
     Bench,
     /// Set up, lint, then run every test. Tests that need the kernel are marked
     /// `#[ignore = "needs root"]` and run as root (`--include-ignored`); without root they are
@@ -74,6 +75,17 @@ fn main() -> anyhow::Result<()> {
                 bail!("the benchmarks need root (they load BPF programs)");
             }
             step("building and running the benchmarks (release)");
+            // The fleet section runs the release agent and jitctl found beside the benchmark.
+            cargo(&[
+                "build",
+                "--quiet",
+                "--release",
+                "--package",
+                "jit-agent",
+                "--package",
+                "jitctl",
+                "--bins",
+            ])?;
             cargo(&[
                 "run",
                 "--quiet",

@@ -105,6 +105,24 @@ impl Credential {
             st = untrusted_after_reload => st,
         }
     }
+
+    /// Whether the credential still holds now: not expired, and its chain verified against a
+    /// trust reloaded since the last look.
+    fn still_valid(&mut self) -> Result<(), Status> {
+        if self
+            .expires
+            .is_some_and(|t| t <= tokio::time::Instant::now())
+        {
+            return Err(ended_by_expiry());
+        }
+        if let (Some((trust, reloads)), Some(chain)) = (&mut self.reloads, &self.chain)
+            && reloads.has_changed().unwrap_or(false)
+        {
+            reloads.borrow_and_update();
+            trust.trusts(chain).map_err(|e| untrusted(&e))?;
+        }
+        Ok(())
+    }
 }
 
 /// When the caller's client certificate stops being valid: a stream it opened ends then
@@ -404,8 +422,9 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let who = self.caller(&req)?;
+        // Subscribed to reloads before the chain is checked: none falls in between.
         let mut cred = self.credential(&req);
+        let who = self.caller(&req)?;
         let only = req.into_inner().request_id;
         let node = Arc::clone(&self.node);
         // Subscribe before the snapshot so nothing falls between them.
@@ -433,6 +452,10 @@ impl<S: Store> JitGate for Api<S> {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             for r in snapshot.iter().rev() {
+                if let Err(st) = cred.still_valid() {
+                    let _ = tx.send(Err(st)).await;
+                    return;
+                }
                 let ev = pb::WatchEvent {
                     request: Some(request_msg(r)),
                 };
@@ -442,11 +465,12 @@ impl<S: Store> JitGate for Api<S> {
             }
             loop {
                 let received = tokio::select! {
-                    c = changes.recv() => c,
+                    biased;
                     st = cred.ended() => {
                         let _ = tx.send(Err(st)).await;
                         return;
                     }
+                    c = changes.recv() => c,
                 };
                 let change = match received {
                     Ok(c) => c,
@@ -483,6 +507,8 @@ impl<S: Store> JitGate for Api<S> {
         &self,
         req: GrpcRequest<pb::WatchAuditRequest>,
     ) -> Result<Response<Self::WatchAuditStream>, Status> {
+        // Subscribed to reloads before the chain is checked: none falls in between.
+        let mut cred = self.credential(&req);
         let who = self.caller(&req)?;
         if !self.node.may_read_audit(&who) {
             return Err(Status::permission_denied(format!(
@@ -490,7 +516,7 @@ impl<S: Store> JitGate for Api<S> {
                 who.name()
             )));
         }
-        let mut cred = self.credential(&req);
+
         let from = req.into_inner().from_seq;
         let audit = Arc::clone(self.node.audit());
         // Subscribed before the files are read: a line is either in the files or in the channel.
@@ -526,17 +552,23 @@ impl<S: Store> JitGate for Api<S> {
                     if l.seq < next {
                         continue;
                     }
+                    // A long backlog is no way around an expired or untrusted certificate.
+                    if let Err(st) = cred.still_valid() {
+                        let _ = tx.send(Err(st)).await;
+                        return;
+                    }
                     next = l.seq + 1;
                     if tx.send(Ok(send(&l))).await.is_err() {
                         return;
                     }
                 }
                 let received = tokio::select! {
-                    l = lines.recv() => l,
+                    biased;
                     st = cred.ended() => {
                         let _ = tx.send(Err(st)).await;
                         return;
                     }
+                    l = lines.recv() => l,
                 };
                 match received {
                     Ok(l) if l.seq < next => {}

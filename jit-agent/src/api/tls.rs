@@ -319,8 +319,9 @@ impl ReloadingConfig {
             Ok((cfg, clients)) => {
                 state.server = Arc::new(cfg);
                 state.clients = clients;
-                drop(state);
+                // Under the lock: a call that sees the new trust also sees it counted.
                 self.reloads.send_modify(|n| *n += 1);
+                drop(state);
                 tracing::info!("TLS certificates reloaded");
                 true
             }

@@ -255,7 +255,8 @@ impl<S: Store> Engine<S> {
         let now = self.now();
         for g in self.store.open_grants()? {
             let g = g.value;
-            if !(g.is_live(now) && g.identity != requester) {
+            // A grant yet to start holds its address too (kernels hold it already).
+            if !(g.is_unended(now) && g.identity != requester) {
                 continue;
             }
             for source in &g.extra_sources {

@@ -87,15 +87,17 @@ pub struct EtcdStore {
 const REQUESTS: &str = "requests/";
 const GRANTS: &str = "grants/";
 const MARKERS: &str = "txn/";
-/// Index of open records: `open/requests/<id>` and `open/grants/<id>` hold a copy of the record,
-/// written in the same transaction as the record (so with the same mod revision).
+/// Index of open records: `open/requests/<id>` and `open/grants/<id>`, empty values, written in
+/// the same transaction as the record. Readers take the ids from it and read the records
+/// themselves: the record decides, so an index entry left stale (by an agent that does not keep
+/// the indexes, in a mixed-version fleet) never makes a closed record count as open.
 const OPEN: &str = "open/";
 /// Index of closed records by closing time: `closed/<ms>/<table><id>`, empty values.
 const CLOSED: &str = "closed/";
-/// Present once the indexes are complete (records written before them are indexed on connect).
-const INDEX_VERSION: &str = "meta/index-version";
 const OPEN_REQUESTS: &str = "open/requests/";
 const OPEN_GRANTS: &str = "open/grants/";
+/// Records read per transaction when following the open index.
+const READ_BATCH: usize = 64;
 /// How soon the change stream tries again after its watch failed.
 const WATCH_RETRY: Duration = Duration::from_millis(200);
 /// How soon a store call is tried again after a transient failure (within its bound).
@@ -250,7 +252,19 @@ impl EtcdStore {
             .map(etcd_client::ResponseHeader::revision)
             .ok_or_else(|| backend("a read without a revision"))
         })?;
-        store.index_once()?;
+        {
+            let (mut kv, prefix) = (store.kv.clone(), store.opts.prefix.clone());
+            store.runtime().spawn(async move {
+                match verify_indexes(&mut kv, &prefix).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("store: repaired the indexes of {n} record(s)"),
+                    Err(e) => tracing::warn!(
+                        "store: checking the indexes failed ({e}); records written without them \
+                         (by an earlier version) are indexed as they change"
+                    ),
+                }
+            });
+        }
         store.runtime().spawn(follow(
             client,
             store.opts.prefix.clone(),
@@ -259,71 +273,6 @@ impl EtcdStore {
             Arc::clone(&store.corrupt),
         ));
         Ok(store)
-    }
-
-    /// Indexes the records written before the indexes existed, once per deployment: each
-    /// record is rewritten with its index entries in one transaction that holds only if the
-    /// record is unchanged (an agent that changed it meanwhile wrote its entries itself), so
-    /// agents doing this at once agree.
-    fn index_once(&self) -> Result<(), StoreError> {
-        let marker = format!("{}{INDEX_VERSION}", self.opts.prefix);
-        let done = {
-            let marker = marker.clone();
-            self.call(move |mut kv, _| {
-                let marker = marker.clone();
-                async move {
-                    let resp = kv.get(marker, None).await.map_err(etcd_error)?;
-                    Ok(!resp.kvs().is_empty())
-                }
-            })?
-        };
-        if done {
-            return Ok(());
-        }
-        let mut records: Vec<(Record, u64)> = self
-            .requests()?
-            .into_iter()
-            .map(|r| (Record::Request(r.value), r.revision))
-            .collect();
-        records.extend(
-            self.grants()?
-                .into_iter()
-                .map(|g| (Record::Grant(g.value), g.revision)),
-        );
-        if !records.is_empty() {
-            tracing::info!(
-                "store: indexing {} record(s) written before the indexes",
-                records.len()
-            );
-        }
-        let prefix = self.opts.prefix.clone();
-        for (record, revision) in records {
-            let (table, id) = match record.key() {
-                RecordKey::Request(id) => (REQUESTS, id),
-                RecordKey::Grant(id) => (GRANTS, id),
-            };
-            let rev = i64::try_from(revision).map_err(backend)?;
-            let txn = Txn::new()
-                .when(vec![Compare::mod_revision(
-                    format!("{prefix}{table}{id}"),
-                    CompareOp::Equal,
-                    rev,
-                )])
-                .and_then(record_ops(&prefix, &record)?);
-            self.call(move |mut kv, _| {
-                let txn = txn.clone();
-                async move { kv.txn(txn).await.map(|_| ()).map_err(etcd_error) }
-            })?;
-        }
-        self.call(move |mut kv, _| {
-            let marker = marker.clone();
-            async move {
-                kv.put(marker, "1", None)
-                    .await
-                    .map(|_| ())
-                    .map_err(etcd_error)
-            }
-        })
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -443,6 +392,63 @@ impl EtcdStore {
     }
 }
 
+impl EtcdStore {
+    /// The records an index names (`<prefix><index><id>` → `<prefix><table><id>`), read in
+    /// transactions of [`READ_BATCH`] gets; ids whose record is gone are passed over.
+    fn through_index<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        index: &'static str,
+        table: &'static str,
+    ) -> Result<Vec<Versioned<T>>, StoreError> {
+        let corrupt = Arc::clone(&self.corrupt);
+        self.call(move |mut kv, prefix| {
+            let corrupt = Arc::clone(&corrupt);
+            async move {
+                let start = format!("{prefix}{index}");
+                let (_, entries) = read_all(&mut kv, &start).await?;
+                let ids: Vec<String> = entries
+                    .iter()
+                    .filter_map(|e| std::str::from_utf8(e.key()).ok())
+                    .filter_map(|k| k.strip_prefix(&start))
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                    .map(str::to_string)
+                    .collect();
+                let mut out = Vec::new();
+                for chunk in ids.chunks(READ_BATCH) {
+                    let gets = chunk
+                        .iter()
+                        .map(|id| TxnOp::get(format!("{prefix}{table}{id}"), None))
+                        .collect::<Vec<_>>();
+                    let resp = kv
+                        .txn(Txn::new().and_then(gets))
+                        .await
+                        .map_err(etcd_error)?;
+                    for op in resp.op_responses() {
+                        let etcd_client::TxnOpResponse::Get(got) = op else {
+                            continue;
+                        };
+                        for item in got.kvs() {
+                            let key = String::from_utf8_lossy(item.key()).into_owned();
+                            match decode(&key, item.value(), item.mod_revision()) {
+                                Ok(v) => out.push(v),
+                                Err(e) => {
+                                    if note_corrupt(&corrupt, &key) {
+                                        tracing::error!(
+                                            "store record {key} cannot be decoded and is \
+                                             skipped: {e}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        })
+    }
+}
+
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         if let Some(rt) = self.rt.take() {
@@ -502,8 +508,8 @@ fn record_of(prefix: &str, key: &[u8], value: &[u8]) -> Option<Result<Record, St
     }
 }
 
-/// The writes of one record with its indexes: the record, and its copy under `open/` while it is
-/// open, or its entry under `closed/` once it is closed.
+/// The writes of one record with its indexes: the record, its `open/` entry put while it is
+/// open and deleted once it is not, and its `closed/` entry once it has a closing time.
 fn record_ops(prefix: &str, record: &Record) -> Result<Vec<TxnOp>, StoreError> {
     let (table, id, value) = match record {
         Record::Request(r) => (REQUESTS, &r.id, serde_json::to_vec(r)),
@@ -512,22 +518,130 @@ fn record_ops(prefix: &str, record: &Record) -> Result<Vec<TxnOp>, StoreError> {
     if id.is_empty() || id.contains('/') {
         return Err(backend(format!("record id {id:?} cannot be a key")));
     }
-    let value = value.map_err(backend)?;
-    let open = format!("{prefix}{OPEN}{table}{id}");
     let mut ops = vec![TxnOp::put(
         format!("{prefix}{table}{id}"),
-        value.clone(),
+        value.map_err(backend)?,
         None,
     )];
-    match record.closed_at_ms() {
-        None => ops.push(TxnOp::put(open, value, None)),
-        Some(at) => {
-            ops.push(TxnOp::delete(open, None));
-            let closed = super::closed_key(at, &record.key());
-            ops.push(TxnOp::put(format!("{prefix}{CLOSED}{closed}"), "", None));
+    ops.extend(index_ops(prefix, record, true));
+    Ok(ops)
+}
+
+/// The index writes of `record`; `delete_open`: also the delete of its `open/` entry when it is
+/// closed (a repair leaves that to a guarded transaction of its own).
+fn index_ops(prefix: &str, record: &Record, delete_open: bool) -> Vec<TxnOp> {
+    let (table, id) = match record {
+        Record::Request(r) => (REQUESTS, &r.id),
+        Record::Grant(g) => (GRANTS, &g.id),
+    };
+    let open = format!("{prefix}{OPEN}{table}{id}");
+    let mut ops = Vec::new();
+    if record.is_open() {
+        ops.push(TxnOp::put(open, "", None));
+    } else if delete_open {
+        ops.push(TxnOp::delete(open, None));
+    }
+    if let Some(at) = record.prune_at_ms() {
+        let closed = super::closed_key(at, &record.key());
+        ops.push(TxnOp::put(format!("{prefix}{CLOSED}{closed}"), "", None));
+    }
+    ops
+}
+
+/// Brings the indexes of one record written by someone who did not keep them (an agent of an
+/// earlier version) up to date, if the record is still as written (`mod_revision`). Idempotent:
+/// agents that see the same write agree.
+async fn repair_index(
+    kv: &mut KvClient,
+    prefix: &str,
+    record: &Record,
+    mod_revision: i64,
+) -> Result<(), StoreError> {
+    let (table, id) = match record {
+        Record::Request(r) => (REQUESTS, &r.id),
+        Record::Grant(g) => (GRANTS, &g.id),
+    };
+    let main = format!("{prefix}{table}{id}");
+    let unchanged = Compare::mod_revision(main, CompareOp::Equal, mod_revision);
+    let ops = index_ops(prefix, record, false);
+    if !ops.is_empty() {
+        kv.txn(Txn::new().when(vec![unchanged.clone()]).and_then(ops))
+            .await
+            .map_err(etcd_error)?;
+    }
+    if !record.is_open() {
+        let open = format!("{prefix}{OPEN}{table}{id}");
+        let present = Compare::create_revision(open.as_str(), CompareOp::Greater, 0);
+        kv.txn(
+            Txn::new()
+                .when(vec![unchanged, present])
+                .and_then(vec![TxnOp::delete(open, None)]),
+        )
+        .await
+        .map_err(etcd_error)?;
+    }
+    Ok(())
+}
+
+/// Checks every record's indexes against the records, at start (in the background): entries
+/// missing for records written without them are added, entries that say open for a closed or
+/// missing record are removed. Reads everything once; writes only what differs.
+async fn verify_indexes(kv: &mut KvClient, prefix: &str) -> Result<usize, StoreError> {
+    let mut repaired = 0;
+    let (_, open_keys) = read_all(kv, &format!("{prefix}{OPEN}")).await?;
+    let open: BTreeSet<String> = open_keys
+        .iter()
+        .filter_map(|k| std::str::from_utf8(k.key()).ok())
+        .filter_map(|k| {
+            k.strip_prefix(&format!("{prefix}{OPEN}"))
+                .map(str::to_string)
+        })
+        .collect();
+    let (_, closed_keys) = read_all(kv, &format!("{prefix}{CLOSED}")).await?;
+    let closed: BTreeSet<String> = closed_keys
+        .iter()
+        .filter_map(|k| std::str::from_utf8(k.key()).ok())
+        .filter_map(|k| {
+            k.strip_prefix(&format!("{prefix}{CLOSED}"))
+                .map(str::to_string)
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    for table in [REQUESTS, GRANTS] {
+        let (_, records) = read_all(kv, &format!("{prefix}{table}")).await?;
+        for item in &records {
+            let Some(Ok(record)) = record_of(prefix, item.key(), item.value()) else {
+                continue;
+            };
+            let name = match &record {
+                Record::Request(r) => format!("{REQUESTS}{}", r.id),
+                Record::Grant(g) => format!("{GRANTS}{}", g.id),
+            };
+            seen.insert(name.clone());
+            let open_ok = record.is_open() == open.contains(&name);
+            let closed_ok = record
+                .prune_at_ms()
+                .is_none_or(|at| closed.contains(&super::closed_key(at, &record.key())));
+            if !(open_ok && closed_ok) {
+                repair_index(kv, prefix, &record, item.mod_revision()).await?;
+                repaired += 1;
+            }
         }
     }
-    Ok(ops)
+    // Entries whose record is gone (pruned by an agent that did not keep the index).
+    for name in open.difference(&seen) {
+        let main = format!("{prefix}{name}");
+        let entry = format!("{prefix}{OPEN}{name}");
+        kv.txn(
+            Txn::new()
+                .when(vec![Compare::create_revision(main, CompareOp::Equal, 0)])
+                .and_then(vec![TxnOp::delete(entry, None)]),
+        )
+        .await
+        .map_err(etcd_error)?;
+        repaired += 1;
+    }
+    Ok(repaired)
 }
 
 /// The change stream: a watch from the revision after the last one published; after any
@@ -603,6 +717,14 @@ async fn follow(
                         );
                         break;
                     }
+                    // The index entries written with the records of this response.
+                    let indexed: BTreeSet<(&[u8], i64)> = resp
+                        .events()
+                        .iter()
+                        .filter(|e| e.event_type() == EventType::Put)
+                        .filter_map(|e| e.kv())
+                        .map(|kv| (kv.key(), kv.mod_revision()))
+                        .collect();
                     for event in resp.events() {
                         let Some(kv) = event.kv() else { continue };
                         if event.event_type() == EventType::Put {
@@ -614,6 +736,21 @@ async fn follow(
                                 kv.value(),
                                 kv.mod_revision(),
                             );
+                            // A record written without its index entries (an agent of an
+                            // earlier version): every agent that sees it repairs them.
+                            if let Some(Ok(record)) = record_of(&prefix, kv.key(), kv.value())
+                                && !written_indexed(&prefix, &record, kv.mod_revision(), &indexed)
+                            {
+                                let (mut kv_client, prefix) = (client.kv_client(), prefix.clone());
+                                let rev = kv.mod_revision();
+                                tokio::spawn(async move {
+                                    if let Err(e) =
+                                        repair_index(&mut kv_client, &prefix, &record, rev).await
+                                    {
+                                        tracing::warn!("store: repairing an index entry: {e}");
+                                    }
+                                });
+                            }
                         }
                         published = published.max(kv.mod_revision());
                     }
@@ -629,6 +766,30 @@ async fn follow(
             }
         }
     }
+}
+
+/// Whether `record`, written at `revision`, came with the index entries it needs (as `indexed`,
+/// the keys put at each revision, shows): its `open/` entry while open, its `closed/` entry once
+/// it has a closing time.
+fn written_indexed(
+    prefix: &str,
+    record: &Record,
+    revision: i64,
+    indexed: &BTreeSet<(&[u8], i64)>,
+) -> bool {
+    let (table, id) = match record {
+        Record::Request(r) => (REQUESTS, &r.id),
+        Record::Grant(g) => (GRANTS, &g.id),
+    };
+    let has = |key: String| indexed.contains(&(key.as_bytes(), revision));
+    let open_ok = !record.is_open() || has(format!("{prefix}{OPEN}{table}{id}"));
+    let closed_ok = record.prune_at_ms().is_none_or(|at| {
+        has(format!(
+            "{prefix}{CLOSED}{}",
+            super::closed_key(at, &record.key())
+        ))
+    });
+    open_ok && closed_ok
 }
 
 fn publish(
@@ -677,11 +838,15 @@ impl Store for EtcdStore {
     }
 
     fn open_requests(&self) -> Result<Vec<Versioned<Request>>, StoreError> {
-        self.all(OPEN_REQUESTS)
+        let mut open: Vec<Versioned<Request>> = self.through_index(OPEN_REQUESTS, REQUESTS)?;
+        open.retain(|r| Record::Request(r.value.clone()).is_open());
+        Ok(open)
     }
 
     fn open_grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError> {
-        self.all(OPEN_GRANTS)
+        let mut open: Vec<Versioned<Grant>> = self.through_index(OPEN_GRANTS, GRANTS)?;
+        open.retain(|g| Record::Grant(g.value.clone()).is_open());
+        Ok(open)
     }
 
     fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
@@ -719,40 +884,45 @@ impl Store for EtcdStore {
             if pruned >= limit {
                 break;
             }
-            let found = match index_key.strip_prefix(&from).and_then(super::closed_record) {
-                None => None,
+            let key = index_key.strip_prefix(&from).and_then(super::closed_record);
+            let found = match &key {
+                None => Ok(None),
                 Some(RecordKey::Request(id)) => self
-                    .request(&id)?
-                    .map(|r| (Record::Request(r.value), r.revision)),
+                    .request(id)
+                    .map(|r| r.map(|r| (Record::Request(r.value), r.revision))),
                 Some(RecordKey::Grant(id)) => self
-                    .grant(&id)?
-                    .map(|g| (Record::Grant(g.value), g.revision)),
+                    .grant(id)
+                    .map(|g| g.map(|g| (Record::Grant(g.value), g.revision))),
+            };
+            let found = match found {
+                Ok(f) => f,
+                // Undecodable: kept as it is for the operator (listings report it).
+                Err(StoreError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
             };
             let mut ops = vec![TxnOp::delete(index_key.as_str(), None)];
             let mut compares = Vec::new();
-            match found {
-                // Gone already, or not an index key: only the entry goes.
-                None => {}
-                // Reopened since it was indexed: the entry is stale.
-                Some((record, _)) if record.closed_at_ms().is_none() => {}
-                Some((record, revision)) => {
-                    let grant = match &record {
-                        Record::Request(r) if !r.grant_id.is_empty() => {
-                            self.grant(&r.grant_id)?.map(|g| g.value)
-                        }
-                        _ => None,
-                    };
-                    if !super::prunable(&record, grant.as_ref(), before_ms) {
-                        continue;
-                    }
-                    let (table, id) = match record.key() {
-                        RecordKey::Request(id) => (REQUESTS, id),
-                        RecordKey::Grant(id) => (GRANTS, id),
-                    };
+            // Gone already, not an index key, or not prunable under this entry (a stale one):
+            // only the entry goes.
+            if let Some((record, revision)) = found.filter(|(r, _)| super::prunable(r, before_ms)) {
+                let mut delete = |table: &str, id: &str, revision: u64| -> Result<(), StoreError> {
                     let key = format!("{prefix}{table}{id}");
                     let rev = i64::try_from(revision).map_err(backend)?;
                     compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, rev));
                     ops.push(TxnOp::delete(key, None));
+                    Ok(())
+                };
+                match &record {
+                    Record::Request(r) => delete(REQUESTS, &r.id, revision)?,
+                    Record::Grant(g) => {
+                        delete(GRANTS, &g.id, revision)?;
+                        // Its request goes with it (unless somehow still open).
+                        if let Ok(Some(r)) = self.request(&g.request_id)
+                            && !Record::Request(r.value.clone()).is_open()
+                        {
+                            delete(REQUESTS, &r.value.id, r.revision)?;
+                        }
+                    }
                 }
             }
             let deletes_record = !compares.is_empty();

@@ -72,18 +72,21 @@ impl Record {
         }
     }
 
-    /// When a closed record becomes prunable, the time its retention counts from: a grant's
-    /// end (its expiry if it has no end time), a request's creation. `None` while open.
+    /// Where a closed record sits in the index by closing time, the time its retention counts
+    /// from: a grant's end (its expiry if it has no end time), the creation of a request that
+    /// never got a grant. `None` while open, and for a request with a grant: it is pruned with
+    /// its grant.
     #[must_use]
-    pub fn closed_at_ms(&self) -> Option<i64> {
+    pub fn prune_at_ms(&self) -> Option<i64> {
         if self.is_open() {
             return None;
         }
-        Some(match self {
-            Self::Request(r) => r.created_ms,
-            Self::Grant(g) if g.ended_ms > 0 => g.ended_ms,
-            Self::Grant(g) => g.expires_ms,
-        })
+        match self {
+            Self::Request(r) if r.grant_id.is_empty() => Some(r.created_ms),
+            Self::Request(_) => None,
+            Self::Grant(g) if g.ended_ms > 0 => Some(g.ended_ms),
+            Self::Grant(g) => Some(g.expires_ms),
+        }
     }
 
     /// The record's key.
@@ -150,8 +153,8 @@ pub enum StoreError {
     },
 }
 
-/// How many index entries a prune may look at per record it may delete: entries of requests
-/// whose grants are still kept are passed over, and a pass stays bounded.
+/// How many index entries a prune may look at per record it may delete (stale entries and
+/// undecodable records are passed over); a pass stays bounded.
 const PRUNE_LOOKAHEAD: usize = 4;
 
 /// The key of a closed record in the index by closing time: ordered by time as text.
@@ -178,17 +181,10 @@ fn closed_record(index_key: &str) -> Option<RecordKey> {
         .map(|id| RecordKey::Grant(id.to_string()))
 }
 
-/// Whether a closed record found through the index may go: it is still closed before
-/// `before_ms` and, for a request, its grant is gone or closed before `before_ms` too.
-fn prunable(record: &Record, grant_of_request: Option<&Grant>, before_ms: i64) -> bool {
-    let closed_before = |r: &Record| r.closed_at_ms().is_some_and(|at| at < before_ms);
-    if !closed_before(record) {
-        return false;
-    }
-    match (record, grant_of_request) {
-        (Record::Request(_), Some(g)) => closed_before(&Record::Grant(g.clone())),
-        _ => true,
-    }
+/// Whether a record found through the index by closing time may go: it is closed and its
+/// retention started before `before_ms`.
+fn prunable(record: &Record, before_ms: i64) -> bool {
+    record.prune_at_ms().is_some_and(|at| at < before_ms)
 }
 
 /// The keys in a backend's set of undecodable records, in order (for [`Store::corrupt_records`]).
@@ -220,10 +216,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `txn` atomically and durably, with the indexes; returns the new revision.
     fn commit(&self, txn: Txn) -> Result<u64, StoreError>;
     /// Deletes closed records whose retention started before `before_ms` (see
-    /// [`Record::closed_at_ms`]), oldest first, at most `limit` of them; returns how many. Never
-    /// an open record, and never a request whose grant is still kept (open, or closed since
-    /// `before_ms`): a grant always finds its request. Changes nothing on the change stream (a
-    /// closed record has no effect on any kernel).
+    /// [`Record::prune_at_ms`]), oldest first, at most `limit` of them; returns how many. A
+    /// grant goes with its request, in one transaction (a grant always finds its request). Never
+    /// an open record. An undecodable record is passed over (listings report it). Changes
+    /// nothing on the change stream (a closed record has no effect on any kernel).
     fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError>;
     /// Records that listings skipped because they could not be decoded (`table/key`). Listings
     /// report such a record and go on: one bad record never hides the others.

@@ -24,8 +24,10 @@ const CLOSED: TableDefinition<&str, ()> = TableDefinition::new("closed");
 const REVISION: &str = "revision";
 const NEXT_SERVICE_ID: &str = "next_service_id";
 const NEXT_IDENTITY_ID: &str = "next_identity_id";
-/// Version of the indexes in the file; files written before them are indexed once on open.
-const INDEX_VERSION: &str = "index_version";
+/// The revision the indexes were last kept at. A file whose `revision` moved past it was written
+/// by a binary that does not keep them (before them, or a downgrade): its indexes are rebuilt
+/// on open.
+const INDEXED_REVISION: &str = "indexed_revision";
 
 /// redb-backed [`Store`].
 pub struct RedbStore {
@@ -135,12 +137,22 @@ fn revision_of(bytes: Option<&[u8]>) -> u64 {
         .map_or(0, |r| r.revision)
 }
 
-/// Builds the indexes of a file written before them (in the opening transaction): every record
-/// that decodes is indexed; one that does not stays as it is (listings report it).
+/// Rebuilds the indexes of a file whose records were written without them (see
+/// [`INDEXED_REVISION`]), in the opening transaction: every record that decodes is indexed; one
+/// that does not stays as it is (listings report it).
 fn index_once(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut meta = tx.open_table(META).map_err(backend)?;
-    if meta.get(INDEX_VERSION).map_err(backend)?.is_some() {
+    let revision = meta.get(REVISION).map_err(backend)?.map(|v| v.value());
+    let indexed = meta
+        .get(INDEXED_REVISION)
+        .map_err(backend)?
+        .map(|v| v.value());
+    if indexed.is_some() && indexed == revision {
         return Ok(());
+    }
+    for table in [OPEN_REQUESTS, OPEN_GRANTS, CLOSED] {
+        tx.delete_table(table).map_err(backend)?;
+        tx.open_table(table).map_err(backend)?;
     }
     let mut records = Vec::new();
     {
@@ -161,14 +173,15 @@ fn index_once(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     }
     if !records.is_empty() {
         tracing::info!(
-            "store: indexing {} record(s) written before the indexes",
+            "store: indexing {} record(s) written without indexes",
             records.len()
         );
     }
     for record in &records {
         index(tx, record)?;
     }
-    meta.insert(INDEX_VERSION, 1).map_err(backend)?;
+    meta.insert(INDEXED_REVISION, revision.unwrap_or(0))
+        .map_err(backend)?;
     Ok(())
 }
 
@@ -179,19 +192,41 @@ fn index(tx: &redb::WriteTransaction, record: &Record) -> Result<(), StoreError>
         Record::Grant(g) => (OPEN_GRANTS, g.id.as_str()),
     };
     let mut open = tx.open_table(table).map_err(backend)?;
-    match record.closed_at_ms() {
-        None => {
-            open.insert(id, ()).map_err(backend)?;
-        }
-        Some(at) => {
-            open.remove(id).map_err(backend)?;
-            let mut closed = tx.open_table(CLOSED).map_err(backend)?;
-            closed
-                .insert(super::closed_key(at, &record.key()).as_str(), ())
-                .map_err(backend)?;
-        }
+    if record.is_open() {
+        open.insert(id, ()).map_err(backend)?;
+    } else {
+        open.remove(id).map_err(backend)?;
+    }
+    if let Some(at) = record.prune_at_ms() {
+        let mut closed = tx.open_table(CLOSED).map_err(backend)?;
+        closed
+            .insert(super::closed_key(at, &record.key()).as_str(), ())
+            .map_err(backend)?;
     }
     Ok(())
+}
+
+/// A record of `key` in `requests`/`grants`: `Ok(None)` when absent, `Err(())` when it does not
+/// decode.
+fn stored(
+    requests: &redb::Table<&str, &[u8]>,
+    grants: &redb::Table<&str, &[u8]>,
+    key: &RecordKey,
+) -> Result<Result<Option<Record>, ()>, StoreError> {
+    Ok(match key {
+        RecordKey::Request(id) => match requests.get(id.as_str()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => decode::<Request>(id, v.value())
+                .map(|r| Some(Record::Request(r.value)))
+                .map_err(|_| ()),
+        },
+        RecordKey::Grant(id) => match grants.get(id.as_str()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => decode::<Grant>(id, v.value())
+                .map(|g| Some(Record::Grant(g.value)))
+                .map_err(|_| ()),
+        },
+    })
 }
 
 impl RedbStore {
@@ -250,11 +285,16 @@ impl Store for RedbStore {
     }
 
     fn open_requests(&self) -> Result<Vec<Versioned<Request>>, StoreError> {
-        self.open_of(OPEN_REQUESTS, REQUESTS)
+        // The record decides, not the index.
+        let mut open: Vec<Versioned<Request>> = self.open_of(OPEN_REQUESTS, REQUESTS)?;
+        open.retain(|r| Record::Request(r.value.clone()).is_open());
+        Ok(open)
     }
 
     fn open_grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError> {
-        self.open_of(OPEN_GRANTS, GRANTS)
+        let mut open: Vec<Versioned<Grant>> = self.open_of(OPEN_GRANTS, GRANTS)?;
+        open.retain(|g| Record::Grant(g.value.clone()).is_open());
+        Ok(open)
     }
 
     fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
@@ -280,50 +320,31 @@ impl Store for RedbStore {
                     closed.remove(index_key.as_str()).map_err(backend)?;
                     continue;
                 };
-                let (table, id) = match &key {
-                    RecordKey::Request(id) => (&mut requests, id),
-                    RecordKey::Grant(id) => (&mut grants, id),
+                let record = match stored(&requests, &grants, &key)? {
+                    // Undecodable: kept as it is for the operator (listings report it).
+                    Err(()) => continue,
+                    Ok(r) => r,
                 };
-                let record = match table.get(id.as_str()).map_err(backend)? {
-                    None => None,
-                    Some(v) => match &key {
-                        RecordKey::Request(_) => decode::<Request>(id, v.value())
-                            .ok()
-                            .map(|r| Record::Request(r.value)),
-                        RecordKey::Grant(_) => decode::<Grant>(id, v.value())
-                            .ok()
-                            .map(|g| Record::Grant(g.value)),
-                    },
-                };
-                let Some(record) = record else {
-                    // Gone already (or undecodable: kept for the operator to see).
-                    if table.get(id.as_str()).map_err(backend)?.is_none() {
-                        closed.remove(index_key.as_str()).map_err(backend)?;
-                    }
-                    continue;
-                };
-                let grant = match &record {
-                    Record::Request(r) if !r.grant_id.is_empty() => grants
-                        .get(r.grant_id.as_str())
-                        .map_err(backend)?
-                        .and_then(|v| decode::<Grant>(&r.grant_id, v.value()).ok())
-                        .map(|g| g.value),
-                    _ => None,
-                };
-                if record.closed_at_ms().is_none() {
-                    // Reopened since it was indexed: not closed any more.
-                    closed.remove(index_key.as_str()).map_err(backend)?;
-                    continue;
-                }
-                if !super::prunable(&record, grant.as_ref(), before_ms) {
-                    continue;
-                }
-                let table = match &key {
-                    RecordKey::Request(_) => &mut requests,
-                    RecordKey::Grant(_) => &mut grants,
-                };
-                table.remove(id.as_str()).map_err(backend)?;
                 closed.remove(index_key.as_str()).map_err(backend)?;
+                // Gone already, or not prunable under this entry (a stale one).
+                let Some(record) = record.filter(|r| super::prunable(r, before_ms)) else {
+                    continue;
+                };
+                match &record {
+                    Record::Request(r) => {
+                        requests.remove(r.id.as_str()).map_err(backend)?;
+                    }
+                    Record::Grant(g) => {
+                        grants.remove(g.id.as_str()).map_err(backend)?;
+                        // Its request goes with it, unless it is somehow still open.
+                        let rk = RecordKey::Request(g.request_id.clone());
+                        if let Ok(Some(r)) = stored(&requests, &grants, &rk)?
+                            && !r.is_open()
+                        {
+                            requests.remove(g.request_id.as_str()).map_err(backend)?;
+                        }
+                    }
+                }
                 pruned += 1;
             }
         }
@@ -385,6 +406,7 @@ impl Store for RedbStore {
                 }
             }
             meta.insert(REVISION, revision).map_err(backend)?;
+            meta.insert(INDEXED_REVISION, revision).map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
         for record in txn.puts {

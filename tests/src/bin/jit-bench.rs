@@ -9,7 +9,13 @@
 //! address of every run to the next of N addresses, then tail-calls the program under test. The
 //! rotator's own cost (rotator + empty program) is measured in the same run and subtracted before
 //! ratios to the reference are taken. Per-packet cost is wall time over a large repeat count (the
-//! kernel reports whole nanoseconds only). Needs root.
+//! kernel reports whole nanoseconds only).
+//!
+//! Then a fleet (three agents in three namespaces on a three-member etcd cluster, as the fleet
+//! test runs it): the time from an approval through node 0 to the first connection that passes
+//! on node 1, p50 and p99, beside a no-op call through the same `jitctl` in the same run. Needs
+//! root and etcd (`cargo xtask setup`), and the release `jit-agent` and `jitctl` beside this
+//! binary (`cargo xtask bench` builds them).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -344,4 +350,67 @@ fn main() {
          same run;\n  x empty: raw ratio to the empty program (rotated rows include the rotator)."
     );
     let _ = empty_fd.as_fd();
+    fleet_propagation();
+}
+
+/// Propagation samples of the fleet.
+const FLEET_SAMPLES: usize = 20;
+
+/// The `q` quantile (0..=1) of sorted `v`, nearest rank.
+fn quantile(v: &[std::time::Duration], q: f64) -> std::time::Duration {
+    // Nearest rank on a short list: the index is small and non-negative.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+fn fleet_propagation() {
+    use jit_tests::fleet::{Fleet, ok};
+    println!(
+        "\nfleet: 3 agents on a 3-member etcd cluster (loopback, one namespace per node); \
+         approval through node 0 to the first connection passing on node 1, {FLEET_SAMPLES} \
+         samples, probes every 2 ms"
+    );
+    let fleet = Fleet::start();
+    let mut noop = Vec::new();
+    let mut took = Vec::new();
+    let mut passed = Vec::new();
+    for _ in 0..FLEET_SAMPLES {
+        let t = Instant::now();
+        ok(&fleet.ctl(0, "ci", &["whoami"]));
+        noop.push(t.elapsed());
+        let (p, a) = fleet.approval_to_first_connection();
+        passed.push(p);
+        took.push(a);
+    }
+    for v in [&mut noop, &mut took, &mut passed] {
+        v.sort();
+    }
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let line = |name: &str, v: &[std::time::Duration]| {
+        println!(
+            "  {name:<52} p50 {:>7.1} ms  p99 {:>7.1} ms  [{:.1} .. {:.1}]",
+            ms(quantile(v, 0.5)),
+            ms(quantile(v, 0.99)),
+            ms(v[0]),
+            ms(v[v.len() - 1])
+        );
+    };
+    line("no-op call (jitctl whoami through node 0)", &noop);
+    line("approval call (jitctl approve through node 0)", &took);
+    line(
+        "approval on node 0 to first packet passing on node 1",
+        &passed,
+    );
+    let p99 = quantile(&passed, 0.99);
+    println!(
+        "  p99 {:.1} ms, target < 100 ms: {}; x no-op call (p50): {:.2}",
+        ms(p99),
+        verdict(p99 < std::time::Duration::from_millis(100)),
+        ms(quantile(&passed, 0.5)) / ms(quantile(&noop, 0.5))
+    );
 }
