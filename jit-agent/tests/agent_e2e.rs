@@ -303,6 +303,28 @@ impl World {
 
 /// Signs a client certificate with `params` by the CA in `certs` (`ca.pem`, `ca.key`), written to
 /// `dir/<stem>.pem` and `.key`.
+/// Waits at most `within` for `child` (stderr piped) to end; it must fail. Returns its stderr,
+/// or `None` (after killing it) when it did not end in time.
+fn ended_within(child: &mut Child, within: Duration) -> Option<String> {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    Some(err)
+}
+
 /// `setpriv` arguments that leave root with exactly `caps` (names as in a pod's
 /// `securityContext`: `BPF`, `NET_ADMIN`), no inheritable or ambient ones, and no way to gain
 /// more (`allowPrivilegeEscalation: false`).
@@ -1237,22 +1259,8 @@ fn wait_exit_codes_expired_certificates_and_rotation() {
         .spawn()
         .expect("jitctl watch");
     let started = Instant::now();
-    let ended = loop {
-        if let Some(st) = watch.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = watch.kill();
-            let _ = watch.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let status = ended.expect("the watch outlived its certificate by 15 s");
-    assert!(!status.success());
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut watch.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
+    let err = ended_within(&mut watch, Duration::from_secs(20))
+        .expect("the watch outlived its certificate by 15 s");
     assert!(err.contains("expired"), "{err}");
     assert!(
         started.elapsed() >= Duration::from_secs(2),
@@ -2239,23 +2247,8 @@ fn each_ca_issues_only_for_its_trust_domains() {
         .expect("certs init");
     assert!(out.status.success());
     std::fs::copy(other.join("ca.pem"), partner.join("ca.pem")).expect("replace the CA");
-    let removed = Instant::now();
-    let ended = loop {
-        if let Some(st) = bobs.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if removed.elapsed() > Duration::from_secs(40) {
-            let _ = bobs.kill();
-            let _ = bobs.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let status = ended.expect("bob's watch outlived the removal of its CA by 40 s");
-    assert!(!status.success());
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut bobs.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
+    let err = ended_within(&mut bobs, Duration::from_secs(40))
+        .expect("bob's watch outlived the removal of its CA by 40 s");
     assert!(err.contains("no longer trusted"), "{err}");
     assert!(
         alices.try_wait().expect("wait").is_none(),

@@ -672,6 +672,25 @@ fn an_undecodable_record_is_reported_and_skipped() {
     );
 }
 
+/// Writes a pending request into the redb file at `path` as a binary that keeps no indexes
+/// does: the record and the store's revision, nothing else.
+fn write_without_indexes(path: &std::path::Path, id: &str, revision: u64) {
+    let db = ::redb::Database::create(path).expect("redb");
+    let tx = db.begin_write().expect("write");
+    {
+        let mut t = tx
+            .open_table(::redb::TableDefinition::<&str, &[u8]>::new("requests"))
+            .expect("requests");
+        let body = serde_json::json!({ "value": request(id, "x"), "revision": revision });
+        t.insert(id, body.to_string().as_bytes()).expect("insert");
+        let mut meta = tx
+            .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
+            .expect("meta");
+        meta.insert("revision", revision).expect("revision");
+    }
+    tx.commit().expect("commit");
+}
+
 /// Records written before the indexes existed (a redb file of the earlier layout), or by a
 /// binary that does not keep them (a downgrade), are indexed when the store opens: an open one
 /// is listed, with its revision.
@@ -679,23 +698,7 @@ fn an_undecodable_record_is_reported_and_skipped() {
 fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
     let dir = TempDir::new("jit-store-");
     let path = dir.path().join("s.redb");
-    {
-        let db = ::redb::Database::create(&path).expect("redb");
-        let tx = db.begin_write().expect("write");
-        {
-            let mut t = tx
-                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("requests"))
-                .expect("requests");
-            let body = serde_json::json!({ "value": request("req-legacy", "x"), "revision": 4 });
-            t.insert("req-legacy", body.to_string().as_bytes())
-                .expect("insert");
-            let mut meta = tx
-                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
-                .expect("meta");
-            meta.insert("revision", 4).expect("revision");
-        }
-        tx.commit().expect("commit");
-    }
+    write_without_indexes(&path, "req-legacy", 4);
     let s = RedbStore::open(&path).expect("open");
     let open = s.open_requests().expect("open requests");
     assert_eq!(open.len(), 1);
@@ -709,23 +712,7 @@ fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
 
     // A binary that does not keep the indexes (a downgrade) writes a record and moves the
     // revision: the next open sees the indexes are behind and rebuilds them.
-    {
-        let db = ::redb::Database::create(&path).expect("redb");
-        let tx = db.begin_write().expect("write");
-        {
-            let mut t = tx
-                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("requests"))
-                .expect("requests");
-            let body = serde_json::json!({ "value": request("req-downgrade", "x"), "revision": 6 });
-            t.insert("req-downgrade", body.to_string().as_bytes())
-                .expect("insert");
-            let mut meta = tx
-                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
-                .expect("meta");
-            meta.insert("revision", 6).expect("revision");
-        }
-        tx.commit().expect("commit");
-    }
+    write_without_indexes(&path, "req-downgrade", 6);
     let s = RedbStore::open(&path).expect("open");
     let open = s.open_requests().expect("open requests");
     assert_eq!(open.len(), 1);

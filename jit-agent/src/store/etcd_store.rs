@@ -583,29 +583,23 @@ async fn repair_index(
     Ok(())
 }
 
+/// The names of the keys under `start` (the rest of each key after it).
+async fn key_names(kv: &mut KvClient, start: &str) -> Result<BTreeSet<String>, StoreError> {
+    let (_, keys) = read_all(kv, start).await?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| std::str::from_utf8(k.key()).ok())
+        .filter_map(|k| k.strip_prefix(start).map(str::to_string))
+        .collect())
+}
+
 /// Checks every record's indexes against the records, at start (in the background): entries
 /// missing for records written without them are added, entries that say open for a closed or
 /// missing record are removed. Reads everything once; writes only what differs.
 async fn verify_indexes(kv: &mut KvClient, prefix: &str) -> Result<usize, StoreError> {
     let mut repaired = 0;
-    let (_, open_keys) = read_all(kv, &format!("{prefix}{OPEN}")).await?;
-    let open: BTreeSet<String> = open_keys
-        .iter()
-        .filter_map(|k| std::str::from_utf8(k.key()).ok())
-        .filter_map(|k| {
-            k.strip_prefix(&format!("{prefix}{OPEN}"))
-                .map(str::to_string)
-        })
-        .collect();
-    let (_, closed_keys) = read_all(kv, &format!("{prefix}{CLOSED}")).await?;
-    let closed: BTreeSet<String> = closed_keys
-        .iter()
-        .filter_map(|k| std::str::from_utf8(k.key()).ok())
-        .filter_map(|k| {
-            k.strip_prefix(&format!("{prefix}{CLOSED}"))
-                .map(str::to_string)
-        })
-        .collect();
+    let open = key_names(kv, &format!("{prefix}{OPEN}")).await?;
+    let closed = key_names(kv, &format!("{prefix}{CLOSED}")).await?;
     let mut seen = BTreeSet::new();
     for table in [REQUESTS, GRANTS] {
         let (_, records) = read_all(kv, &format!("{prefix}{table}")).await?;
