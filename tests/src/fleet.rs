@@ -117,6 +117,32 @@ impl Node {
         path
     }
 
+    /// Writes node `i`'s configuration for an agent on its own, with the embedded store, and
+    /// `policies`: the echo service on this node, `ci` bound to the host end of its link.
+    #[must_use]
+    pub fn config_alone(&self, i: usize, certs: &Path, policies: &str) -> PathBuf {
+        let sections = crate::fixtures::AgentFiles {
+            dir: self.dir.path(),
+            certs,
+            pin_dir: &self.pin_dir,
+            listen: &format!("{}:7443", node_ip(i)),
+            interfaces: &[&self.iface],
+            request_ttl: None,
+        }
+        .sections();
+        let text = format!(
+            "{sections}\n[[services]]\nname = \"echo\"\ndestinations = [\"{}:{ECHO_PORT}/tcp\"]\n\
+             max_duration = \"30m\"\nrequire_reason = false\n\n[[identities]]\n\
+             spiffe_id = \"spiffe://jit.test/ci\"\nsources = [\"{}/32\"]\n",
+            node_ip(i),
+            host_ip(i),
+        );
+        let path = self.dir.path().join("agent.toml");
+        std::fs::write(&path, text).expect("config");
+        std::fs::write(self.dir.path().join("policies.cedar"), policies).expect("policies");
+        path
+    }
+
     /// Starts `agent` with `config` and waits (at most 30 s) until it answers.
     pub fn start(&mut self, config: &Path) {
         self.start_with(config, &[]);

@@ -2,6 +2,7 @@
 //! joined by veth pairs, crafted frames, and `BPF_PROG_TEST_RUN` helpers. Every resource is a
 //! guard that removes what it made on drop, so a failing test cleans up too.
 
+pub mod bench_control;
 pub mod deploy;
 pub mod echo;
 pub mod etcd;

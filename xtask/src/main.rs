@@ -42,10 +42,15 @@ enum Task {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         nodes: u8,
     },
-    /// Set up, build in release, and measure the gate's per-packet cost and grant loading as
-    /// ratios against a pass-everything XDP program in the same run, then a fleet's approval to
-    /// first packet across nodes (p50/p99). Needs root.
-    Bench,
+    /// Set up, build in release, and run the benchmarks: the gate's per-packet cost and grant
+    /// loading against a pass-everything XDP program, the control path (time to grant and to
+    /// revoke, requests per second at concurrencies 1/16/64 with history in the store), and a
+    /// fleet's approval to first packet across nodes; writes BENCHMARKS.md. Needs root.
+    Bench {
+        /// Fewer rounds and samples, for a first look (a few minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, lint, then run every test. Tests that need the kernel are marked
     /// `#[ignore = "needs root"]` and run as root (`--include-ignored`); without root they are
     /// counted as skipped, and with CI set the task refuses to run without root.
@@ -68,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--workspace", "--exclude", "jit-ebpf"])
         }
         Task::Lint => lint(),
-        Task::Bench => {
+        Task::Bench { quick } => {
             setup::run()?;
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
@@ -94,6 +99,8 @@ fn main() -> anyhow::Result<()> {
                 "jit-tests",
                 "--bin",
                 "jit-bench",
+                "--",
+                if quick { "--quick" } else { "--full" },
             ])
         }
         Task::Demo { nodes } => {

@@ -1,0 +1,380 @@
+//! The control path end to end, for `cargo xtask bench`: one agent with the embedded store in a
+//! namespace (the fleet harness's node 1, on its own), driven by a Rust client that keeps one
+//! mTLS connection per caller, as real clients do.
+//!
+//! - Time to grant: an auto-approved `RequestAccess` to the first packet of the requester
+//!   passing. The requester sends a SYN every few microseconds throughout; the first one that
+//!   passed is read from the kernel's own record of the grant's first packet (`first_seen`,
+//!   `CLOCK_BOOTTIME`), against the boot clock read just before the call.
+//! - Time to revoke: the `Revoke` call, which returns only once the kernel entry is gone (so an
+//!   upper bound of the time to the first dropped packet; the entry is checked gone after).
+//! - Beside both, a no-op call (`WhoAmI`) on the same connection, and a durable write (200
+//!   bytes and `fsync`) on the agent's file system, in the same run.
+//! - Throughput: auto-approved requests per second at concurrencies 1, 16 and 64, each caller on
+//!   its own connection, with no history and with 10 000 (and 100 000) ended grants and their
+//!   requests already in the store.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use jit_agent::{
+    datapath::{GateMaps, boottime_ns},
+    model::{Grant, GrantState, Request, RequestState},
+    store::{Record, RedbStore, Store as _, Txn},
+};
+use jit_api::pb::{self, jit_gate_client::JitGateClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::{
+    TempDir,
+    echo::EchoServer,
+    fleet::{ECHO_PORT, Node, agent_bin, node_ip, ok},
+};
+
+/// `ci` asks and is granted at once; `sre/carol` revokes.
+const POLICIES: &str = r#"
+permit (principal == Jit::Identity::"spiffe://jit.test/ci", action in [Jit::Action::"request", Jit::Action::"auto_approve"], resource);
+permit (principal == Jit::Identity::"spiffe://jit.test/sre/carol", action == Jit::Action::"revoke", resource);
+"#;
+
+/// What one run measured.
+#[derive(Debug, Default)]
+pub struct Figures {
+    /// `WhoAmI` calls.
+    pub noop: Vec<Duration>,
+    /// Auto-approved `RequestAccess` calls.
+    pub grant_call: Vec<Duration>,
+    /// From the start of `RequestAccess` to the first packet that passed.
+    pub first_packet: Vec<Duration>,
+    /// `Revoke` calls (the kernel entry is gone when they return).
+    pub revoke_call: Vec<Duration>,
+    /// `(ended grants in the store, concurrency, requests per second)`.
+    pub throughput: Vec<(usize, usize, f64)>,
+    /// A durable write on the agent's file system (200 bytes, then `fsync`): what each of the
+    /// store commit and the audit record waits for.
+    pub fsync: Vec<Duration>,
+}
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Samples of time to grant, time to revoke and the no-op call.
+    pub samples: usize,
+    /// Histories for the throughput runs.
+    pub histories: &'static [usize],
+    /// Concurrencies for the throughput runs.
+    pub concurrencies: &'static [usize],
+    /// Length of one throughput run.
+    pub run_for: Duration,
+}
+
+/// One agent alone and its clients.
+struct Bench {
+    node: Node,
+    config: PathBuf,
+    certs: PathBuf,
+    _echo: EchoServer,
+    rt: tokio::runtime::Runtime,
+    _home: TempDir,
+}
+
+type Client = JitGateClient<Channel>;
+
+impl Bench {
+    fn start() -> Self {
+        let home = TempDir::new("jit-bench-");
+        let certs = home.path().join("certs");
+        ok(&Command::new(agent_bin())
+            .args(["certs", "init", "--trust-domain", "jit.test", "--host"])
+            .arg(node_ip(1))
+            .args(["--identity", "ci", "--identity", "sre/carol", "--dir"])
+            .arg(&certs)
+            .output()
+            .expect("certs init"));
+        let mut node = Node::new(1);
+        let config = node.config_alone(1, &certs, POLICIES);
+        node.start(&config);
+        let echo = EchoServer::start(
+            &node.ns,
+            format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr"),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self {
+            node,
+            config,
+            certs,
+            _echo: echo,
+            rt,
+            _home: home,
+        }
+    }
+
+    /// A new connection as `who` (`ci`, `sre_carol`).
+    fn client(&self, who: &str) -> Client {
+        let read =
+            |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(self.certs.join("ca.pem"))))
+            .identity(Identity::from_pem(
+                read(self.certs.join(format!("{who}.pem"))),
+                read(self.certs.join(format!("{who}.key"))),
+            ));
+        let endpoint = Endpoint::from_shared(format!("https://{}:7443", node_ip(1)))
+            .expect("agent URL")
+            .tls_config(tls)
+            .expect("TLS");
+        JitGateClient::new(self.rt.block_on(endpoint.connect()).expect("connect"))
+    }
+
+    /// Ends every grant of `ci` (between throughput runs).
+    fn revoke_all(&self, carol: &mut Client) {
+        self.rt
+            .block_on(carol.revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::Identity(
+                    "spiffe://jit.test/ci".into(),
+                )),
+                reason: "bench".into(),
+            }))
+            .expect("revoke all");
+    }
+
+    /// Stops the agent, writes `count` ended grants and their requests into its store, and
+    /// starts it again.
+    fn add_history(&mut self, from: usize, count: usize) {
+        self.node.kill9();
+        let store = RedbStore::open(&self.node.dir.path().join("state/state.redb")).expect("store");
+        let now = jit_agent::model::now_ms();
+        for chunk in (from..from + count).collect::<Vec<_>>().chunks(5_000) {
+            let mut txn = Txn::default();
+            for &i in chunk {
+                let (req, grant) = ended_pair(i, now);
+                txn = txn
+                    .and_put(Record::Request(req), 0)
+                    .and_put(Record::Grant(grant), 0);
+            }
+            store.commit(txn).expect("history");
+        }
+        drop(store);
+        self.node.start(&self.config);
+    }
+}
+
+/// An ended grant `i` and its request, as history.
+fn ended_pair(i: usize, now: i64) -> (Request, Grant) {
+    let (rid, gid) = (format!("req-b{i:011x}"), format!("grant-b{i:011x}"));
+    let request = Request {
+        id: rid.clone(),
+        requester: "spiffe://jit.test/ci".into(),
+        service: "echo".into(),
+        duration_s: 60,
+        clamped: false,
+        reason: String::new(),
+        state: RequestState::Granted,
+        created_ms: now - 86_400_000,
+        pending_until_ms: now - 86_400_000,
+        approvals: Vec::new(),
+        approvals_required: 0,
+        denied_by: String::new(),
+        denial_reason: String::new(),
+        grant_id: gid.clone(),
+        peer_address: String::new(),
+        ticket: String::new(),
+        break_glass: false,
+        policies: Vec::new(),
+    };
+    let grant = Grant {
+        id: gid,
+        request_id: rid,
+        identity: "spiffe://jit.test/ci".into(),
+        service: "echo".into(),
+        not_before_ms: now - 86_400_000,
+        expires_ms: now - 86_340_000,
+        state: GrantState::Expired,
+        revoked_by: String::new(),
+        revoke_reason: String::new(),
+        ended_ms: now - 86_340_000,
+        extra_sources: Vec::new(),
+        break_glass: false,
+        issued: true,
+        usage: None,
+    };
+    (request, grant)
+}
+
+/// Sends one SYN to `to` and forgets the socket (non-blocking connect, then close).
+fn syn(to: SocketAddrV4) {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a socket this function owns, a sockaddr_in that lives across the call.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return;
+        }
+        let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
+        libc::connect(fd, (&raw const addr).cast(), len);
+        libc::close(fd);
+    }
+}
+
+/// Measures the control path; `plan` says how much.
+///
+/// # Panics
+/// When the agent cannot be started or a call fails.
+#[must_use]
+pub fn run(plan: Plan) -> Figures {
+    let mut b = Bench::start();
+    let mut figures = Figures::default();
+    let mut ci = b.client("ci");
+    let mut carol = b.client("sre_carol");
+    let maps = GateMaps::open(&b.node.pin_dir).expect("the gate's maps");
+    let echo: SocketAddrV4 = format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr");
+    let ask = || pb::RequestAccessRequest {
+        service: "echo".into(),
+        duration: "10m".into(),
+        ..pb::RequestAccessRequest::default()
+    };
+    // The floor of a durable write where the agent keeps its store and audit log.
+    {
+        use std::io::Write as _;
+        let path = b.node.dir.path().join("fsync-probe");
+        let mut f = std::fs::File::create(&path).expect("probe file");
+        for _ in 0..plan.samples.min(100) {
+            let t = Instant::now();
+            f.write_all(&[0u8; 200]).expect("write");
+            f.sync_data().expect("fsync");
+            figures.fsync.push(t.elapsed());
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    // Warm up the connections and the agent.
+    for _ in 0..20 {
+        b.rt.block_on(ci.who_am_i(pb::WhoAmIRequest::default()))
+            .expect("whoami");
+    }
+
+    for _ in 0..plan.samples {
+        let t = Instant::now();
+        b.rt.block_on(ci.who_am_i(pb::WhoAmIRequest::default()))
+            .expect("whoami");
+        figures.noop.push(t.elapsed());
+
+        // The requester knocks throughout.
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    syn(echo);
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(2));
+        let boot_start = boottime_ns().expect("boot clock");
+        let t = Instant::now();
+        let granted =
+            b.rt.block_on(ci.request_access(ask()))
+                .expect("request")
+                .into_inner();
+        figures.grant_call.push(t.elapsed());
+        let gid = jit_agent::kernel_sync::numeric_grant_id(&granted.grant_id)
+            .unwrap_or_else(|e| panic!("granted at once? {granted:?}: {e}"));
+        let mut first_seen = 0;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while first_seen == 0 && Instant::now() < deadline {
+            first_seen = maps
+                .grants()
+                .expect("grants")
+                .iter()
+                .find(|e| e.grant_id == gid)
+                .map_or(0, |e| e.usage.first_seen_ns);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = prober.join();
+        assert!(
+            first_seen > 0,
+            "no packet passed under {}",
+            granted.grant_id
+        );
+        figures
+            .first_packet
+            .push(Duration::from_nanos(first_seen.saturating_sub(boot_start)));
+
+        let t = Instant::now();
+        b.rt.block_on(carol.revoke(pb::RevokeRequest {
+            target: Some(pb::revoke_request::Target::GrantId(
+                granted.grant_id.clone(),
+            )),
+            reason: "bench".into(),
+        }))
+        .expect("revoke");
+        figures.revoke_call.push(t.elapsed());
+        assert!(
+            !maps
+                .grants()
+                .expect("grants")
+                .iter()
+                .any(|e| e.grant_id == gid),
+            "the kernel still held {} after Revoke returned",
+            granted.grant_id
+        );
+    }
+
+    let mut history = 0;
+    for &target in plan.histories {
+        if target > history {
+            b.add_history(history, target - history);
+            history = target;
+            ci = b.client("ci");
+            carol = b.client("sre_carol");
+        }
+        for &concurrency in plan.concurrencies {
+            let clients: Vec<Client> = (0..concurrency).map(|_| b.client("ci")).collect();
+            let done = Arc::new(AtomicUsize::new(0));
+            let started = Instant::now();
+            b.rt.block_on(async {
+                let mut tasks = Vec::new();
+                for mut c in clients {
+                    let done = Arc::clone(&done);
+                    let ask = ask();
+                    tasks.push(tokio::spawn(async move {
+                        while started.elapsed() < plan.run_for {
+                            c.request_access(ask.clone()).await.expect("request");
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("caller");
+                }
+            });
+            let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+            figures.throughput.push((history, concurrency, rate));
+            b.revoke_all(&mut carol);
+        }
+    }
+    drop(ci);
+    figures
+}
