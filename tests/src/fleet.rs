@@ -87,10 +87,9 @@ impl Node {
         }
     }
 
-    /// Writes node `i`'s configuration (etcd at `etcd`) and policies; returns the file.
-    #[must_use]
-    pub fn config(&self, i: usize, certs: &Path, etcd: &[String]) -> PathBuf {
-        let sections = crate::fixtures::AgentFiles {
+    /// The agent, TLS and policy sections of node `i`'s configuration.
+    fn sections(&self, i: usize, certs: &Path) -> String {
+        crate::fixtures::AgentFiles {
             dir: self.dir.path(),
             certs,
             pin_dir: &self.pin_dir,
@@ -98,7 +97,13 @@ impl Node {
             interfaces: &[&self.iface],
             request_ttl: None,
         }
-        .sections();
+        .sections()
+    }
+
+    /// Writes node `i`'s configuration (etcd at `etcd`) and policies; returns the file.
+    #[must_use]
+    pub fn config(&self, i: usize, certs: &Path, etcd: &[String]) -> PathBuf {
+        let sections = self.sections(i, certs);
         let endpoints: Vec<String> = etcd.iter().map(|e| format!("{e:?}")).collect();
         // One service, on node 1; every node knows it (requests and approvals are cluster-wide),
         // only node 1 has its address.
@@ -121,15 +126,7 @@ impl Node {
     /// `policies`: the echo service on this node, `ci` bound to the host end of its link.
     #[must_use]
     pub fn config_alone(&self, i: usize, certs: &Path, policies: &str) -> PathBuf {
-        let sections = crate::fixtures::AgentFiles {
-            dir: self.dir.path(),
-            certs,
-            pin_dir: &self.pin_dir,
-            listen: &format!("{}:7443", node_ip(i)),
-            interfaces: &[&self.iface],
-            request_ttl: None,
-        }
-        .sections();
+        let sections = self.sections(i, certs);
         let text = format!(
             "{sections}\n[[services]]\nname = \"echo\"\ndestinations = [\"{}:{ECHO_PORT}/tcp\"]\n\
              max_duration = \"30m\"\nrequire_reason = false\n\n[[identities]]\n\

@@ -102,6 +102,11 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        // Small request/response messages go out at once (no Nagle wait for an ACK), as
+        // gRPC servers do.
+        if let Err(e) = sock.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on a connection from {peer}: {e}");
+        }
         let Some(slot) = in_progress.take(range_of(peer.ip())) else {
             tracing::warn!("too many TLS handshakes in progress (from {peer} or overall); closed");
             continue;
