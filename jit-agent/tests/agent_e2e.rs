@@ -510,6 +510,11 @@ fn request_approve_revoke_expire_restart() {
         return;
     }
     let mut w = World::new("1h");
+    // Denials are recorded per window; a short one is flushed long before the kill -9 below
+    // (a kill -9 loses the window in progress, as README says).
+    let mut text = std::fs::read_to_string(&w.config).expect("config");
+    text.push_str("\n[audit]\ndenial_window = \"3s\"\n");
+    std::fs::write(&w.config, text).expect("config");
     w.start_agent();
     let _echo = EchoServer::start(
         &w.link.server,
@@ -800,14 +805,26 @@ fn request_approve_revoke_expire_restart() {
                 && r["kind"] == "deny"
         })
         .collect();
-    assert!(!denials.is_empty(), "no kernel denials in {events:?}");
+    assert!(
+        !denials.is_empty(),
+        "no kernel denials from {CLIENT_V4} to echo in {:?}",
+        records
+            .iter()
+            .filter(|r| r["event"] == "kernel.denials")
+            .collect::<Vec<_>>()
+    );
     let packets: u64 = denials
         .iter()
         .map(|r| r["packets"].as_u64().unwrap_or(0))
         .sum();
     assert!(packets >= 1, "{denials:?}");
+    // A refused connection attempt is a SYN and its retransmission a second later: counted
+    // together within a window, not a record each.
     assert!(
-        denials.len() <= 4,
+        (denials.len() as u64) < packets
+            && denials
+                .iter()
+                .any(|r| r["packets"].as_u64().unwrap_or(0) >= 2),
         "aggregated per window, not per packet: {denials:?}"
     );
     let issued = records
