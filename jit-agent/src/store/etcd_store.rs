@@ -350,7 +350,7 @@ impl EtcdStore {
                 decode(&key, item.value(), item.mod_revision())
                     .map(Some)
                     .inspect_err(|_| {
-                        note_corrupt(&corrupt, &key);
+                        super::note_corrupt(&corrupt, &key);
                     })
             }
         })
@@ -376,14 +376,7 @@ impl EtcdStore {
                     }
                     match decode(&key, item.value(), item.mod_revision()) {
                         Ok(v) => out.push(v),
-                        // One bad record must not hide the others: report it once, go on.
-                        Err(e) => {
-                            if note_corrupt(&corrupt, &key) {
-                                tracing::error!(
-                                    "store record {key} cannot be decoded and is skipped: {e}"
-                                );
-                            }
-                        }
+                        Err(e) => super::report_corrupt(&corrupt, &key, &e),
                     }
                 }
                 Ok(out)
@@ -431,14 +424,7 @@ impl EtcdStore {
                             let key = String::from_utf8_lossy(item.key()).into_owned();
                             match decode(&key, item.value(), item.mod_revision()) {
                                 Ok(v) => out.push(v),
-                                Err(e) => {
-                                    if note_corrupt(&corrupt, &key) {
-                                        tracing::error!(
-                                            "store record {key} cannot be decoded and is \
-                                             skipped: {e}"
-                                        );
-                                    }
-                                }
+                                Err(e) => super::report_corrupt(&corrupt, &key, &e),
                             }
                         }
                     }
@@ -455,14 +441,6 @@ impl Drop for EtcdStore {
             rt.shutdown_background();
         }
     }
-}
-
-/// Records a corrupt key; whether it is new.
-fn note_corrupt(corrupt: &Mutex<BTreeSet<String>>, key: &str) -> bool {
-    corrupt
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(key.to_string())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -801,12 +779,7 @@ fn publish(
             // No receiver is fine: nobody is watching.
             let _ = changes.send(Change { revision, record });
         }
-        Some(Err(e)) => {
-            let name = String::from_utf8_lossy(key).into_owned();
-            if note_corrupt(corrupt, &name) {
-                tracing::error!("store record {name} cannot be decoded and is skipped: {e}");
-            }
-        }
+        Some(Err(e)) => super::report_corrupt(corrupt, &String::from_utf8_lossy(key), &e),
     }
 }
 

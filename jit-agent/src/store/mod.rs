@@ -187,6 +187,29 @@ fn prunable(record: &Record, before_ms: i64) -> bool {
     record.prune_at_ms().is_some_and(|at| at < before_ms)
 }
 
+/// Records an undecodable record's name in a backend's set; whether it is new.
+fn note_corrupt(
+    corrupt: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+    name: &str,
+) -> bool {
+    corrupt
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(name.to_string())
+}
+
+/// Reports an undecodable record a listing skips: in the backend's set, and logged once. One bad
+/// record never hides the others.
+fn report_corrupt(
+    corrupt: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+    name: &str,
+    why: &dyn std::fmt::Display,
+) {
+    if note_corrupt(corrupt, name) {
+        tracing::error!("store record {name} cannot be decoded and is skipped: {why}");
+    }
+}
+
 /// The keys in a backend's set of undecodable records, in order (for [`Store::corrupt_records`]).
 fn listed(corrupt: &std::sync::Mutex<std::collections::BTreeSet<String>>) -> Vec<String> {
     corrupt

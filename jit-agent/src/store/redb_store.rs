@@ -89,19 +89,11 @@ impl RedbStore {
             let (k, v) = item.map_err(backend)?;
             match decode(k.value(), v.value()) {
                 Ok(record) => out.push(record),
-                // One bad record must not hide the others: report it once and go on.
-                Err(e) => {
-                    let name = format!("{}/{}", table.name(), k.value());
-                    let mut corrupt = self
-                        .corrupt
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if corrupt.insert(name.clone()) {
-                        tracing::error!(
-                            "store record {name} cannot be decoded and is skipped: {e}"
-                        );
-                    }
-                }
+                Err(e) => super::report_corrupt(
+                    &self.corrupt,
+                    &format!("{}/{}", table.name(), k.value()),
+                    &e,
+                ),
             }
         }
         Ok(out)
@@ -249,17 +241,7 @@ impl RedbStore {
             match decode(id, v.value()) {
                 Ok(r) => out.push(r),
                 Err(e) => {
-                    let name = format!("{}/{id}", table.name());
-                    if self
-                        .corrupt
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(name.clone())
-                    {
-                        tracing::error!(
-                            "store record {name} cannot be decoded and is skipped: {e}"
-                        );
-                    }
+                    super::report_corrupt(&self.corrupt, &format!("{}/{id}", table.name()), &e);
                 }
             }
         }
