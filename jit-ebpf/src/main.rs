@@ -42,26 +42,53 @@ fn jit_gate_xdp(ctx: XdpContext) -> u32 {
 /// TC ingress entry point for Ethernet devices (attached first in the TCX chain).
 #[classifier]
 fn jit_gate_tc(ctx: TcContext) -> i32 {
-    pull_headers(&ctx);
-    let (start, end) = (ctx.data(), ctx.data_end());
-    tc_verdict(traced(&ctx, "tc", start, end, parse(start, end)))
+    let mut attempt = 0;
+    loop {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let parsed = parse(start, end);
+        if attempt == 0 && cut_short(&ctx, &parsed, start, end) {
+            pull_headers(&ctx);
+            attempt += 1;
+            continue;
+        }
+        return tc_verdict(traced(&ctx, "tc", start, end, parsed));
+    }
 }
 
 /// TC ingress entry point for L3 devices (tun, WireGuard, IP tunnels): the packet starts at the
 /// IP header, and the skb says which IP version it is.
 #[classifier]
 fn jit_gate_tc_l3(ctx: TcContext) -> i32 {
-    pull_headers(&ctx);
     // `protocol` holds the EtherType in network byte order in its low 16 bits.
     let ether_type = u16::from_be(ctx.skb.protocol() as u16);
-    let (start, end) = (ctx.data(), ctx.data_end());
-    tc_verdict(traced(
-        &ctx,
-        "tc-l3",
-        start,
-        end,
-        parse_l3(start, end, ether_type),
-    ))
+    let mut attempt = 0;
+    loop {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        let parsed = parse_l3(start, end, ether_type);
+        if attempt == 0 && cut_short(&ctx, &parsed, start, end) {
+            pull_headers(&ctx);
+            attempt += 1;
+            continue;
+        }
+        return tc_verdict(traced(&ctx, "tc-l3", start, end, parsed));
+    }
+}
+
+/// Whether the parse may have stopped at the end of the skb's linear part rather than at the
+/// packet's: it found the headers unparseable while more of the packet (up to
+/// [`TC_PULL_LEN`]) lies beyond that end. Such a packet is parsed again after
+/// [`pull_headers`]; every other packet is judged on the linear part as it is, so the common
+/// case (headers linear already, as the stack and GRO leave them) costs no pull, which would
+/// copy payload into the head and unclone the skb.
+#[inline(always)]
+fn cut_short(ctx: &TcContext, parsed: &parse::Parsed, start: usize, end: usize) -> bool {
+    let unparseable = matches!(
+        parsed,
+        parse::Parsed::Unclassified { reason, .. } if *reason == jit_common::counter::UNPARSEABLE
+    );
+    let len = ctx.len();
+    let wanted = if len < TC_PULL_LEN { len } else { TC_PULL_LEN };
+    unparseable && end.saturating_sub(start) < wanted as usize
 }
 
 /// [`decide`], with the packet logged when the `log` feature is on (never in the shipped object).
@@ -83,8 +110,9 @@ fn traced<C: aya_ebpf::EbpfContext>(
     v
 }
 
-/// Makes the headers linear so direct packet access sees them. When this fails the window is
-/// whatever is linear already, and anything cut short is treated as truncated.
+/// Makes the headers linear so direct packet access sees them (only when [`cut_short`] says the
+/// linear part may not hold them). When this fails the window is whatever is linear already,
+/// and anything cut short is treated as truncated.
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
     let len = ctx.len();

@@ -2,12 +2,16 @@
 //! joined by veth pairs, crafted frames, and `BPF_PROG_TEST_RUN` helpers. Every resource is a
 //! guard that removes what it made on drop, so a failing test cleans up too.
 
+pub mod bench_allowed;
 pub mod bench_control;
+pub mod bench_drop;
+pub mod bench_filters;
 pub mod deploy;
 pub mod echo;
 pub mod etcd;
 pub mod fixtures;
 pub mod fleet;
+pub mod flood;
 pub mod frames;
 pub mod netns;
 pub mod tun;

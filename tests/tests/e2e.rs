@@ -255,6 +255,98 @@ fn enforcement_survives_the_loader_and_reload() {
     assert!(connect(&link.client, to4).is_some(), "detached: no gate");
 }
 
+/// `auto` (the default): TC on a veth (native XDP there would turn off the peer's TSO); it
+/// takes over from an XDP link of the gate's own on the same interface without a gap (a live
+/// granted connection keeps flowing, enforcement never stops), and `detach --mode auto` removes
+/// whatever the gate has there. A device of a physical driver resolves to native XDP.
+#[test]
+#[ignore = "needs root"]
+fn auto_mode_is_tc_on_a_veth_and_takes_over_from_xdp() {
+    if !require_root() {
+        return;
+    }
+    let link = Link::new();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("jit-e2e-")));
+    let _pins = PinDirGuard(pin_dir.clone());
+    let to4 = addr(SERVER_V4, PORT);
+    let _server = EchoServer::start(&link.server, to4);
+    let iface = link.server_if.clone();
+    let mut gate = load(&pin_dir);
+    assert_eq!(
+        link.server
+            .run(|| datapath::auto_mode(&iface))
+            .expect("auto"),
+        AttachMode::Tc
+    );
+    link.server
+        .run(|| gate.attach(&iface, AttachMode::Xdp))
+        .expect("attach xdp");
+    let mut maps = GateMaps::open(&pin_dir).expect("maps");
+    protect(&mut maps);
+    grant_for(&mut maps, CLIENT, SERVICE, Duration::from_secs(600));
+    let mut conn = connect(&link.client, to4).expect("granted");
+    assert!(round_trip(&mut conn, b"one", ECHO));
+
+    link.server
+        .run(|| gate.attach(&iface, AttachMode::Auto))
+        .expect("attach auto");
+    let hooks: Vec<String> = datapath::attachments(&pin_dir)
+        .expect("attachments")
+        .into_iter()
+        .map(|a| a.hook)
+        .collect();
+    assert_eq!(hooks, vec!["tc".to_string()], "auto on a veth is TC only");
+    assert!(
+        round_trip(&mut conn, b"two", ECHO),
+        "the granted connection survives the switch"
+    );
+    // Still enforcing, now in TC: the grant deleted cuts the live connection.
+    assert!(
+        maps.delete_grant(&grant_key(GrantScope::Identity, CLIENT, SERVICE))
+            .expect("delete")
+    );
+    assert!(
+        !round_trip(&mut conn, b"three", CUT),
+        "revoked: the connection is cut in TC mode"
+    );
+    assert!(connect(&link.client, to4).is_none());
+    // Attaching in auto again swaps the program in the same TC link.
+    let before = datapath::attachments(&pin_dir).expect("attachments");
+    link.server
+        .run(|| gate.attach(&iface, AttachMode::Auto))
+        .expect("attach auto again");
+    let after = datapath::attachments(&pin_dir).expect("attachments");
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].link_id, after[0].link_id);
+
+    datapath::detach(&pin_dir, &iface, AttachMode::Auto).expect("detach auto");
+    assert!(
+        datapath::attachments(&pin_dir)
+            .expect("attachments")
+            .is_empty()
+    );
+    assert!(
+        datapath::detach(&pin_dir, &iface, AttachMode::Auto).is_err(),
+        "nothing left to detach"
+    );
+
+    // The host's own devices of a physical driver (a bus address in sysfs) resolve to native
+    // XDP; nothing is attached to them.
+    let physical: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .flatten()
+        .filter(|e| e.path().join("device").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    for dev in &physical {
+        assert_eq!(
+            datapath::auto_mode(dev).expect("auto"),
+            AttachMode::XdpNative,
+            "{dev} has a physical driver"
+        );
+    }
+}
+
 /// Problem 3 of datapath v2: in TC mode the gate goes first in the TCX chain, so a neighbour that
 /// passes everything ("ok", as a CNI might) cannot blind it, and the gate passes with "next", so
 /// the neighbours after it still run.

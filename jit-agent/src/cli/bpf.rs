@@ -24,9 +24,10 @@ pub enum BpfCommand {
         /// Interface to gate (its ingress).
         #[arg(long)]
         iface: String,
-        /// xdp (native where the driver supports it, generic otherwise), xdp-generic,
-        /// xdp-native or tc.
-        #[arg(long, default_value = "xdp")]
+        /// auto (native XDP on a physical NIC whose driver has it, TC on veth and other
+        /// virtual devices and where native XDP fails), xdp (native where the driver supports
+        /// it, generic otherwise), xdp-generic, xdp-native or tc.
+        #[arg(long, default_value = "auto")]
         mode: AttachMode,
         /// Capacity of the grants map, used when the map is first created.
         #[arg(long, default_value_t = 65_536)]
@@ -39,8 +40,8 @@ pub enum BpfCommand {
         /// Interface to release.
         #[arg(long)]
         iface: String,
-        /// The hook to detach: xdp (any XDP mode) or tc.
-        #[arg(long, default_value = "xdp")]
+        /// The hook to detach: xdp (any XDP mode), tc, or auto (whichever the gate has there).
+        #[arg(long, default_value = "auto")]
         mode: AttachMode,
         #[command(flatten)]
         pin: PinArgs,

@@ -41,7 +41,8 @@ impl TryFrom<String> for Listen {
     }
 }
 
-/// An interface to gate and how: `"eth0"` (XDP), `"eth0:tc"`, `"eth0:xdp-generic"`.
+/// An interface to gate and how: `"eth0"` (auto: native XDP on a physical NIC that has it, TC
+/// otherwise), `"eth0:tc"`, `"eth0:xdp-generic"`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Interface {
@@ -55,7 +56,7 @@ impl TryFrom<String> for Interface {
     type Error = String;
 
     fn try_from(s: String) -> Result<Self, String> {
-        let (name, mode) = s.split_once(':').unwrap_or((s.as_str(), "xdp"));
+        let (name, mode) = s.split_once(':').unwrap_or((s.as_str(), "auto"));
         crate::spec::check_interface_name(name).map_err(|e| e.to_string())?;
         let mode = mode.parse().map_err(|e| format!("attach mode {e}"))?;
         Ok(Self {

@@ -965,7 +965,7 @@ mod example_tests {
         let c = Config::load(&path, &Overrides::default()).unwrap();
         assert_eq!(c.services["payments-db"].approvals_required, 2);
         assert_eq!(c.services["payments-db"].destinations.len(), 2);
-        assert_eq!(c.interfaces, vec![("eth0".to_string(), AttachMode::Xdp)]);
+        assert_eq!(c.interfaces, vec![("eth0".to_string(), AttachMode::Auto)]);
         assert_eq!(c.audit.on_failure, AuditFailure::Refuse);
         assert_eq!(c.audit.checkpoint_every, Duration::from_secs(60));
         assert!(

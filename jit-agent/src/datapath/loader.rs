@@ -32,7 +32,7 @@ use crate::spec::AttachMode;
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-ebpf"));
 
 /// Programs that measure and test the gate (`jit-ebpf/src/bin/jit-harness.rs`): an empty XDP
-/// program, the reference gate, the source rotator, and two TCX neighbours.
+/// program, the reference gate, the source rotator, a packet generator, and two TCX neighbours.
 static HARNESS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jit-harness"));
 
@@ -44,6 +44,9 @@ pub mod harness {
     pub const REFERENCE: &str = "harness_reference";
     /// XDP, rotates the IPv4 source, then tail-calls `HARNESS_NEXT[0]`.
     pub const ROTATE: &str = "harness_rotate";
+    /// XDP, a live-frames packet generator: random source, checksums mended, redirected out of
+    /// `HARNESS_FLOOD[0].ifindex`.
+    pub const FLOOD: &str = "harness_flood";
     /// TC, counts in `HARNESS_SEEN[0]`, returns "ok".
     pub const TC_OK: &str = "harness_tc_ok";
     /// TC, counts in `HARNESS_SEEN[1]`, returns "next".
@@ -53,7 +56,12 @@ pub mod harness {
 /// Loads the harness programs (not pinned, not attached), for benchmarks and tests.
 pub fn load_harness() -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new().load(HARNESS_OBJECT)?;
-    for name in [harness::EMPTY, harness::REFERENCE, harness::ROTATE] {
+    for name in [
+        harness::EMPTY,
+        harness::REFERENCE,
+        harness::ROTATE,
+        harness::FLOOD,
+    ] {
         load_program::<Xdp>(&mut ebpf, name)?;
     }
     for name in [harness::TC_OK, harness::TC_NEXT] {
@@ -183,8 +191,98 @@ impl AttachMode {
         match self {
             Self::Xdp | Self::XdpGeneric | Self::XdpNative => "xdp",
             Self::Tc => "tc",
+            // Resolved to one of the above before any link is made or looked for (see
+            // `Gate::attach`, `detach`); no link is ever pinned under this name.
+            Self::Auto => "auto",
         }
     }
+}
+
+/// Drivers whose devices are virtual (no wire, no DMA ring): native XDP on them saves nothing
+/// over TC, and on veth it costs the peer's TSO.
+const VIRTUAL_DRIVERS: &[&str] = &[
+    "veth",
+    "bridge",
+    "bonding",
+    "team",
+    "macvlan",
+    "ipvlan",
+    "vxlan",
+    "geneve",
+    "tun",
+    "dummy",
+    "vrf",
+    "802.1Q VLAN Support",
+    "openvswitch",
+    "netkit",
+];
+
+/// The driver of `iface` and the bus it sits on (empty for virtual devices), from
+/// `ETHTOOL_GDRVINFO` in the caller's network namespace.
+fn driver_info(iface: &str) -> std::io::Result<(String, String)> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    fn text(b: &[u8]) -> String {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    }
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid `DrvInfo` and `ifreq`.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *d = libc::c_char::from_ne_bytes([*s]);
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a `DrvInfo` that outlives the
+    // call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((text(&info.driver), text(&info.bus_info)))
+}
+
+/// What `auto` attaches with on `iface`: native XDP on an Ethernet device of a physical driver
+/// (one on a bus), TC on everything else. A device whose driver the kernel cannot name is
+/// treated as virtual.
+pub fn auto_mode(iface: &str) -> Result<AttachMode> {
+    if device_kind(iface)? == DeviceKind::L3 {
+        return Ok(AttachMode::Tc);
+    }
+    Ok(match driver_info(iface) {
+        Ok((driver, bus)) if !bus.is_empty() && !VIRTUAL_DRIVERS.contains(&driver.as_str()) => {
+            AttachMode::XdpNative
+        }
+        _ => AttachMode::Tc,
+    })
 }
 
 /// Capacity choices made at load time.
@@ -308,7 +406,14 @@ impl Gate {
     /// already pinned for this interface and hook, the loaded program replaces the old one inside
     /// it atomically. TC links go first in the TCX chain. XDP is refused on devices whose frames
     /// do not start with an Ethernet header, and any device the gate cannot parse is refused.
+    ///
+    /// `auto` attaches in the mode [`auto_mode`] picks (TC when native XDP fails), then removes
+    /// a link of the gate's own in the other hook of that interface (one made by an agent whose
+    /// configuration said otherwise), after the new one is in place: never a gap.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<PathBuf> {
+        if mode == AttachMode::Auto {
+            return self.attach_auto(iface, false);
+        }
         let kind = device_kind(iface)?;
         if kind == DeviceKind::L3 && mode != AttachMode::Tc {
             return Err(DatapathError::Invalid {
@@ -342,6 +447,12 @@ impl Gate {
             }
         }
         let fd_link = match mode {
+            AttachMode::Auto => {
+                return Err(DatapathError::Invalid {
+                    field: "attach mode",
+                    reason: "auto is resolved to a mode before a link is made".into(),
+                });
+            }
             AttachMode::Tc => {
                 let prog = self.program_mut::<SchedClassifier>(Self::tc_program_name(kind))?;
                 // First in the chain: a program before the gate that ends the chain ("ok")
@@ -391,6 +502,9 @@ impl Gate {
     /// created again (such a link is attached to nothing; updating it would enforce nothing).
     pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<PathBuf> {
         check_interface_name(iface)?;
+        if mode == AttachMode::Auto {
+            return self.attach_auto(iface, true);
+        }
         let pin_path = link_pin_path(&self.pin_dir, iface, mode);
         if pin_path.exists() {
             std::fs::remove_file(&pin_path).map_err(|source| DatapathError::Io {
@@ -400,6 +514,35 @@ impl Gate {
             })?;
         }
         self.attach(iface, mode)
+    }
+
+    fn attach_auto(&mut self, iface: &str, afresh: bool) -> Result<PathBuf> {
+        let chosen = auto_mode(iface)?;
+        let attach = |gate: &mut Self, mode| {
+            if afresh {
+                gate.reattach(iface, mode)
+            } else {
+                gate.attach(iface, mode)
+            }
+        };
+        let (mode, pin) = match attach(self, chosen) {
+            Ok(pin) => (chosen, pin),
+            Err(e) if chosen != AttachMode::Tc => {
+                tracing::info!("{iface}: native XDP failed ({e}); attaching in TC mode instead");
+                (AttachMode::Tc, attach(self, AttachMode::Tc)?)
+            }
+            Err(e) => return Err(e),
+        };
+        let other = if mode == AttachMode::Tc {
+            AttachMode::Xdp
+        } else {
+            AttachMode::Tc
+        };
+        if link_pin_path(&self.pin_dir, iface, other).exists() {
+            tracing::info!("{iface}: now gated in {mode} mode; detaching the gate's {other} link");
+            detach(&self.pin_dir, iface, other)?;
+        }
+        Ok(pin)
     }
 
     fn replace_in_link(
@@ -557,8 +700,27 @@ pub fn link_pin_path(pin_dir: &Path, iface: &str, mode: AttachMode) -> PathBuf {
 /// Detaches the gate from `iface`: the link is detached in the kernel (`BPF_LINK_DETACH`, so it
 /// stops even while a running agent still holds a handle on it) and its pin removed. This is the
 /// only way enforcement stops. Returns an error when nothing is attached there.
+///
+/// `auto` detaches whichever of the gate's links the interface has (both, if it has two).
 pub fn detach(pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<()> {
     check_interface_name(iface)?;
+    if mode == AttachMode::Auto {
+        let present: Vec<AttachMode> = [AttachMode::Xdp, AttachMode::Tc]
+            .into_iter()
+            .filter(|m| link_pin_path(pin_dir, iface, *m).exists())
+            .collect();
+        if present.is_empty() {
+            return Err(DatapathError::NotAttached {
+                iface: iface.to_string(),
+                mode: "any".to_string(),
+                path: pin_dir.join("links"),
+            });
+        }
+        for m in present {
+            detach(pin_dir, iface, m)?;
+        }
+        return Ok(());
+    }
     let path = link_pin_path(pin_dir, iface, mode);
     if !path.exists() {
         return Err(DatapathError::NotAttached {

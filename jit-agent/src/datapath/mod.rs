@@ -15,8 +15,8 @@ pub use clock::{boottime_after, boottime_ns};
 pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
-    Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments, check_interface,
-    detach, device_kind, harness, interface_index, link_pin_path, load_harness,
+    Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments, auto_mode,
+    check_interface, detach, device_kind, harness, interface_index, link_pin_path, load_harness,
     remove_stale_layouts,
 };
 pub use maps::{

@@ -235,16 +235,51 @@ struct Row {
     target: Option<(f64, &'static str)>,
 }
 
+/// The suite's sections, in the order they run.
+const SECTIONS: [&str; 5] = ["datapath", "drop", "allowed", "control", "fleet"];
+
 fn main() {
-    for arg in std::env::args().skip(1) {
+    let mut only: Option<Vec<String>> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => QUICK.store(true, std::sync::atomic::Ordering::Relaxed),
             "--full" => QUICK.store(false, std::sync::atomic::Ordering::Relaxed),
+            "--only" => {
+                let list: Vec<String> = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_string)
+                    .collect();
+                if let Some(bad) = list.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                    eprintln!(
+                        "jit-bench: unknown section {bad:?} (sections: {})",
+                        SECTIONS.join(", ")
+                    );
+                    std::process::exit(2);
+                }
+                only = Some(list);
+            }
             other => {
-                eprintln!("jit-bench: unknown argument {other:?} (takes --quick or --full)");
+                eprintln!(
+                    "jit-bench: unknown argument {other:?} (takes --quick or --full, and \
+                     --only SECTION[,SECTION])"
+                );
                 std::process::exit(2);
             }
         }
+    }
+    let wanted = |s: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+    if only.is_some() {
+        // A partial run: print, but leave BENCHMARKS.md to whole runs.
+        if wanted("drop") {
+            drop_rate();
+        }
+        if wanted("allowed") {
+            allowed_traffic();
+        }
+        return;
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -654,4 +689,130 @@ fn fleet_propagation() -> (f64, f64) {
         ms(quantile(&passed, 0.5)) / ms(quantile(&noop, 0.5))
     );
     (ms(quantile(&passed, 0.5)), ms(p99))
+}
+
+type DropFigures = Vec<(
+    jit_tests::bench_filters::Filter,
+    Vec<jit_tests::bench_drop::Sample>,
+)>;
+
+fn drop_rate() -> Vec<(jit_tests::bench_drop::Traffic, DropFigures)> {
+    use jit_tests::bench_drop::Traffic;
+    [Traffic::Frames, Traffic::Skbs]
+        .into_iter()
+        .map(|t| (t, drop_rate_of(t)))
+        .collect()
+}
+
+fn drop_rate_of(traffic: jit_tests::bench_drop::Traffic) -> DropFigures {
+    use jit_tests::bench_drop::{GRANTS, Plan, RECEIVER_CPU, SENDER_CPU, run};
+    let plan = if quick() {
+        Plan {
+            rounds: 1,
+            run_for: std::time::Duration::from_secs(1),
+        }
+    } else {
+        Plan {
+            rounds: 3,
+            run_for: std::time::Duration::from_secs(2),
+        }
+    };
+    say!(
+        "\ndrop rate: a SYN flood from 2^20 sources without grants to a protected port over a \
+         veth pair,\n  {};\n  {GRANTS} grants in every filter; sender pinned to CPU \
+         {SENDER_CPU}, receive path (threaded NAPI) on CPU {RECEIVER_CPU};\n  median of {} \
+         runs of {:.0} s [min .. max]",
+        traffic.describe(),
+        plan.rounds,
+        plan.run_for.as_secs_f64()
+    );
+    let out = run(plan, traffic);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    say!(
+        "  {:<22} {:>8} {:>28} {:>30} {:>8} {:>12}",
+        "filter",
+        "offered",
+        "dropped, Mpps",
+        "receiver CPU, ns/packet",
+        "busy",
+        "Mpps/core"
+    );
+    for (filter, samples) in &out {
+        let (d, d0, d1) = med(&mut samples.iter().map(|s| s.dropped_pps / 1e6).collect());
+        let (c, c0, c1) = med(&mut samples.iter().map(|s| s.cpu_ns).collect());
+        let (b, _, _) = med(&mut samples.iter().map(|s| s.busy).collect());
+        let (o, _, _) = med(&mut samples.iter().map(|s| s.offered_pps / 1e6).collect());
+        say!(
+            "  {:<22} {o:>8.3} {d:>8.3} [{d0:.3} .. {d1:.3}]    {c:>8.1} [{c0:.1} .. {c1:.1}]    {:>5.0}% {:>12.3}",
+            filter.name(),
+            b * 100.0,
+            1e3 / c
+        );
+    }
+    out
+}
+
+type AllowedFigures = Vec<(
+    jit_tests::bench_filters::Filter,
+    Vec<jit_tests::bench_allowed::Sample>,
+)>;
+
+fn allowed_traffic() -> AllowedFigures {
+    use jit_tests::bench_allowed::{GRANTS, Plan, run};
+    let plan = if quick() {
+        Plan {
+            rounds: 1,
+            throughput_for: std::time::Duration::from_secs(1),
+            round_trips: 5_000,
+        }
+    } else {
+        Plan {
+            rounds: 3,
+            throughput_for: std::time::Duration::from_secs(3),
+            round_trips: 20_000,
+        }
+    };
+    say!(
+        "\noverhead on allowed traffic: a granted client across a veth pair (veth defaults: TSO \
+         and GSO on), {GRANTS} other grants in every filter;\n  TCP throughput (iperf3, {:.0} s, \
+         client on CPU 0, server on CPU 1) and the median round trip of 1 byte each way ({} round \
+         trips);\n  median of {} runs [min .. max]",
+        plan.throughput_for.as_secs_f64(),
+        plan.round_trips,
+        plan.rounds
+    );
+    let out = run(plan);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let base = out.first().map(|(_, s)| {
+        (
+            med(&mut s.iter().map(|x| x.bits_per_second).collect()).0,
+            med(&mut s.iter().map(|x| x.rtt_us).collect()).0,
+        )
+    });
+    let (base_bps, base_rtt) = base.unwrap_or((f64::NAN, f64::NAN));
+    say!(
+        "  {:<22} {:>30} {:>9} {:>26} {:>10}",
+        "filter",
+        "throughput, Gbit/s",
+        "x none",
+        "round trip, us",
+        "added, us"
+    );
+    for (filter, samples) in &out {
+        let (t, t0, t1) = med(&mut samples.iter().map(|s| s.bits_per_second / 1e9).collect());
+        let (r, r0, r1) = med(&mut samples.iter().map(|s| s.rtt_us).collect());
+        say!(
+            "  {:<22} {t:>9.2} [{t0:.2} .. {t1:.2}]      {:>9.3} {r:>9.2} [{r0:.2} .. {r1:.2}] {:>10.2}",
+            filter.name(),
+            t * 1e9 / base_bps,
+            r - base_rtt
+        );
+    }
+    out
 }
