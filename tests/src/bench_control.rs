@@ -90,6 +90,11 @@ type Client = JitGateClient<Channel>;
 
 impl Bench {
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// An agent alone; `max_grants` sizes its kernel grants map (from its first start).
+    fn start_with(max_grants: Option<u32>) -> Self {
         let home = TempDir::new("jit-bench-");
         let certs = home.path().join("certs");
         ok(&Command::new(agent_bin())
@@ -101,6 +106,12 @@ impl Bench {
             .expect("certs init"));
         let mut node = Node::new(1);
         let config = node.config_alone(1, &certs, POLICIES);
+        if let Some(n) = max_grants {
+            let text = std::fs::read_to_string(&config).expect("config");
+            assert!(text.contains("[agent]\n"), "no [agent] section in {text}");
+            let text = text.replacen("[agent]\n", &format!("[agent]\nmax_grants = {n}\n"), 1);
+            std::fs::write(&config, text).expect("config");
+        }
         node.start(&config);
         let echo = EchoServer::start(
             &node.ns,
@@ -377,4 +388,159 @@ pub fn run(plan: Plan) -> Figures {
     }
     drop(ci);
     figures
+}
+
+/// What the run at scale measured.
+#[derive(Debug, Default)]
+pub struct Scale {
+    /// Live grants in the store (each for its own bound host address: one kernel entry each).
+    pub grants: usize,
+    /// Seconds to write them (and their requests) into the store directly.
+    pub write_s: f64,
+    /// First start after they were written: from exec to the agent answering, and the
+    /// reconciliation within it (as the agent logs it), seconds; kernel entries written.
+    pub first_start_s: f64,
+    /// As logged by the agent.
+    pub first_reconcile_s: f64,
+    /// Entries the first reconciliation wrote.
+    pub first_written: u64,
+    /// Restart after a `kill -9`, with the kernel still holding everything.
+    pub restart_s: f64,
+    /// As logged by the agent.
+    pub restart_reconcile_s: f64,
+    /// Entries the restart's reconciliation wrote (0: the kernel kept them).
+    pub restart_written: u64,
+    /// The agent's resident memory after the restart, and its peak, KiB.
+    pub rss_kib: u64,
+    /// Peak resident memory of the agent, KiB.
+    pub hwm_kib: u64,
+    /// Kernel memory of the gate's maps (`memlock` of each pinned map), bytes, by map.
+    pub maps: Vec<(String, u64)>,
+    /// The store file's size, bytes.
+    pub store_bytes: u64,
+}
+
+/// A live grant `i` bound to its own host address (10.64.0.0 + i), and its request.
+fn live_pair(i: usize, now: i64) -> (Request, Grant) {
+    let (mut request, mut grant) = ended_pair(i, now);
+    request.created_ms = now;
+    request.pending_until_ms = now;
+    grant.not_before_ms = now - 1_000;
+    grant.expires_ms = now + 3_600_000;
+    grant.state = GrantState::Active;
+    grant.ended_ms = 0;
+    let host = std::net::Ipv4Addr::from(0x0a40_0000 + u32::try_from(i).expect("index"));
+    grant.extra_sources = vec![format!("{host}/32")];
+    (request, grant)
+}
+
+/// Seconds and entries written from the agent log's reconciliation line.
+fn reconciled(log: &str) -> (f64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("kernel reconciled with the store in"))
+        .unwrap_or_else(|| panic!("no reconciliation line in the agent's log:\n{log}"));
+    let after = |key: &str| {
+        line.split(key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(|w| w.trim_end_matches([':', ',']).to_string())
+            .unwrap_or_default()
+    };
+    let secs = after("store in ").parse().unwrap_or(f64::NAN);
+    let written = after(" s: ").parse().unwrap_or(0);
+    (secs, written)
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `memlock` of every map pinned in `dir` (not the links), by name.
+fn maps_memlock(dir: &std::path::Path) -> Vec<(String, u64)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("pin dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            continue;
+        }
+        let Ok(map) = aya::maps::MapData::from_pin(&path) else {
+            continue;
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        let memlock = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.push((entry.file_name().to_string_lossy().into_owned(), memlock));
+    }
+    out.sort_by_key(|m| std::cmp::Reverse(m.1));
+    out
+}
+
+/// One agent with `count` live grants in its store: the time to reconcile them into the
+/// kernel at a start and at a restart, the agent's memory and the maps'.
+#[must_use]
+pub fn at_scale(count: usize) -> Scale {
+    let capacity = u32::try_from(count + count / 4)
+        .expect("capacity")
+        .next_power_of_two();
+    let mut b = Bench::start_with(Some(capacity));
+    b.node.kill9();
+    let db = b.node.dir.path().join("state/state.redb");
+    let written = Instant::now();
+    {
+        let store = RedbStore::open(&db).expect("store");
+        let now = jit_agent::model::now_ms();
+        for start in (0..count).step_by(10_000) {
+            let mut txn = Txn::default();
+            for i in start..(start + 10_000).min(count) {
+                let (req, grant) = live_pair(i, now);
+                txn = txn
+                    .and_put(Record::Request(req), 0)
+                    .and_put(Record::Grant(grant), 0);
+            }
+            store.commit(txn).expect("live grants");
+        }
+    }
+    let write_s = written.elapsed().as_secs_f64();
+    let patience = Duration::from_secs(600);
+    let t = Instant::now();
+    b.node.start_within(&b.config, &[], patience);
+    let first_start_s = t.elapsed().as_secs_f64();
+    let (first_reconcile_s, first_written) = reconciled(&b.node.log());
+    b.node.kill9();
+    let t = Instant::now();
+    b.node.start_within(&b.config, &[], patience);
+    let restart_s = t.elapsed().as_secs_f64();
+    let (restart_reconcile_s, restart_written) = reconciled(&b.node.log());
+    let (rss_kib, hwm_kib) = memory_kib(b.node.agent_pid().expect("agent running"));
+    Scale {
+        grants: count,
+        write_s,
+        first_start_s,
+        first_reconcile_s,
+        first_written,
+        restart_s,
+        restart_reconcile_s,
+        restart_written,
+        rss_kib,
+        hwm_kib,
+        maps: maps_memlock(&jit_agent::datapath::maps_dir(&b.node.pin_dir)),
+        store_bytes: std::fs::metadata(&db).map_or(0, |m| m.len()),
+    }
 }

@@ -147,6 +147,11 @@ impl Node {
 
     /// Starts `agent` with `config` and `env` and waits (at most 30 s) until it answers.
     pub fn start_with(&mut self, config: &Path, env: &[(&str, String)]) {
+        self.start_within(config, env, Duration::from_secs(30));
+    }
+
+    /// Starts `agent` with `config` and `env` and waits (at most `patience`) until it answers.
+    pub fn start_within(&mut self, config: &Path, env: &[(&str, String)], patience: Duration) {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).expect("log");
         let child = self
             .ns
@@ -160,7 +165,7 @@ impl Node {
             .spawn()
             .expect("starting jit-agent");
         self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience;
         while !self.local(&["status"]).status.success() {
             if let Some(Ok(Some(st))) = self.agent.as_mut().map(Child::try_wait) {
                 panic!("jit-agent exited ({st}):\n{}", self.log());
@@ -172,6 +177,12 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Its agent's process id, while it runs.
+    #[must_use]
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// Kills its agent (`SIGKILL`).

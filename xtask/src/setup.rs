@@ -22,6 +22,11 @@ const BUILD_PACKAGES: &[&str] = &[
 /// faketime (libfaketime) for the agent whose clock is off in the fleet test.
 const TEST_PACKAGES: &[&str] = &["iproute2", "prometheus", "etcd-server", "faketime"];
 
+/// Debian packages the benchmarks compare with or drive: nftables and iptables (the legacy
+/// backend) as the alternatives to the gate, iperf3 for throughput, ethtool for the veth's GRO,
+/// TSO and NAPI statistics.
+const BENCH_PACKAGES: &[&str] = &["nftables", "iptables", "iperf3", "ethtool"];
+
 /// What `setup` installs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -45,6 +50,7 @@ pub(crate) fn run_for(scope: Scope) -> anyhow::Result<()> {
     let mut packages = BUILD_PACKAGES.to_vec();
     if scope == Scope::Everything {
         packages.extend_from_slice(TEST_PACKAGES);
+        packages.extend_from_slice(BENCH_PACKAGES);
     }
     debian_packages(&packages)?;
     bpf_linker()?;
