@@ -92,7 +92,7 @@ word_enum! {
         /// The default: native XDP on a device of a physical driver that has it (before any
         /// socket buffer exists: the cheapest drop, and the receive path keeps GRO); TC on veth,
         /// bridges, bonds, tunnels and every other virtual device (native XDP on a veth turns
-        /// off its peer's TSO, which cut granted TCP throughput to 0.16x in `cargo xtask
+        /// off its peer's TSO, which cut granted TCP throughput to 0.18x in `cargo xtask
         /// bench`; generic XDP copies packets that are not linear), and where native XDP fails.
         Auto => "auto",
         /// XDP, native where the driver supports it, generic otherwise.

@@ -93,7 +93,7 @@ fn bpf_commands_end_to_end() {
                 &d,
             ],
         ),
-        "expected xdp, xdp-generic, xdp-native or tc",
+        "expected auto, xdp, xdp-generic, xdp-native or tc",
     );
     fails_with(
         &agent(

@@ -519,7 +519,7 @@ fn system_reading(s: &System<'_>) -> String {
                 "Here the sender's stack built the socket buffer before any filter runs, so \
                  every filter starts from the same cost and the gate's lookup is a small part \
                  of the total; the 2x over nftables is not reachable on this path by any filter \
-                 (no filter at all costs about as much). iptables walks its rules one by one, \
+                 (the packet's own delivery costs more than either filter's drop). iptables walks its rules one by one, \
                  which is what the gate's single hash lookup replaces."
             }
         ));
