@@ -36,7 +36,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::{
     TempDir,
     echo::EchoServer,
-    fleet::{ECHO_PORT, Node, agent_bin, node_ip, ok},
+    etcd::Cluster,
+    fleet::{ECHO_PORT, Node, agent_bin, host_ip, node_ip, ok},
 };
 
 /// `ci` asks and is granted at once; `sre/carol` revokes.
@@ -58,6 +59,8 @@ pub struct Figures {
     pub revoke_call: Vec<Duration>,
     /// `(ended grants in the store, concurrency, requests per second)`.
     pub throughput: Vec<(usize, usize, f64)>,
+    /// `(concurrency, requests per second)` on the etcd backend ([`throughput_on_etcd`]).
+    pub etcd_throughput: Vec<(usize, f64)>,
     /// A durable write on the agent's file system (200 bytes, then `fsync`): what each of the
     /// store commit and the audit record waits for.
     pub fsync: Vec<Duration>,
@@ -84,17 +87,27 @@ struct Bench {
     _echo: EchoServer,
     rt: tokio::runtime::Runtime,
     _home: TempDir,
+    /// The etcd cluster of an agent on the etcd backend (dropped after the agent).
+    _etcd: Option<Cluster>,
+}
+
+/// Where the bench's agent keeps its state.
+enum Backend {
+    /// The embedded store; `max_grants` sizes the kernel grants map (from its first start).
+    Embedded { max_grants: Option<u32> },
+    /// A three-member etcd cluster on this host.
+    Etcd,
 }
 
 type Client = JitGateClient<Channel>;
 
 impl Bench {
     fn start() -> Self {
-        Self::start_with(None)
+        Self::start_with(Backend::Embedded { max_grants: None })
     }
 
-    /// An agent alone; `max_grants` sizes its kernel grants map (from its first start).
-    fn start_with(max_grants: Option<u32>) -> Self {
+    /// An agent alone on `backend`.
+    fn start_with(backend: Backend) -> Self {
         let home = TempDir::new("jit-bench-");
         let certs = home.path().join("certs");
         ok(&Command::new(agent_bin())
@@ -105,13 +118,26 @@ impl Bench {
             .output()
             .expect("certs init"));
         let mut node = Node::new(1);
-        let config = node.config_alone(1, &certs, POLICIES);
-        if let Some(n) = max_grants {
-            let text = std::fs::read_to_string(&config).expect("config");
-            assert!(text.contains("[agent]\n"), "no [agent] section in {text}");
-            let text = text.replacen("[agent]\n", &format!("[agent]\nmax_grants = {n}\n"), 1);
-            std::fs::write(&config, text).expect("config");
-        }
+        let (config, etcd) = match backend {
+            Backend::Embedded { max_grants } => {
+                let config = node.config_alone(1, &certs, POLICIES);
+                if let Some(n) = max_grants {
+                    let text = std::fs::read_to_string(&config).expect("config");
+                    assert!(text.contains("[agent]\n"), "no [agent] section in {text}");
+                    let text =
+                        text.replacen("[agent]\n", &format!("[agent]\nmax_grants = {n}\n"), 1);
+                    std::fs::write(&config, text).expect("config");
+                }
+                (config, None)
+            }
+            Backend::Etcd => {
+                let etcd = Cluster::start_on(3, &[host_ip(1).as_str()]);
+                let config = node.config(1, &certs, &etcd.endpoints_at(&host_ip(1)));
+                // The fleet's configuration, with the bench's policies (ci auto-approved).
+                std::fs::write(node.dir.path().join("policies.cedar"), POLICIES).expect("policies");
+                (config, Some(etcd))
+            }
+        };
         node.start(&config);
         let echo = EchoServer::start(
             &node.ns,
@@ -129,6 +155,7 @@ impl Bench {
             _echo: echo,
             rt,
             _home: home,
+            _etcd: etcd,
         }
     }
 
@@ -147,6 +174,33 @@ impl Bench {
             .tls_config(tls)
             .expect("TLS");
         JitGateClient::new(self.rt.block_on(endpoint.connect()).expect("connect"))
+    }
+
+    /// Auto-approved requests per second from `concurrency` callers, each on its own
+    /// connection, for `run_for`.
+    fn throughput(&self, concurrency: usize, run_for: Duration) -> f64 {
+        let clients: Vec<Client> = (0..concurrency).map(|_| self.client("ci")).collect();
+        let done = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        self.rt.block_on(async {
+            let mut tasks = Vec::new();
+            for mut c in clients {
+                let done = Arc::clone(&done);
+                tasks.push(tokio::spawn(async move {
+                    while started.elapsed() < run_for {
+                        c.request_access(ask()).await.expect("request");
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("caller");
+            }
+        });
+        // A count over seconds: exact in f64.
+        #[allow(clippy::cast_precision_loss)]
+        let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+        rate
     }
 
     /// Ends every grant of `ci` (between throughput runs).
@@ -179,6 +233,17 @@ impl Bench {
         }
         drop(store);
         self.node.start(&self.config);
+    }
+}
+
+/// The request every caller of the bench makes (auto-approved for `ci`).
+fn ask() -> pb::RequestAccessRequest {
+    pb::RequestAccessRequest {
+        service: "echo".into(),
+        duration: "10m".into(),
+        // The fleet's configuration (the etcd backend's) requires a reason.
+        reason: "bench".into(),
+        ..pb::RequestAccessRequest::default()
     }
 }
 
@@ -262,11 +327,6 @@ pub fn run(plan: Plan) -> Figures {
     let mut carol = b.client("sre_carol");
     let maps = GateMaps::open(&b.node.pin_dir).expect("the gate's maps");
     let echo: SocketAddrV4 = format!("{}:{ECHO_PORT}", node_ip(1)).parse().expect("addr");
-    let ask = || pb::RequestAccessRequest {
-        service: "echo".into(),
-        duration: "10m".into(),
-        ..pb::RequestAccessRequest::default()
-    };
     // The floor of a durable write where the agent keeps its store and audit log.
     {
         use std::io::Write as _;
@@ -362,26 +422,7 @@ pub fn run(plan: Plan) -> Figures {
             carol = b.client("sre_carol");
         }
         for &concurrency in plan.concurrencies {
-            let clients: Vec<Client> = (0..concurrency).map(|_| b.client("ci")).collect();
-            let done = Arc::new(AtomicUsize::new(0));
-            let started = Instant::now();
-            b.rt.block_on(async {
-                let mut tasks = Vec::new();
-                for mut c in clients {
-                    let done = Arc::clone(&done);
-                    let ask = ask();
-                    tasks.push(tokio::spawn(async move {
-                        while started.elapsed() < plan.run_for {
-                            c.request_access(ask.clone()).await.expect("request");
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }));
-                }
-                for t in tasks {
-                    t.await.expect("caller");
-                }
-            });
-            let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+            let rate = b.throughput(concurrency, plan.run_for);
             figures.throughput.push((history, concurrency, rate));
             b.revoke_all(&mut carol);
         }
@@ -499,7 +540,9 @@ pub fn at_scale(count: usize) -> Scale {
     let capacity = u32::try_from(count + count / 4)
         .expect("capacity")
         .next_power_of_two();
-    let mut b = Bench::start_with(Some(capacity));
+    let mut b = Bench::start_with(Backend::Embedded {
+        max_grants: Some(capacity),
+    });
     b.node.kill9();
     let db = b.node.dir.path().join("state/state.redb");
     let written = Instant::now();
@@ -543,4 +586,20 @@ pub fn at_scale(count: usize) -> Scale {
         maps: maps_memlock(&jit_agent::datapath::maps_dir(&b.node.pin_dir)),
         store_bytes: std::fs::metadata(&db).map_or(0, |m| m.len()),
     }
+}
+
+/// Auto-approved requests per second on the etcd backend (one agent, a three-member etcd
+/// cluster on this host), at each of `concurrencies`, with no history.
+#[must_use]
+pub fn throughput_on_etcd(concurrencies: &[usize], run_for: Duration) -> Vec<(usize, f64)> {
+    let b = Bench::start_with(Backend::Etcd);
+    let mut carol = b.client("sre_carol");
+    concurrencies
+        .iter()
+        .map(|&c| {
+            let rate = b.throughput(c, run_for);
+            b.revoke_all(&mut carol);
+            (c, rate)
+        })
+        .collect()
 }
