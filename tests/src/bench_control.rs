@@ -451,6 +451,8 @@ pub struct Scale {
     pub restart_reconcile_s: f64,
     /// Entries the restart's reconciliation wrote (0: the kernel kept them).
     pub restart_written: u64,
+    /// Median of 5 auto-approved `RequestAccess` calls with the grants live, ms.
+    pub request_ms: f64,
     /// The agent's resident memory after the restart, and its peak, KiB.
     pub rss_kib: u64,
     /// Peak resident memory of the agent, KiB.
@@ -572,6 +574,16 @@ pub fn at_scale(count: usize) -> Scale {
     let restart_s = t.elapsed().as_secs_f64();
     let (restart_reconcile_s, restart_written) = reconciled(&b.node.log());
     let (rss_kib, hwm_kib) = memory_kib(b.node.agent_pid().expect("agent running"));
+    // Requests with that many live grants of the same service in the store.
+    let mut ci = b.client("ci");
+    let mut request_ms = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        b.rt.block_on(ci.request_access(ask()))
+            .expect("request at scale");
+        request_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    request_ms.sort_by(f64::total_cmp);
     Scale {
         grants: count,
         write_s,
@@ -581,6 +593,7 @@ pub fn at_scale(count: usize) -> Scale {
         restart_s,
         restart_reconcile_s,
         restart_written,
+        request_ms: request_ms[request_ms.len() / 2],
         rss_kib,
         hwm_kib,
         maps: maps_memlock(&jit_agent::datapath::maps_dir(&b.node.pin_dir)),
