@@ -89,11 +89,14 @@ word_enum! {
 word_enum! {
     /// Where and how the gate is attached.
     AttachMode, "auto, xdp, xdp-generic, xdp-native or tc" {
-        /// The default: native XDP on a device of a physical driver that has it (before any
-        /// socket buffer exists: the cheapest drop, and the receive path keeps GRO); TC on veth,
-        /// bridges, bonds, tunnels and every other virtual device (native XDP on a veth turns
-        /// off its peer's TSO, which cut granted TCP throughput to 0.18x in `cargo xtask
-        /// bench`; generic XDP copies packets that are not linear), and where native XDP fails.
+        /// The default: on an Ethernet NIC (a device on a bus, physical or a VM's), native XDP
+        /// (sheds floods before any socket buffer exists) and TC (sees the packets native XDP
+        /// never does: re-injected into the device's receive path, as IPsec tunnel mode's
+        /// decrypted ones); on veth, bridges, bonds, VLANs, tunnels and other virtual devices,
+        /// TC only (native XDP on a veth turns off its peer's TSO, which cut granted TCP
+        /// throughput to 0.18x in `cargo xtask bench`; generic XDP copies packets that are not
+        /// linear). Native XDP that fails is left out; TC that fails (no TCX before kernel 6.6)
+        /// gives way to generic XDP.
         Auto => "auto",
         /// XDP, native where the driver supports it, generic otherwise.
         Xdp => "xdp",

@@ -9,7 +9,8 @@ use std::{
 
 use ipnet::IpNet;
 use jit_agent::datapath::{
-    self, Gate, GateMaps, GrantScope, LoadOptions, boottime_after, boottime_ns, grant_key,
+    self, DeviceKind, Gate, GateMaps, GrantScope, LoadOptions, boottime_after, boottime_ns,
+    grant_key,
 };
 use jit_agent::spec::{AttachMode, Mode, Protocol, ServiceDest};
 use jit_tests::{
@@ -274,9 +275,9 @@ fn auto_mode_is_tc_on_a_veth_and_takes_over_from_xdp() {
     let mut gate = load(&pin_dir);
     assert_eq!(
         link.server
-            .run(|| datapath::auto_mode(&iface))
+            .run(|| datapath::auto_hooks_of(&iface))
             .expect("auto"),
-        AttachMode::Tc
+        &[AttachMode::Tc]
     );
     link.server
         .run(|| gate.attach(&iface, AttachMode::Xdp))
@@ -330,19 +331,20 @@ fn auto_mode_is_tc_on_a_veth_and_takes_over_from_xdp() {
         "nothing left to detach"
     );
 
-    // The host's own devices of a physical driver (a bus address in sysfs) resolve to native
-    // XDP; nothing is attached to them.
-    let physical: Vec<String> = std::fs::read_dir("/sys/class/net")
+    // The host's own Ethernet NICs (a bus address in sysfs) resolve to native XDP and TC;
+    // nothing is attached to them.
+    let nics: Vec<String> = std::fs::read_dir("/sys/class/net")
         .expect("/sys/class/net")
         .flatten()
         .filter(|e| e.path().join("device").exists())
         .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|d| datapath::device_kind(d).is_ok_and(|k| k == DeviceKind::Ethernet))
         .collect();
-    for dev in &physical {
+    for dev in &nics {
         assert_eq!(
-            datapath::auto_mode(dev).expect("auto"),
-            AttachMode::XdpNative,
-            "{dev} has a physical driver"
+            datapath::auto_hooks_of(dev).expect("auto"),
+            &[AttachMode::XdpNative, AttachMode::Tc],
+            "{dev} is a NIC"
         );
     }
 }

@@ -24,9 +24,9 @@ pub enum BpfCommand {
         /// Interface to gate (its ingress).
         #[arg(long)]
         iface: String,
-        /// auto (native XDP on a physical NIC whose driver has it, TC on veth and other
-        /// virtual devices and where native XDP fails), xdp (native where the driver supports
-        /// it, generic otherwise), xdp-generic, xdp-native or tc.
+        /// auto (native XDP and TC on a NIC, TC only on veth and other virtual devices),
+        /// xdp (native where the driver supports it, generic otherwise), xdp-generic,
+        /// xdp-native or tc.
         #[arg(long, default_value = "auto")]
         mode: AttachMode,
         /// Capacity of the grants map, used when the map is first created.

@@ -41,8 +41,8 @@ impl TryFrom<String> for Listen {
     }
 }
 
-/// An interface to gate and how: `"eth0"` (auto: native XDP on a physical NIC that has it, TC
-/// otherwise), `"eth0:tc"`, `"eth0:xdp-generic"`.
+/// An interface to gate and how: `"eth0"` (auto: native XDP and TC on a NIC, TC only on
+/// virtual devices), `"eth0:tc"`, `"eth0:xdp-generic"`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Interface {

@@ -192,7 +192,7 @@ pub struct AgentSection {
     pub state_dir: Option<PathBuf>,
     /// bpffs pin directory. Default `/sys/fs/bpf/jit`.
     pub pin_dir: Option<PathBuf>,
-    /// Interfaces to gate: `"eth0"` (XDP) or `"eth0:tc"`, `"eth0:xdp-generic"` ...
+    /// Interfaces to gate: `"eth0"` (auto) or `"eth0:tc"`, `"eth0:xdp-generic"` ...
     #[serde(default)]
     pub interfaces: Vec<Interface>,
     /// How long a request may wait for approval. Default `1h`.

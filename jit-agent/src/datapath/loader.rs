@@ -270,19 +270,37 @@ fn driver_info(iface: &str) -> std::io::Result<(String, String)> {
     Ok((text(&info.driver), text(&info.bus_info)))
 }
 
-/// What `auto` attaches with on `iface`: native XDP on an Ethernet device of a physical driver
-/// (one on a bus), TC on everything else. A device whose driver the kernel cannot name is
-/// treated as virtual.
-pub fn auto_mode(iface: &str) -> Result<AttachMode> {
-    if device_kind(iface)? == DeviceKind::L3 {
-        return Ok(AttachMode::Tc);
-    }
-    Ok(match driver_info(iface) {
-        Ok((driver, bus)) if !bus.is_empty() && !VIRTUAL_DRIVERS.contains(&driver.as_str()) => {
-            AttachMode::XdpNative
+/// The hooks `auto` attaches on a device of `kind` whose driver reports `(driver, bus)`
+/// (`None`: it reports nothing), in order:
+///
+/// - an Ethernet device on a bus (a NIC, physical or a VM's: virtio_net, ena, gve ...) whose
+///   driver is not a virtual one: native XDP, which sheds floods before any socket buffer
+///   exists, **and** TC, which sees every packet that enters the stack on that device,
+///   including those native XDP never sees (re-injected into its receive path: IPsec tunnel
+///   mode's decrypted packets, `bpf_redirect` to ingress, `tc mirred ingress`). A packet must
+///   pass both.
+/// - anything else (veth, bridges, bonds, VLANs, tunnels, L3 devices): TC only. Native XDP on a
+///   veth turns off the peer's TSO; generic XDP copies packets that are not linear.
+#[must_use]
+pub fn auto_hooks(kind: DeviceKind, driver: Option<(&str, &str)>) -> &'static [AttachMode] {
+    match (kind, driver) {
+        (DeviceKind::Ethernet, Some((driver, bus)))
+            if !bus.is_empty() && !VIRTUAL_DRIVERS.contains(&driver) =>
+        {
+            &[AttachMode::XdpNative, AttachMode::Tc]
         }
-        _ => AttachMode::Tc,
-    })
+        _ => &[AttachMode::Tc],
+    }
+}
+
+/// [`auto_hooks`] for `iface` (in the caller's network namespace).
+pub fn auto_hooks_of(iface: &str) -> Result<&'static [AttachMode]> {
+    let kind = device_kind(iface)?;
+    let info = driver_info(iface).ok();
+    Ok(auto_hooks(
+        kind,
+        info.as_ref().map(|(d, b)| (d.as_str(), b.as_str())),
+    ))
 }
 
 /// Capacity choices made at load time.
@@ -516,8 +534,14 @@ impl Gate {
         self.attach(iface, mode)
     }
 
+    /// `auto`: the hooks of [`auto_hooks_of`]. Native XDP that fails to attach (a driver
+    /// without it, an MTU it cannot take) is left out; TC that fails (kernels before 6.6 have
+    /// no TCX) is replaced by generic XDP when nothing else gates the device. An XDP link of the
+    /// gate's own that `auto` does not want any more (an earlier configuration) is detached
+    /// after TC is in place; failing that is logged, never undoes the attachment. Returns the
+    /// TC link's pin (the XDP link's when TC could not be attached).
     fn attach_auto(&mut self, iface: &str, afresh: bool) -> Result<PathBuf> {
-        let chosen = auto_mode(iface)?;
+        let hooks = auto_hooks_of(iface)?;
         let attach = |gate: &mut Self, mode| {
             if afresh {
                 gate.reattach(iface, mode)
@@ -525,24 +549,39 @@ impl Gate {
                 gate.attach(iface, mode)
             }
         };
-        let (mode, pin) = match attach(self, chosen) {
-            Ok(pin) => (chosen, pin),
-            Err(e) if chosen != AttachMode::Tc => {
-                tracing::info!("{iface}: native XDP failed ({e}); attaching in TC mode instead");
-                (AttachMode::Tc, attach(self, AttachMode::Tc)?)
+        let mut xdp = None;
+        if hooks.contains(&AttachMode::XdpNative) {
+            match attach(self, AttachMode::XdpNative) {
+                Ok(pin) => xdp = Some(pin),
+                Err(e) => tracing::info!("{iface}: native XDP failed ({e}); gating it in TC only"),
             }
-            Err(e) => return Err(e),
-        };
-        let other = if mode == AttachMode::Tc {
-            AttachMode::Xdp
-        } else {
-            AttachMode::Tc
-        };
-        if link_pin_path(&self.pin_dir, iface, other).exists() {
-            tracing::info!("{iface}: now gated in {mode} mode; detaching the gate's {other} link");
-            detach(&self.pin_dir, iface, other)?;
         }
-        Ok(pin)
+        let tc = match attach(self, AttachMode::Tc) {
+            Ok(pin) => pin,
+            Err(e) => {
+                if let Some(pin) = xdp {
+                    tracing::warn!(
+                        "{iface}: TC failed ({e}); gated by native XDP only, which does not see \
+                         packets re-injected into the device's receive path (IPsec tunnel mode)"
+                    );
+                    return Ok(pin);
+                }
+                if device_kind(iface)? == DeviceKind::L3 {
+                    return Err(e);
+                }
+                tracing::warn!("{iface}: TC failed ({e}); attaching generic XDP instead");
+                return attach(self, AttachMode::XdpGeneric);
+            }
+        };
+        if xdp.is_none() && link_pin_path(&self.pin_dir, iface, AttachMode::Xdp).exists() {
+            tracing::info!("{iface}: gated in TC; detaching the gate's XDP link");
+            if let Err(e) = detach(&self.pin_dir, iface, AttachMode::Xdp) {
+                tracing::warn!(
+                    "{iface}: detaching the gate's XDP link: {e} (both hooks gate the device)"
+                );
+            }
+        }
+        Ok(tc)
     }
 
     fn replace_in_link(
@@ -850,6 +889,33 @@ pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_gates_nics_with_xdp_and_tc_and_everything_else_with_tc() {
+        let both: &[AttachMode] = &[AttachMode::XdpNative, AttachMode::Tc];
+        let tc: &[AttachMode] = &[AttachMode::Tc];
+        let eth = DeviceKind::Ethernet;
+        assert_eq!(auto_hooks(eth, Some(("ixgbe", "0000:03:00.0"))), both);
+        assert_eq!(auto_hooks(eth, Some(("virtio_net", "virtio0"))), both);
+        for virtual_driver in VIRTUAL_DRIVERS {
+            assert_eq!(
+                auto_hooks(eth, Some((virtual_driver, "x"))),
+                tc,
+                "{virtual_driver}"
+            );
+        }
+        assert_eq!(auto_hooks(eth, Some(("veth", ""))), tc);
+        assert_eq!(
+            auto_hooks(eth, Some(("somedriver", ""))),
+            tc,
+            "no bus: virtual"
+        );
+        assert_eq!(auto_hooks(eth, None), tc, "no driver information");
+        assert_eq!(
+            auto_hooks(DeviceKind::L3, Some(("ixgbe", "0000:03:00.0"))),
+            tc
+        );
+    }
 
     /// The helpers aya-log's records use (ring buffer reserve, submit, discard); the gate's own
     /// events use `bpf_ringbuf_output` only.

@@ -15,9 +15,9 @@ pub use clock::{boottime_after, boottime_ns};
 pub use error::{DatapathError, Result};
 pub use events::EventReader;
 pub use loader::{
-    Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments, auto_mode,
-    check_interface, detach, device_kind, harness, interface_index, link_pin_path, load_harness,
-    remove_stale_layouts,
+    Attachment, DEFAULT_PIN_DIR, DeviceKind, Gate, LoadOptions, attachments, auto_hooks,
+    auto_hooks_of, check_interface, detach, device_kind, harness, interface_index, link_pin_path,
+    load_harness, remove_stale_layouts,
 };
 pub use maps::{
     Counters, GateMaps, GrantEntry, GrantScope, MapFill, ServiceEntry, Usage, grant_key, maps_dir,

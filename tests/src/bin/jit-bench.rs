@@ -567,9 +567,10 @@ fn system_reading(s: &System<'_>) -> String {
          turns off TSO on the peer, so the sender cuts every segment to the MTU: that, not the \
          program, is the loss. Generic XDP needs linear packets and copies the rest. TC sees \
          the socket buffer as GRO left it, and parses its linear part without pulling. Hence \
-         the default, `auto`: TC on veth and every other virtual device; native XDP on a \
-         physical NIC whose driver has it, where XDP runs before GRO and the sender's TSO is \
-         not touched, and drops cost the least (above). Round trips on a veth vary by a \
+         the default, `auto`: TC on veth and every other virtual device; on a NIC native XDP, \
+         which runs before GRO, leaves the sender's TSO alone and drops for the least (above), \
+         with TC behind it for the packets re-injected past native XDP (IPsec tunnel mode). \
+         Round trips on a veth vary by a \
          microsecond or so from run to run: the added latency is within that noise.\n",
         v1 = verdict(tc_t >= 0.95),
         v2 = verdict(tc_l < 2.0),
