@@ -15,7 +15,7 @@ use jit_agent::spec::AttachMode;
 
 use crate::{
     bench_filters::{Filter, GateFixture, Installed, PORT},
-    flood::pin_thread,
+    cpus::pin_thread,
     netns::{CLIENT_V4, Link, SERVER_V4},
 };
 

@@ -59,6 +59,10 @@ pub struct Figures {
     pub revoke_call: Vec<Duration>,
     /// `(ended grants in the store, concurrency, requests per second)`.
     pub throughput: Vec<(usize, usize, f64)>,
+    /// One Cedar decision, µs ([`cedar_decision_us`]).
+    pub cedar_us: f64,
+    /// The same rounds with both CPUs kept awake by idle-priority spinners.
+    pub awake: Vec<Round>,
     /// `(concurrency, requests per second)` on the etcd backend ([`throughput_on_etcd`]).
     pub etcd_throughput: Vec<(usize, f64)>,
     /// A durable write on the agent's file system (200 bytes, then `fsync`): what each of the
@@ -236,6 +240,97 @@ impl Bench {
     }
 }
 
+/// One sample of each control-path figure.
+#[derive(Clone, Copy, Debug)]
+pub struct Round {
+    /// A `WhoAmI` call.
+    pub noop: Duration,
+    /// An auto-approved `RequestAccess` call.
+    pub grant_call: Duration,
+    /// From the start of `RequestAccess` to the first packet that passed.
+    pub first_packet: Duration,
+    /// A `Revoke` call (the kernel entry is gone when it returns).
+    pub revoke_call: Duration,
+}
+
+/// A no-op call, then a grant with the requester knocking throughout, then its revocation.
+fn round(
+    b: &Bench,
+    ci: &mut Client,
+    carol: &mut Client,
+    maps: &GateMaps,
+    echo: SocketAddrV4,
+) -> Round {
+    let t = Instant::now();
+    b.rt.block_on(ci.who_am_i(pb::WhoAmIRequest::default()))
+        .expect("whoami");
+    let noop = t.elapsed();
+
+    // The requester knocks throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                syn(echo);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(2));
+    let boot_start = boottime_ns().expect("boot clock");
+    let t = Instant::now();
+    let granted =
+        b.rt.block_on(ci.request_access(ask()))
+            .expect("request")
+            .into_inner();
+    let grant_call = t.elapsed();
+    let gid = jit_agent::kernel_sync::numeric_grant_id(&granted.grant_id)
+        .unwrap_or_else(|e| panic!("granted at once? {granted:?}: {e}"));
+    let mut first_seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while first_seen == 0 && Instant::now() < deadline {
+        first_seen = maps
+            .grants()
+            .expect("grants")
+            .iter()
+            .find(|e| e.grant_id == gid)
+            .map_or(0, |e| e.usage.first_seen_ns);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = prober.join();
+    assert!(
+        first_seen > 0,
+        "no packet passed under {}",
+        granted.grant_id
+    );
+    let first_packet = Duration::from_nanos(first_seen.saturating_sub(boot_start));
+
+    let t = Instant::now();
+    b.rt.block_on(carol.revoke(pb::RevokeRequest {
+        target: Some(pb::revoke_request::Target::GrantId(
+            granted.grant_id.clone(),
+        )),
+        reason: "bench".into(),
+    }))
+    .expect("revoke");
+    let revoke_call = t.elapsed();
+    assert!(
+        !maps
+            .grants()
+            .expect("grants")
+            .iter()
+            .any(|e| e.grant_id == gid),
+        "the kernel still held {} after Revoke returned",
+        granted.grant_id
+    );
+    Round {
+        noop,
+        grant_call,
+        first_packet,
+        revoke_call,
+    }
+}
+
 /// The request every caller of the bench makes (auto-approved for `ci`).
 fn ask() -> pb::RequestAccessRequest {
     pb::RequestAccessRequest {
@@ -347,70 +442,20 @@ pub fn run(plan: Plan) -> Figures {
     }
 
     for _ in 0..plan.samples {
-        let t = Instant::now();
-        b.rt.block_on(ci.who_am_i(pb::WhoAmIRequest::default()))
-            .expect("whoami");
-        figures.noop.push(t.elapsed());
-
-        // The requester knocks throughout.
-        let stop = Arc::new(AtomicBool::new(false));
-        let prober = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    syn(echo);
-                }
-            })
-        };
-        std::thread::sleep(Duration::from_millis(2));
-        let boot_start = boottime_ns().expect("boot clock");
-        let t = Instant::now();
-        let granted =
-            b.rt.block_on(ci.request_access(ask()))
-                .expect("request")
-                .into_inner();
-        figures.grant_call.push(t.elapsed());
-        let gid = jit_agent::kernel_sync::numeric_grant_id(&granted.grant_id)
-            .unwrap_or_else(|e| panic!("granted at once? {granted:?}: {e}"));
-        let mut first_seen = 0;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while first_seen == 0 && Instant::now() < deadline {
-            first_seen = maps
-                .grants()
-                .expect("grants")
-                .iter()
-                .find(|e| e.grant_id == gid)
-                .map_or(0, |e| e.usage.first_seen_ns);
+        let r = round(&b, &mut ci, &mut carol, &maps, echo);
+        figures.noop.push(r.noop);
+        figures.grant_call.push(r.grant_call);
+        figures.first_packet.push(r.first_packet);
+        figures.revoke_call.push(r.revoke_call);
+    }
+    // The same with both CPUs kept awake: what the virtual CPUs' wake-ups cost.
+    {
+        let _awake = crate::cpus::Awake::start();
+        for _ in 0..plan.samples {
+            figures
+                .awake
+                .push(round(&b, &mut ci, &mut carol, &maps, echo));
         }
-        stop.store(true, Ordering::Relaxed);
-        let _ = prober.join();
-        assert!(
-            first_seen > 0,
-            "no packet passed under {}",
-            granted.grant_id
-        );
-        figures
-            .first_packet
-            .push(Duration::from_nanos(first_seen.saturating_sub(boot_start)));
-
-        let t = Instant::now();
-        b.rt.block_on(carol.revoke(pb::RevokeRequest {
-            target: Some(pb::revoke_request::Target::GrantId(
-                granted.grant_id.clone(),
-            )),
-            reason: "bench".into(),
-        }))
-        .expect("revoke");
-        figures.revoke_call.push(t.elapsed());
-        assert!(
-            !maps
-                .grants()
-                .expect("grants")
-                .iter()
-                .any(|e| e.grant_id == gid),
-            "the kernel still held {} after Revoke returned",
-            granted.grant_id
-        );
     }
 
     let mut history = 0;
@@ -615,4 +660,45 @@ pub fn throughput_on_etcd(concurrencies: &[usize], run_for: Duration) -> Vec<(us
             (c, rate)
         })
         .collect()
+}
+
+/// One Cedar decision (`request`) against the shipped example policies and schema, µs: the
+/// median of 11 runs of 1 000.
+#[must_use]
+pub fn cedar_decision_us() -> f64 {
+    use jit_agent::policy::{Action, Facts, Policies, load_files};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let policies = Policies::from_loaded(
+        load_files(
+            &dir.join("policies.cedar"),
+            Some(&dir.join("jit.cedarschema")),
+        )
+        .unwrap_or_else(|e| panic!("the example policies: {e}")),
+    );
+    let facts = Facts {
+        principal: "spiffe://jit.test/ci",
+        principal_groups: Vec::new(),
+        service: "payments-db",
+        environment: "production",
+        max_duration_seconds: 3600,
+        duration_seconds: 600,
+        reason: "bench",
+        ticket: "",
+        source_ip: None,
+        now_ms: jit_agent::model::now_ms(),
+        requester: "spiffe://jit.test/ci",
+        requester_groups: Vec::new(),
+        approvals: 0,
+    };
+    let mut runs: Vec<f64> = (0..11)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..1_000 {
+                std::hint::black_box(policies.decide(Action::Request, &facts));
+            }
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
 }

@@ -234,7 +234,7 @@ pub fn run(plan: Plan, traffic: Traffic) -> Vec<(Filter, Vec<Sample>)> {
     };
     let mut gate = GateFixture::load(server, GRANTS, &[]);
     // This process stays off the receiver's CPU while it measures.
-    flood::pin_thread(SENDER_CPU).expect("pinning the benchmark thread");
+    crate::cpus::pin_thread(SENDER_CPU).expect("pinning the benchmark thread");
     let mut out: Vec<(Filter, Vec<Sample>)> = filters().into_iter().map(|f| (f, vec![])).collect();
     for _ in 0..plan.rounds {
         for (filter, samples) in &mut out {
@@ -251,7 +251,7 @@ pub fn run(plan: Plan, traffic: Traffic) -> Vec<(Filter, Vec<Sample>)> {
             installed.remove();
         }
     }
-    flood::unpin_thread().expect("unpinning the benchmark thread");
+    crate::cpus::unpin_thread().expect("unpinning the benchmark thread");
     out
 }
 
@@ -282,7 +282,7 @@ fn measure(
     let sender = {
         let (stop, sent, spec) = (stop.clone(), sent.clone(), *spec);
         link.client.spawn(move || {
-            flood::pin_thread(SENDER_CPU).expect("pinning the sender");
+            crate::cpus::pin_thread(SENDER_CPU).expect("pinning the sender");
             match traffic {
                 Traffic::Frames => flood::run_frames(&spec, &stop, &sent),
                 Traffic::Skbs => flood::run(&spec, &stop, &sent),

@@ -6,6 +6,7 @@ pub mod bench_allowed;
 pub mod bench_control;
 pub mod bench_drop;
 pub mod bench_filters;
+pub mod cpus;
 pub mod deploy;
 pub mod echo;
 pub mod etcd;
