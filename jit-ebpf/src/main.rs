@@ -42,17 +42,7 @@ fn jit_gate_xdp(ctx: XdpContext) -> u32 {
 /// TC ingress entry point for Ethernet devices (attached first in the TCX chain).
 #[classifier]
 fn jit_gate_tc(ctx: TcContext) -> i32 {
-    let mut attempt = 0;
-    loop {
-        let (start, end) = (ctx.data(), ctx.data_end());
-        let parsed = parse(start, end);
-        if attempt == 0 && cut_short(&ctx, &parsed, start, end) {
-            pull_headers(&ctx);
-            attempt += 1;
-            continue;
-        }
-        return tc_verdict(traced(&ctx, "tc", start, end, parsed));
-    }
+    tc_gate(&ctx, "tc", parse)
 }
 
 /// TC ingress entry point for L3 devices (tun, WireGuard, IP tunnels): the packet starts at the
@@ -61,16 +51,23 @@ fn jit_gate_tc(ctx: TcContext) -> i32 {
 fn jit_gate_tc_l3(ctx: TcContext) -> i32 {
     // `protocol` holds the EtherType in network byte order in its low 16 bits.
     let ether_type = u16::from_be(ctx.skb.protocol() as u16);
+    tc_gate(&ctx, "tc-l3", |start, end| parse_l3(start, end, ether_type))
+}
+
+/// The verdict of a TC entry point whose headers `parse_at` reads: the linear part first, and
+/// once more after [`pull_headers`] when [`cut_short`] says the headers may lie past it.
+#[inline(always)]
+fn tc_gate(ctx: &TcContext, hook: &str, parse_at: impl Fn(usize, usize) -> parse::Parsed) -> i32 {
     let mut attempt = 0;
     loop {
         let (start, end) = (ctx.data(), ctx.data_end());
-        let parsed = parse_l3(start, end, ether_type);
-        if attempt == 0 && cut_short(&ctx, &parsed, start, end) {
-            pull_headers(&ctx);
+        let parsed = parse_at(start, end);
+        if attempt == 0 && cut_short(ctx, &parsed, start, end) {
+            pull_headers(ctx);
             attempt += 1;
             continue;
         }
-        return tc_verdict(traced(&ctx, "tc-l3", start, end, parsed));
+        return tc_verdict(traced(ctx, hook, start, end, parsed));
     }
 }
 

@@ -61,8 +61,6 @@ pub struct Figures {
     pub throughput: Vec<(usize, usize, f64)>,
     /// One Cedar decision, µs ([`cedar_decision_us`]).
     pub cedar_us: f64,
-    /// The same rounds with both CPUs kept awake by idle-priority spinners.
-    pub awake: Vec<Round>,
     /// `(concurrency, requests per second)` on the etcd backend ([`throughput_on_etcd`]).
     pub etcd_throughput: Vec<(usize, f64)>,
     /// A durable write on the agent's file system (200 bytes, then `fsync`): what each of the
@@ -448,15 +446,6 @@ pub fn run(plan: Plan) -> Figures {
         figures.first_packet.push(r.first_packet);
         figures.revoke_call.push(r.revoke_call);
     }
-    // The same with both CPUs kept awake: what the virtual CPUs' wake-ups cost.
-    {
-        let _awake = crate::cpus::Awake::start();
-        for _ in 0..plan.samples {
-            figures
-                .awake
-                .push(round(&b, &mut ci, &mut carol, &maps, echo));
-        }
-    }
 
     let mut history = 0;
     for &target in plan.histories {
@@ -496,7 +485,7 @@ pub struct Scale {
     pub restart_reconcile_s: f64,
     /// Entries the restart's reconciliation wrote (0: the kernel kept them).
     pub restart_written: u64,
-    /// Median of 5 auto-approved `RequestAccess` calls with the grants live, ms.
+    /// Median of 3 auto-approved `RequestAccess` calls with the grants live, ms.
     pub request_ms: f64,
     /// The agent's resident memory after the restart, and its peak, KiB.
     pub rss_kib: u64,
@@ -622,7 +611,7 @@ pub fn at_scale(count: usize) -> Scale {
     // Requests with that many live grants of the same service in the store.
     let mut ci = b.client("ci");
     let mut request_ms = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..3 {
         let t = Instant::now();
         b.rt.block_on(ci.request_access(ask()))
             .expect("request at scale");

@@ -1,12 +1,6 @@
-//! CPU placement for the benchmarks: pinning threads, and keeping CPUs awake.
+//! CPU placement for the benchmarks: pinning threads.
 
-use std::{
-    io,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::io;
 
 /// Lets the calling thread run on `cpus` only.
 fn set_affinity(cpus: impl IntoIterator<Item = usize>) -> io::Result<()> {
@@ -33,52 +27,4 @@ pub fn pin_thread(cpu: usize) -> io::Result<()> {
 /// Lets the calling thread run on every CPU again.
 pub fn unpin_thread() -> io::Result<()> {
     set_affinity(0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-}
-
-/// Spinners at idle priority on every CPU until dropped: a thread that wakes there runs at
-/// once instead of waiting for the hypervisor to resume a halted virtual CPU. For a reading
-/// beside the plain one, never instead of it.
-pub struct Awake {
-    stop: Arc<AtomicBool>,
-    spinners: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Awake {
-    /// Starts one spinner per CPU.
-    #[must_use]
-    pub fn start() -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        let spinners = (0..cpus)
-            .map(|cpu| {
-                let stop = Arc::clone(&stop);
-                std::thread::spawn(move || {
-                    if pin_thread(cpu).is_err() {
-                        return;
-                    }
-                    // SAFETY: a zeroed sched_param is valid for SCHED_IDLE (priority 0).
-                    let rc = unsafe {
-                        let param: libc::sched_param = std::mem::zeroed();
-                        libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param)
-                    };
-                    if rc != 0 {
-                        return;
-                    }
-                    while !stop.load(Ordering::Relaxed) {
-                        std::hint::spin_loop();
-                    }
-                })
-            })
-            .collect();
-        Self { stop, spinners }
-    }
-}
-
-impl Drop for Awake {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for s in self.spinners.drain(..) {
-            let _ = s.join();
-        }
-    }
 }

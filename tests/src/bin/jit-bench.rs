@@ -670,16 +670,6 @@ fn control_path() -> jit_tests::bench_control::Figures {
         g50 / n50,
         verdict(r99 < 1.0)
     );
-    let awake = |pick: fn(&jit_tests::bench_control::Round) -> std::time::Duration| {
-        f.awake.iter().map(pick).collect::<Vec<_>>()
-    };
-    say!("  the same rounds with both CPUs kept awake (idle-priority spinners):");
-    line("no-op call (WhoAmI), CPUs awake", &awake(|r| r.noop));
-    line(
-        "RequestAccess start to the first packet passing, CPUs awake",
-        &awake(|r| r.first_packet),
-    );
-    line("Revoke call, CPUs awake", &awake(|r| r.revoke_call));
     f.cedar_us = jit_tests::bench_control::cedar_decision_us();
     say!(
         "  one Cedar decision (the example policies and schema): {:.1} us",
@@ -733,12 +723,6 @@ fn write_report(
     let (n50, _) = p50_p99_ms(&control.noop);
     let (r50, r99) = p50_p99_ms(&control.revoke_call);
     let (s50, _) = p50_p99_ms(&control.fsync);
-    let awake = |pick: fn(&jit_tests::bench_control::Round) -> std::time::Duration| {
-        p50_p99_ms(&control.awake.iter().map(pick).collect::<Vec<_>>())
-    };
-    let (an50, _) = awake(|r| r.noop);
-    let (ag50, _) = awake(|r| r.first_packet);
-    let (_, ar99) = awake(|r| r.revoke_call);
     let rate = |h: usize, c: usize| {
         control
             .throughput
@@ -815,11 +799,8 @@ fn write_report(
         } else {
             format!(
                 "The durable writes are not what limits it: the API path is (a no-op call alone \
-                 takes {n50:.3} ms, with the client and the agent on the same 2 cores). Part of \
-                 that is this virtual machine's idle CPUs waking: with both kept awake by \
-                 idle-priority spinners, the no-op call takes {an50:.3} ms, time to grant \
-                 {ag50:.3} ms and time to revoke p99 {ar99:.3} ms. The rest is the call's own \
-                 work: one Cedar decision takes {cedar:.0} us here (a no-op `WhoAmI` makes \
+                 takes {n50:.3} ms, with the client and the agent on the same 2 cores). Part of it is \
+                 the call's own work: one Cedar decision takes {cedar:.0} us here (a no-op `WhoAmI` makes \
                  five, a grant two or three), and every call hops from the runtime to the blocking \
                  pool and back. What would reach the target: Cedar decisions cached per \
                  identity and policy generation, fewer hand-offs per call, then one durable \
@@ -1070,7 +1051,7 @@ fn at_scale() -> jit_tests::bench_control::Scale {
     );
     say!(
         "  an auto-approved RequestAccess of the same service with them live: {:.1} ms (median \
-         of 5)",
+         of 3)",
         s.request_ms
     );
     let total: u64 = s.maps.iter().map(|m| m.1).sum();
