@@ -94,7 +94,7 @@ word_enum! {
         /// never does: re-injected into the device's receive path, as IPsec tunnel mode's
         /// decrypted ones); on veth, bridges, bonds, VLANs, tunnels and other virtual devices,
         /// TC only (native XDP on a veth turns off its peer's TSO, which cut granted TCP
-        /// throughput to 0.18x in `cargo xtask bench`; generic XDP copies packets that are not
+        /// throughput to under 0.2x in `cargo xtask bench`; generic XDP copies packets that are not
         /// linear). Native XDP that fails is left out; TC that fails (no TCX before kernel 6.6)
         /// gives way to generic XDP.
         Auto => "auto",
