@@ -29,7 +29,7 @@ use crate::{
     local_addrs::LocalAddrs,
     model::{Grant, Usage, now_ms},
     spec::{Mode, ServiceDest},
-    store::{Change, IdKind, Record, Store, StoreError},
+    store::{Change, GrantLookup, IdKind, Record, Store, StoreError},
 };
 
 /// Kernel sync failures.
@@ -182,6 +182,27 @@ fn scopes(g: &Grant) -> Result<Vec<GrantScope>, SyncError> {
                 grant: g.id.clone(),
                 problem: format!("bound source {s:?} is not one host address"),
             }),
+        })
+        .collect()
+}
+
+/// The store lookups that find every open grant sharing a kernel key with `g` (see
+/// [`scopes`]): its service and identity, or its service and each bound host. A source that is
+/// not one host has no key (the grant opens nothing).
+fn lookups(g: &Grant) -> Vec<GrantLookup> {
+    if g.extra_sources.is_empty() {
+        return vec![GrantLookup::Identity {
+            service: g.service.clone(),
+            identity: g.identity.clone(),
+        }];
+    }
+    g.extra_sources
+        .iter()
+        .filter_map(|s| s.parse::<IpNet>().ok())
+        .filter(|net| net.prefix_len() == net.max_prefix_len())
+        .map(|net| GrantLookup::Host {
+            addr: net.addr(),
+            service: Some(g.service.clone()),
         })
         .collect()
 }
@@ -636,13 +657,15 @@ impl<S: Store> KernelSync<S> {
             .map(|s| grant_key(s, identity_id, service_id))
             .collect();
         let mut maps = self.maps();
-        let grants: Vec<Grant> = self
-            .store
-            .open_grants()?
-            .into_iter()
-            .map(|g| g.value)
-            .filter(|g| g.service == grant.service)
-            .collect();
+        // The grants behind these keys alone, through the store's index of open grants.
+        let mut grants: Vec<Grant> = Vec::new();
+        for lookup in lookups(grant) {
+            for g in self.store.open_grants_by(&lookup)? {
+                if !grants.iter().any(|h| h.id == g.value.id) {
+                    grants.push(g.value);
+                }
+            }
+        }
         let wanted = self.wanted(&grants)?;
         for key in keys {
             match wanted.get(&GrantKeyOrd(key)) {

@@ -25,7 +25,7 @@ use crate::{
     metrics::{NodeMetrics, Snapshot},
     model::{Grant, Request, RequestState},
     notify::{Notice, Notifier},
-    store::{Change, Store},
+    store::{Change, GrantLookup, Store},
 };
 
 /// Errors of node operations.
@@ -527,7 +527,7 @@ impl<S: Store> Node<S> {
         let unissued: Vec<String> = self
             .engine
             .store()
-            .open_grants()
+            .open_grants_by(&GrantLookup::Unissued)
             .map_err(EngineError::from)?
             .into_iter()
             .map(|g| g.value)

@@ -680,11 +680,13 @@ fn waiting_requests_are_limited_per_identity_and_listings_page() {
     );
 }
 
-/// A store that counts full listings (every record ever kept) and hands everything else to
-/// redb.
+/// A store that counts full listings (every record ever kept, every open grant) and hands
+/// everything else to redb.
 struct ScanCounting {
     inner: RedbStore,
     full_scans: std::sync::atomic::AtomicUsize,
+    /// Listings of every open grant.
+    open_scans: std::sync::atomic::AtomicUsize,
 }
 
 impl Store for ScanCounting {
@@ -738,7 +740,17 @@ impl Store for ScanCounting {
         Vec<jit_agent::store::Versioned<jit_agent::model::Grant>>,
         jit_agent::store::StoreError,
     > {
+        self.open_scans.fetch_add(1, Ordering::SeqCst);
         self.inner.open_grants()
+    }
+    fn open_grants_by(
+        &self,
+        lookup: &jit_agent::store::GrantLookup,
+    ) -> Result<
+        Vec<jit_agent::store::Versioned<jit_agent::model::Grant>>,
+        jit_agent::store::StoreError,
+    > {
+        self.inner.open_grants_by(lookup)
     }
     fn commit(&self, txn: jit_agent::store::Txn) -> Result<u64, jit_agent::store::StoreError> {
         self.inner.commit(txn)
@@ -770,6 +782,7 @@ fn requests_and_sweeps_never_read_the_history() {
     let store = Arc::new(ScanCounting {
         inner: RedbStore::open(&dir.path().join("s.redb")).expect("store"),
         full_scans: std::sync::atomic::AtomicUsize::new(0),
+        open_scans: std::sync::atomic::AtomicUsize::new(0),
     });
     let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
     let c = Arc::clone(&clock);
@@ -849,4 +862,88 @@ fn requests_and_sweeps_never_read_the_history() {
     let all = ListQuery::new(false, "", "", 10, "").expect("query");
     engine.list_grants(&who(2), &all).expect("list");
     assert!(store.full_scans.load(Ordering::SeqCst) > 0);
+}
+
+/// With many live grants, what the agent does per request, approval and sweep finds the grants
+/// it needs through the index of open grants, never by listing every open grant: binding an
+/// address checks the grants bound to it, a sweep reads the grants due. And it still decides
+/// as before: a taken address is refused, a due grant expires, the others stay.
+#[test]
+fn requests_and_sweeps_never_list_every_open_grant() {
+    let dir = jit_tests::TempDir::new("jit-sm-");
+    let store = Arc::new(ScanCounting {
+        inner: RedbStore::open(&dir.path().join("s.redb")).expect("store"),
+        full_scans: std::sync::atomic::AtomicUsize::new(0),
+        open_scans: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let clock = Arc::new(AtomicI64::new(1_700_000_000_000));
+    let c = Arc::clone(&clock);
+    let engine = Engine::new(
+        Arc::clone(&store),
+        jit_tests::fixtures::config(BOUND_CONFIG),
+        jit_tests::fixtures::policies(BOUND_POLICIES),
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    );
+    let u = |n: &str| Caller::Spiffe(format!("spiffe://t.test/{n}"));
+    let at = |peer: String| RequestOptions {
+        peer: Some(peer.parse().expect("address")),
+        ..RequestOptions::default()
+    };
+    // 300 live grants, each bound to its own host; the first 100 for one minute, the rest for
+    // five.
+    for i in 0..300u32 {
+        let duration = if i < 100 { "1m" } else { "5m" };
+        let r = engine
+            .request_access(
+                &u("u3"),
+                "boundauto",
+                duration,
+                &at(format!("10.9.{}.{}", i / 250, i % 250 + 1)),
+            )
+            .expect("granted at once");
+        assert_eq!(r.state, RequestState::Granted);
+    }
+    store.open_scans.store(0, Ordering::SeqCst);
+
+    // A taken address is refused to anyone else, through the index.
+    let err = engine
+        .request_access(&u("u2"), "boundauto", "5m", &at("10.9.0.7".into()))
+        .expect_err("taken");
+    assert!(err.to_string().contains("spiffe://t.test/u3"), "{err}");
+    // A free one is granted; one waiting for approval is checked again when approved.
+    engine
+        .request_access(&u("u2"), "boundauto", "5m", &at("10.9.5.1".into()))
+        .expect("free");
+    let waiting = engine
+        .request_access(&u("u2"), "bound", "5m", &at("10.9.5.2".into()))
+        .expect("pending");
+    let granted = engine
+        .approve(&u("sre/x"), &waiting.id, "ok")
+        .expect("approve");
+    assert_eq!(granted.state, RequestState::Granted);
+    assert_eq!(engine.sweep().expect("sweep").0.len(), 0);
+    // Past the first minute: the 100 short grants and nothing else expire.
+    clock.fetch_add(61_000, Ordering::SeqCst);
+    let (expired, _) = engine.sweep().expect("sweep");
+    assert_eq!(expired.len(), 100);
+    assert!(expired.iter().all(|g| g.state == GrantState::Expired));
+    assert_eq!(engine.sweep().expect("sweep").0.len(), 0);
+    // An address freed by expiry may be bound by someone else.
+    engine
+        .request_access(&u("u2"), "boundauto", "5m", &at("10.9.0.7".into()))
+        .expect("freed by expiry");
+    assert_eq!(
+        store.open_scans.load(Ordering::SeqCst),
+        0,
+        "a request, an approval or a sweep listed every open grant"
+    );
+    assert_eq!(store.full_scans.load(Ordering::SeqCst), 0);
+    let live = store
+        .inner
+        .open_grants()
+        .expect("open")
+        .into_iter()
+        .filter(|g| g.value.state == GrantState::Active)
+        .count();
+    assert_eq!(live, 300 - 100 + 3);
 }

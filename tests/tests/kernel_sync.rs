@@ -108,6 +108,90 @@ fn db_frame(src: &str) -> Vec<u8> {
     Packet::tcp(ip(src), ip("10.99.0.1"), 5432).build()
 }
 
+fn request_for(w: &World, service: &str, peer: &str, duration: &str) -> String {
+    let req = w
+        .node
+        .request_access(
+            &ci(),
+            service,
+            duration,
+            &RequestOptions {
+                peer: Some(ip(peer)),
+                ..RequestOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("request {service}: {e}"));
+    assert!(!req.grant_id.is_empty(), "granted at once");
+    req.grant_id
+}
+
+/// Grants that share one kernel key (the store finds them through its index of open grants):
+/// the kernel holds the one that lasts longest; revoking it leaves the other in force, revoking
+/// both removes the entry; a grant on another key is never touched. For identity keys and host
+/// keys alike.
+#[test]
+#[ignore = "needs root"]
+fn grants_sharing_a_kernel_key_hand_it_over_on_revoke() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let revoke = |id: &str| {
+        w.node
+            .revoke(&ci(), &RevokeTarget::Grant(id.to_string()), "done")
+            .expect("revoke");
+    };
+    let web_frame = |src: &str| Packet::tcp(ip(src), ip("10.99.0.1"), 443).build();
+    let maps = GateMaps::open(w.gate.pin_dir()).expect("maps");
+    let expiry = |key: jit_common::GrantKey| {
+        maps.grants()
+            .expect("grants")
+            .into_iter()
+            .find(|g| g.key() == key)
+            .map(|g| g.expires_at_ns)
+    };
+    let service = |name: &str| w.store.numeric_id(IdKind::Service, name).expect("id");
+    let identity_id = w
+        .store
+        .numeric_id(IdKind::Identity, "spiffe://t.test/ci")
+        .expect("id");
+
+    // Identity key: a 10-minute grant and a 5-minute one.
+    let id_key = grant_key(GrantScope::Identity, identity_id, service("db"));
+    let long = request_for(&w, "db", "10.1.0.5", "10m");
+    let long_expiry = expiry(id_key).expect("enforced");
+    let short = request_for(&w, "db", "10.1.0.5", "5m");
+    assert_eq!(expiry(id_key), Some(long_expiry), "the longer one stays");
+    revoke(&long);
+    let left = expiry(id_key).expect("the other grant still holds the key");
+    assert!(left < long_expiry, "the kernel now holds the shorter grant");
+    assert!(w.gate.passes(&db_frame("10.1.0.5")));
+    revoke(&short);
+    assert_eq!(expiry(id_key), None);
+    assert!(!w.gate.passes(&db_frame("10.1.0.5")));
+
+    // Host keys: two grants bound to 10.7.0.1, one to 10.7.0.2.
+    let host_key = |a: &str| grant_key(GrantScope::Host(ip(a)), identity_id, service("web"));
+    let a1 = request_for(&w, "web", "10.7.0.1", "10m");
+    let a2 = request_for(&w, "web", "10.7.0.1", "5m");
+    let other = request_for(&w, "web", "10.7.0.2", "5m");
+    let other_expiry = expiry(host_key("10.7.0.2")).expect("enforced");
+    revoke(&a2);
+    assert!(expiry(host_key("10.7.0.1")).is_some(), "a1 still holds it");
+    assert!(w.gate.passes(&web_frame("10.7.0.1")));
+    revoke(&a1);
+    assert_eq!(expiry(host_key("10.7.0.1")), None);
+    assert!(!w.gate.passes(&web_frame("10.7.0.1")));
+    assert_eq!(expiry(host_key("10.7.0.2")), Some(other_expiry));
+    assert!(w.gate.passes(&web_frame("10.7.0.2")));
+    revoke(&other);
+    assert!(!w.gate.passes(&web_frame("10.7.0.2")));
+    assert!(
+        w.sync.resync().expect("resync").total() == 0,
+        "nothing left to repair"
+    );
+}
+
 /// Problem 6 of datapath v2.
 #[test]
 #[ignore = "needs root"]

@@ -15,8 +15,8 @@ use std::{
 use jit_agent::{
     model::{Grant, GrantState, Request, RequestState},
     store::{
-        Change, EtcdOptions, EtcdStore, IdKind, Record, RecordKey, RedbStore, Store, StoreError,
-        Txn,
+        Change, EtcdOptions, EtcdStore, GrantLookup, IdKind, Record, RecordKey, RedbStore, Store,
+        StoreError, Txn,
     },
 };
 use jit_tests::{TempDir, etcd::Cluster};
@@ -393,6 +393,158 @@ fn open_records_are_indexed<B: Backend>(b: &B) {
     assert!(s.open_grants().expect("open").is_empty());
 }
 
+/// The index of open grants finds exactly the open grants that answer a lookup: by service and
+/// identity, by bound host (an IPv4-mapped IPv6 address is its IPv4 one), by expiry, unissued;
+/// a grant leaves it when it closes or is issued; names with '/' or '%' never mix.
+fn open_grants_are_indexed_by_what_they_open<B: Backend>(b: &B) {
+    let s = b.open();
+    let host = |a: &str| a.parse::<std::net::IpAddr>().expect("address");
+    let ids = |v: Vec<jit_agent::store::Versioned<Grant>>| {
+        let mut ids: Vec<String> = v.into_iter().map(|g| g.value.id).collect();
+        ids.sort();
+        ids
+    };
+    let by = |l: GrantLookup| ids(s.open_grants_by(&l).expect("lookup"));
+    let identity = |service: &str, identity: &str| GrantLookup::Identity {
+        service: service.into(),
+        identity: identity.into(),
+    };
+    let mut g_id = grant("g-id");
+    g_id.expires_ms = 100;
+    let mut g_host = grant("g-host");
+    g_host.extra_sources = vec!["10.0.0.1/32".into()];
+    g_host.expires_ms = 200;
+    g_host.issued = false;
+    let mut g_mapped = grant("g-mapped");
+    g_mapped.service = "web".into();
+    g_mapped.identity = "spiffe://t.test/u2".into();
+    g_mapped.extra_sources = vec!["::ffff:10.0.0.1/128".into()];
+    g_mapped.expires_ms = 300;
+    let mut g_slash = grant("g-slash");
+    g_slash.service = "a".into();
+    g_slash.identity = "b/c".into();
+    let mut g_slash2 = grant("g-slash2");
+    g_slash2.service = "a/b".into();
+    g_slash2.identity = "c".into();
+    let mut g_pct = grant("g-pct");
+    g_pct.service = "a%2Fb".into();
+    g_pct.identity = "c".into();
+    let mut g_wide = grant("g-wide");
+    g_wide.extra_sources = vec!["10.0.0.0/24".into()];
+    let mut g_closed = grant("g-closed");
+    g_closed.state = GrantState::Revoked;
+    g_closed.ended_ms = 5;
+    for g in [
+        &g_id, &g_host, &g_mapped, &g_slash, &g_slash2, &g_pct, &g_wide, &g_closed,
+    ] {
+        s.commit(Txn::put(Record::Grant(g.clone()), 0))
+            .expect("commit");
+    }
+    assert_eq!(by(identity("db", "spiffe://t.test/u1")), ["g-id"]);
+    assert_eq!(
+        by(identity("db", "spiffe://t.test/u2")),
+        Vec::<String>::new()
+    );
+    assert_eq!(by(identity("a", "b/c")), ["g-slash"]);
+    assert_eq!(by(identity("a/b", "c")), ["g-slash2"]);
+    assert_eq!(by(identity("a%2Fb", "c")), ["g-pct"]);
+    assert_eq!(
+        by(GrantLookup::Host {
+            addr: host("10.0.0.1"),
+            service: Some("db".into())
+        }),
+        ["g-host"]
+    );
+    assert_eq!(
+        by(GrantLookup::Host {
+            addr: host("::ffff:10.0.0.1"),
+            service: None
+        }),
+        ["g-host", "g-mapped"]
+    );
+    assert_eq!(
+        by(GrantLookup::Host {
+            addr: host("10.0.0.1"),
+            service: Some("web".into())
+        }),
+        ["g-mapped"]
+    );
+    // A bound source that is not one host holds no address.
+    assert_eq!(
+        by(GrantLookup::Host {
+            addr: host("10.0.0.0"),
+            service: None
+        }),
+        Vec::<String>::new()
+    );
+    // Due: expiry at or before the time asked, inclusive.
+    assert_eq!(by(GrantLookup::DueBy(1)), Vec::<String>::new());
+    assert_eq!(
+        by(GrantLookup::DueBy(2)),
+        ["g-pct", "g-slash", "g-slash2", "g-wide"]
+    );
+    assert_eq!(
+        by(GrantLookup::DueBy(100)),
+        ["g-id", "g-pct", "g-slash", "g-slash2", "g-wide"]
+    );
+    assert_eq!(by(GrantLookup::DueBy(199)).len(), 5);
+    assert_eq!(by(GrantLookup::DueBy(200)).len(), 6);
+    assert_eq!(by(GrantLookup::DueBy(i64::MAX)).len(), 7);
+    assert_eq!(by(GrantLookup::Unissued), ["g-host"]);
+    let found = s
+        .open_grants_by(&GrantLookup::Unissued)
+        .expect("lookup")
+        .remove(0);
+    assert_eq!(
+        found,
+        s.grant("g-host").expect("read").expect("grant"),
+        "the index gives the record and its revision"
+    );
+
+    // Issued: out of the unissued entries, still bound.
+    let mut issued = found.value.clone();
+    issued.issued = true;
+    s.commit(Txn::put(Record::Grant(issued), found.revision))
+        .expect("issue");
+    assert_eq!(by(GrantLookup::Unissued), Vec::<String>::new());
+    assert_eq!(
+        by(GrantLookup::Host {
+            addr: host("10.0.0.1"),
+            service: Some("db".into())
+        }),
+        ["g-host"]
+    );
+    // Closed: out of every lookup.
+    for id in ["g-id", "g-host", "g-mapped"] {
+        let v = s.grant(id).expect("read").expect("grant");
+        let mut g = v.value;
+        g.state = GrantState::Expired;
+        g.ended_ms = 400;
+        s.commit(Txn::put(Record::Grant(g), v.revision))
+            .expect("close");
+    }
+    assert_eq!(
+        by(identity("db", "spiffe://t.test/u1")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        by(GrantLookup::Host {
+            addr: host("10.0.0.1"),
+            service: None
+        }),
+        Vec::<String>::new()
+    );
+    assert_eq!(by(GrantLookup::DueBy(i64::MAX)).len(), 4);
+    // A closed grant written again stays out.
+    let v = s.grant("g-id").expect("read").expect("grant");
+    s.commit(Txn::put(Record::Grant(v.value), v.revision))
+        .expect("rewrite");
+    assert_eq!(
+        by(identity("db", "spiffe://t.test/u1")),
+        Vec::<String>::new()
+    );
+}
+
 /// Pruning deletes closed records past the retention, oldest first and at most the limit asked;
 /// a grant goes with its request; never an open record or a recent one.
 fn pruning_keeps_what_is_open_or_recent<B: Backend>(b: &B) {
@@ -537,6 +689,12 @@ macro_rules! contract {
             $($ignore)*
             fn open_records_are_indexed() {
                 super::open_records_are_indexed(&$make);
+            }
+
+            #[test]
+            $($ignore)*
+            fn open_grants_are_indexed_by_what_they_open() {
+                super::open_grants_are_indexed_by_what_they_open(&$make);
             }
 
             #[test]
@@ -719,6 +877,48 @@ fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
     assert_eq!(open[0].value.id, "req-downgrade");
 }
 
+/// A redb file of the previous layout (open and closed records indexed, up to date, but no
+/// index of open grants) gets that index when it opens: its grants are found by lookup.
+#[test]
+fn a_redb_file_from_before_the_grant_index_is_indexed_on_open() {
+    let dir = TempDir::new("jit-store-");
+    let path = dir.path().join("s.redb");
+    {
+        let db = ::redb::Database::create(&path).expect("redb");
+        let tx = db.begin_write().expect("write");
+        {
+            let mut t = tx
+                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("grants"))
+                .expect("grants");
+            let mut g = grant("grant-v1");
+            g.expires_ms = i64::MAX / 2;
+            let body = serde_json::json!({ "value": g, "revision": 3 });
+            t.insert("grant-v1", body.to_string().as_bytes())
+                .expect("insert");
+            let mut open = tx
+                .open_table(::redb::TableDefinition::<&str, ()>::new("open_grants"))
+                .expect("open index");
+            open.insert("grant-v1", ()).expect("insert");
+            let mut meta = tx
+                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
+                .expect("meta");
+            meta.insert("revision", 3).expect("revision");
+            meta.insert("indexed_revision", 3).expect("indexed");
+        }
+        tx.commit().expect("commit");
+    }
+    let s = RedbStore::open(&path).expect("open");
+    let found = s
+        .open_grants_by(&GrantLookup::Identity {
+            service: "db".into(),
+            identity: "spiffe://t.test/u1".into(),
+        })
+        .expect("lookup");
+    assert_eq!(found.len(), 1, "a grant of the earlier layout is not found");
+    assert_eq!(found[0].revision, 3);
+    assert_eq!(s.open_grants().expect("open").len(), 1);
+}
+
 /// The same for etcd: records written under the prefix before the indexes are indexed when an
 /// agent connects, with the revision a transition compares.
 #[test]
@@ -743,6 +943,19 @@ fn etcd_records_from_before_the_indexes_are_indexed_on_connect() {
     }
     assert_eq!(open.len(), 1, "never indexed");
     assert_eq!(open[0].value.id, "grant-legacy");
+    let lookup = GrantLookup::Identity {
+        service: "db".into(),
+        identity: "spiffe://t.test/u1".into(),
+    };
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = s.open_grants_by(&lookup).expect("lookup");
+        if !found.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(found.len(), 1, "never indexed by what it opens");
     let stored = s.grant("grant-legacy").expect("read").expect("grant");
     assert_eq!(open[0].revision, stored.revision);
     let mut g = stored.value;
@@ -775,6 +988,18 @@ fn etcd_records_from_before_the_indexes_are_indexed_on_connect() {
     assert!(
         seen,
         "a grant written without its index entry was never indexed"
+    );
+    let mut found = false;
+    for _ in 0..100 {
+        if s.open_grants_by(&lookup).expect("lookup").len() == 1 {
+            found = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        found,
+        "a grant written without its index entries is never found by lookup"
     );
     old.state = GrantState::Revoked;
     old.ended_ms = 9;

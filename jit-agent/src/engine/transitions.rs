@@ -14,7 +14,7 @@ use crate::{
     identity::Caller,
     model::{Approval, Grant, GrantState, Request, RequestState, Usage},
     policy::Action,
-    store::{Record, Store, StoreError, Txn, Versioned},
+    store::{GrantLookup, Record, Store, StoreError, Txn, Versioned},
 };
 
 /// What a revoke ended.
@@ -252,31 +252,28 @@ impl<S: Store> Engine<S> {
                 net.addr()
             )));
         }
+        if net.prefix_len() != net.max_prefix_len() {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{net} is not one host address; only single hosts are bound"
+            )));
+        }
         let now = self.now();
-        for g in self.store.open_grants()? {
+        // Grants bound to this host, through the store's index (a bound source that is not one
+        // host opens nothing anywhere, so it holds no address).
+        let lookup = GrantLookup::Host {
+            addr: net.addr(),
+            service: None,
+        };
+        for g in self.store.open_grants_by(&lookup)? {
             let g = g.value;
             // A grant yet to start holds its address too (kernels hold it already).
-            if !(g.is_unended(now) && g.identity != requester) {
-                continue;
-            }
-            for source in &g.extra_sources {
-                // A bound address that does not parse is corrupt: refuse rather than guess.
-                let bound = source.parse::<IpNet>().map_err(|_| {
-                    EngineError::FailedPrecondition(format!(
-                        "grant {} holds a bound address that does not parse ({source:?}); \
-                         refusing to bind {} until it ends",
-                        g.id,
-                        net.addr()
-                    ))
-                })?;
-                if bound.contains(net) || net.contains(&bound) {
-                    return Err(EngineError::FailedPrecondition(format!(
-                        "{} is bound to {} by grant {}; refusing to bind it to {requester}",
-                        net.addr(),
-                        g.identity,
-                        g.id
-                    )));
-                }
+            if g.is_unended(now) && g.identity != requester {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "{} is bound to {} by grant {}; refusing to bind it to {requester}",
+                    net.addr(),
+                    g.identity,
+                    g.id
+                )));
             }
         }
         Ok(())
@@ -704,7 +701,7 @@ impl<S: Store> Engine<S> {
     pub fn sweep(&self) -> Result<(Vec<Grant>, Vec<Request>), EngineError> {
         let now = self.now();
         let mut grants = Vec::new();
-        for g in self.store.open_grants()? {
+        for g in self.store.open_grants_by(&GrantLookup::DueBy(now))? {
             if g.value.state == GrantState::Active && g.value.expires_ms <= now {
                 let mut ng = g.value.clone();
                 ng.state = GrantState::Expired;

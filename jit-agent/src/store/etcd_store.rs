@@ -27,7 +27,7 @@
 //! commit that fails for good may leave its (empty) marker behind.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
     sync::{Arc, Mutex},
     time::Duration,
@@ -94,6 +94,9 @@ const MARKERS: &str = "txn/";
 const OPEN: &str = "open/";
 /// Index of closed records by closing time: `closed/<ms>/<table><id>`, empty values.
 const CLOSED: &str = "closed/";
+/// Index of open grants by what they open and when they end (`super::grant_index_entries`):
+/// `grantindex/<entry>`, empty values, kept like `open/`.
+const GRANT_INDEX: &str = "grantindex/";
 const OPEN_REQUESTS: &str = "open/requests/";
 const OPEN_GRANTS: &str = "open/grants/";
 /// Records read per transaction when following the open index.
@@ -141,8 +144,17 @@ fn kind_name(kind: IdKind) -> &'static str {
 /// Every key under `start` at one revision (the first page's), in pages of [`READ_PAGE`].
 /// Returns the revision and the keys.
 async fn read_all(kv: &mut KvClient, start: &str) -> Result<(i64, Vec<KeyValue>), StoreError> {
-    let end = prefix_end(start.as_bytes());
-    let mut from = start.as_bytes().to_vec();
+    read_range(kv, start.as_bytes(), &prefix_end(start.as_bytes())).await
+}
+
+/// Every key in `[start, end)` at one revision (the first page's), in pages of [`READ_PAGE`].
+async fn read_range(
+    kv: &mut KvClient,
+    start: &[u8],
+    end: &[u8],
+) -> Result<(i64, Vec<KeyValue>), StoreError> {
+    let end = end.to_vec();
+    let mut from = start.to_vec();
     let mut at = 0i64;
     let mut out = Vec::new();
     loop {
@@ -406,33 +418,74 @@ impl EtcdStore {
                     .filter(|id| !id.is_empty() && !id.contains('/'))
                     .map(str::to_string)
                     .collect();
-                let mut out = Vec::new();
-                for chunk in ids.chunks(READ_BATCH) {
-                    let gets = chunk
-                        .iter()
-                        .map(|id| TxnOp::get(format!("{prefix}{table}{id}"), None))
-                        .collect::<Vec<_>>();
-                    let resp = kv
-                        .txn(Txn::new().and_then(gets))
-                        .await
-                        .map_err(etcd_error)?;
-                    for op in resp.op_responses() {
-                        let etcd_client::TxnOpResponse::Get(got) = op else {
-                            continue;
-                        };
-                        for item in got.kvs() {
-                            let key = String::from_utf8_lossy(item.key()).into_owned();
-                            match decode(&key, item.value(), item.mod_revision()) {
-                                Ok(v) => out.push(v),
-                                Err(e) => super::report_corrupt(&corrupt, &key, &e),
-                            }
-                        }
-                    }
-                }
-                Ok(out)
+                records_of(&mut kv, &prefix, table, &ids, &corrupt).await
             }
         })
     }
+
+    /// The open grants the index of open grants finds for `lookup`.
+    fn grants_by(&self, lookup: &super::GrantLookup) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        let corrupt = Arc::clone(&self.corrupt);
+        let (start, end) = lookup.range();
+        let found = self.call(move |mut kv, prefix| {
+            let corrupt = Arc::clone(&corrupt);
+            let (start, end) = (
+                format!("{prefix}{GRANT_INDEX}{start}"),
+                format!("{prefix}{GRANT_INDEX}{end}"),
+            );
+            async move {
+                let (_, entries) = read_range(&mut kv, start.as_bytes(), end.as_bytes()).await?;
+                let mut ids: Vec<String> = entries
+                    .iter()
+                    .filter_map(|e| std::str::from_utf8(e.key()).ok())
+                    .filter_map(super::indexed_grant)
+                    .collect();
+                // A grant bound to two hosts is found once per host.
+                ids.sort();
+                ids.dedup();
+                records_of::<Grant>(&mut kv, &prefix, GRANTS, &ids, &corrupt).await
+            }
+        })?;
+        Ok(found
+            .into_iter()
+            .filter(|g| super::answers(lookup, &g.value))
+            .collect())
+    }
+}
+
+/// The records of `ids` in `table`, read in transactions of [`READ_BATCH`] gets; ids whose
+/// record is gone are passed over, undecodable ones reported.
+async fn records_of<T: serde::de::DeserializeOwned>(
+    kv: &mut KvClient,
+    prefix: &str,
+    table: &str,
+    ids: &[String],
+    corrupt: &Mutex<BTreeSet<String>>,
+) -> Result<Vec<Versioned<T>>, StoreError> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(READ_BATCH) {
+        let gets = chunk
+            .iter()
+            .map(|id| TxnOp::get(format!("{prefix}{table}{id}"), None))
+            .collect::<Vec<_>>();
+        let resp = kv
+            .txn(Txn::new().and_then(gets))
+            .await
+            .map_err(etcd_error)?;
+        for op in resp.op_responses() {
+            let etcd_client::TxnOpResponse::Get(got) = op else {
+                continue;
+            };
+            for item in got.kvs() {
+                let key = String::from_utf8_lossy(item.key()).into_owned();
+                match decode(&key, item.value(), item.mod_revision()) {
+                    Ok(v) => out.push(v),
+                    Err(e) => super::report_corrupt(corrupt, &key, &e),
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Drop for EtcdStore {
@@ -523,6 +576,18 @@ fn index_ops(prefix: &str, record: &Record, delete_open: bool) -> Vec<TxnOp> {
         let closed = super::closed_key(at, &record.key());
         ops.push(TxnOp::put(format!("{prefix}{CLOSED}{closed}"), "", None));
     }
+    // A grant's entries derive from what it is now: those it has are put, the others deleted
+    // (a delete of a key that is not there changes nothing).
+    if let Record::Grant(g) = record {
+        for (entry, there) in super::grant_index_entries(g) {
+            let key = format!("{prefix}{GRANT_INDEX}{entry}");
+            ops.push(if there {
+                TxnOp::put(key, "", None)
+            } else {
+                TxnOp::delete(key, None)
+            });
+        }
+    }
     ops
 }
 
@@ -578,7 +643,10 @@ async fn verify_indexes(kv: &mut KvClient, prefix: &str) -> Result<usize, StoreE
     let mut repaired = 0;
     let open = key_names(kv, &format!("{prefix}{OPEN}")).await?;
     let closed = key_names(kv, &format!("{prefix}{CLOSED}")).await?;
+    let by = key_names(kv, &format!("{prefix}{GRANT_INDEX}")).await?;
     let mut seen = BTreeSet::new();
+    // Per grant: its revision and the index entries it has.
+    let mut grant_entries: BTreeMap<String, (i64, BTreeSet<String>)> = BTreeMap::new();
     for table in [REQUESTS, GRANTS] {
         let (_, records) = read_all(kv, &format!("{prefix}{table}")).await?;
         for item in &records {
@@ -594,7 +662,24 @@ async fn verify_indexes(kv: &mut KvClient, prefix: &str) -> Result<usize, StoreE
             let closed_ok = record
                 .prune_at_ms()
                 .is_none_or(|at| closed.contains(&super::closed_key(at, &record.key())));
-            if !(open_ok && closed_ok) {
+            let mut grant_ok = true;
+            if let Record::Grant(g) = &record {
+                let entries = super::grant_index_entries(g);
+                grant_ok = entries
+                    .iter()
+                    .all(|(entry, there)| *there == by.contains(entry));
+                grant_entries.insert(
+                    g.id.clone(),
+                    (
+                        item.mod_revision(),
+                        entries
+                            .into_iter()
+                            .filter_map(|(e, there)| there.then_some(e))
+                            .collect(),
+                    ),
+                );
+            }
+            if !(open_ok && closed_ok && grant_ok) {
                 repair_index(kv, prefix, &record, item.mod_revision()).await?;
                 repaired += 1;
             }
@@ -608,6 +693,30 @@ async fn verify_indexes(kv: &mut KvClient, prefix: &str) -> Result<usize, StoreE
             Txn::new()
                 .when(vec![Compare::create_revision(main, CompareOp::Equal, 0)])
                 .and_then(vec![TxnOp::delete(entry, None)]),
+        )
+        .await
+        .map_err(etcd_error)?;
+        repaired += 1;
+    }
+    // Grant index entries no grant has as it stands (its record gone, or changed behind the
+    // index's back): deleted while the record is still as read.
+    for entry in &by {
+        let Some(id) = super::indexed_grant(entry) else {
+            continue;
+        };
+        let main = format!("{prefix}{GRANTS}{id}");
+        let unchanged = match grant_entries.get(&id) {
+            Some((_, has)) if has.contains(entry) => continue,
+            Some((rev, _)) => Compare::mod_revision(main, CompareOp::Equal, *rev),
+            None => Compare::create_revision(main, CompareOp::Equal, 0),
+        };
+        kv.txn(
+            Txn::new()
+                .when(vec![unchanged])
+                .and_then(vec![TxnOp::delete(
+                    format!("{prefix}{GRANT_INDEX}{entry}"),
+                    None,
+                )]),
         )
         .await
         .map_err(etcd_error)?;
@@ -761,7 +870,13 @@ fn written_indexed(
             super::closed_key(at, &record.key())
         ))
     });
-    open_ok && closed_ok
+    let grant_ok = match record {
+        Record::Grant(g) => super::grant_index_entries(g)
+            .into_iter()
+            .all(|(entry, there)| !there || has(format!("{prefix}{GRANT_INDEX}{entry}"))),
+        Record::Request(_) => true,
+    };
+    open_ok && closed_ok && grant_ok
 }
 
 fn publish(
@@ -814,6 +929,13 @@ impl Store for EtcdStore {
         let mut open: Vec<Versioned<Grant>> = self.through_index(OPEN_GRANTS, GRANTS)?;
         open.retain(|g| Record::Grant(g.value.clone()).is_open());
         Ok(open)
+    }
+
+    fn open_grants_by(
+        &self,
+        lookup: &super::GrantLookup,
+    ) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        self.grants_by(lookup)
     }
 
     fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {

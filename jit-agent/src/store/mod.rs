@@ -11,6 +11,8 @@ mod redb_store;
 
 pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use redb_store::RedbStore;
+use std::net::IpAddr;
+
 use tokio::sync::broadcast;
 
 use crate::model::{Grant, Request};
@@ -220,6 +222,154 @@ fn listed(corrupt: &std::sync::Mutex<std::collections::BTreeSet<String>>) -> Vec
         .collect()
 }
 
+/// A lookup in the index of open grants by what a grant opens and when it ends: what the
+/// agent does per request, per change and per sweep costs what matches, never every open grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GrantLookup {
+    /// Grants of `service` that open it to `identity`'s static prefixes (no bound host): the
+    /// grants behind one identity key of the kernel.
+    Identity {
+        /// The service.
+        service: String,
+        /// The identity.
+        identity: String,
+    },
+    /// Grants bound to the host `addr` (an IPv4-mapped IPv6 address is its IPv4 one), of
+    /// `service` (the grants behind one host key of the kernel) or of any service.
+    Host {
+        /// The host.
+        addr: IpAddr,
+        /// The service, or `None` for every service.
+        service: Option<String>,
+    },
+    /// Grants whose expiry is at or before this time (Unix ms): due to end.
+    DueBy(i64),
+    /// Grants whose `grant.issued` audit record is not durable yet.
+    Unissued,
+}
+
+impl GrantLookup {
+    /// Whether `g` answers the lookup (the record decides; the index only finds it). Open or
+    /// not is checked apart.
+    #[must_use]
+    pub fn matches(&self, g: &Grant) -> bool {
+        match self {
+            Self::Identity { service, identity } => {
+                g.extra_sources.is_empty() && g.service == *service && g.identity == *identity
+            }
+            Self::Host { addr, service } => {
+                service.as_ref().is_none_or(|s| *s == g.service)
+                    && g.extra_sources
+                        .iter()
+                        .any(|src| bound_host(src).is_some_and(|h| h == addr.to_canonical()))
+            }
+            Self::DueBy(at) => g.expires_ms <= *at,
+            Self::Unissued => !g.issued,
+        }
+    }
+
+    /// The range of index entries to read: `[start, end)`.
+    fn range(&self) -> (String, String) {
+        let under = |prefix: String| {
+            // Every prefix ends with '/': the range ends just after it ('0' follows '/').
+            let end = format!("{}0", &prefix[..prefix.len() - 1]);
+            (prefix, end)
+        };
+        match self {
+            Self::Identity { service, identity } => under(format!(
+                "{IX_IDENTITY}/{}/{}/",
+                escape(service),
+                escape(identity)
+            )),
+            Self::Host {
+                addr,
+                service: Some(s),
+            } => under(format!("{IX_HOST}/{}/{}/", addr.to_canonical(), escape(s))),
+            Self::Host {
+                addr,
+                service: None,
+            } => under(format!("{IX_HOST}/{}/", addr.to_canonical())),
+            Self::DueBy(at) => (
+                format!("{IX_DUE}/"),
+                // Entries of expiries up to `at` inclusive sort before this one.
+                format!("{IX_DUE}/{:020}/", ms_key(*at).saturating_add(1)),
+            ),
+            Self::Unissued => under(format!("{IX_UNISSUED}/")),
+        }
+    }
+}
+
+/// Index entry kinds (the first part of an entry's name).
+const IX_IDENTITY: &str = "identity";
+const IX_HOST: &str = "host";
+const IX_DUE: &str = "due";
+const IX_UNISSUED: &str = "unissued";
+
+/// A time as an index key's number (before the epoch counts as the epoch).
+fn ms_key(ms: i64) -> u64 {
+    u64::try_from(ms).unwrap_or(0)
+}
+
+/// A name part of an index entry: no '/' left in it (`%` and `/` escaped).
+fn escape(part: &str) -> String {
+    part.replace('%', "%25").replace('/', "%2F")
+}
+
+fn unescape(part: &str) -> String {
+    part.replace("%2F", "/").replace("%25", "%")
+}
+
+/// The host a grant's bound source names, in the kernel's form (IPv4-mapped IPv6 as IPv4);
+/// `None` for anything but one host (such a grant opens nothing in any kernel).
+fn bound_host(source: &str) -> Option<IpAddr> {
+    let net: ipnet::IpNet = source.parse().ok()?;
+    (net.prefix_len() == net.max_prefix_len()).then(|| net.addr().to_canonical())
+}
+
+/// The entries a grant can have in the index of open grants, each with whether it is there
+/// now. They derive from what never changes after a grant is created (id, service, identity,
+/// bound hosts, expiry) and from whether it is open and issued, so a write puts the ones that
+/// are there and deletes the others without reading what it replaces.
+fn grant_index_entries(g: &Grant) -> Vec<(String, bool)> {
+    let open = g.state == crate::model::GrantState::Active;
+    let id = escape(&g.id);
+    let mut out = vec![
+        (format!("{IX_DUE}/{:020}/{id}", ms_key(g.expires_ms)), open),
+        (format!("{IX_UNISSUED}/{id}"), open && !g.issued),
+    ];
+    if g.extra_sources.is_empty() {
+        out.push((
+            format!(
+                "{IX_IDENTITY}/{}/{}/{id}",
+                escape(&g.service),
+                escape(&g.identity)
+            ),
+            open,
+        ));
+    }
+    for source in &g.extra_sources {
+        // A source that is not one host opens nothing; it is indexed under its text, where no
+        // lookup finds it.
+        let host = bound_host(source).map_or_else(|| escape(source), |h| h.to_string());
+        out.push((
+            format!("{IX_HOST}/{host}/{}/{id}", escape(&g.service)),
+            open,
+        ));
+    }
+    out
+}
+
+/// The grant id an index entry names (its last part).
+fn indexed_grant(entry: &str) -> Option<String> {
+    let (_, id) = entry.rsplit_once('/')?;
+    (!id.is_empty()).then(|| unescape(id))
+}
+
+/// What a lookup through the index returns: the open grants that answer it.
+fn answers(lookup: &GrantLookup, g: &Grant) -> bool {
+    g.state == crate::model::GrantState::Active && lookup.matches(g)
+}
+
 /// Durable state of requests, grants and numeric ids.
 pub trait Store: Send + Sync + 'static {
     /// One request.
@@ -236,6 +386,9 @@ pub trait Store: Send + Sync + 'static {
     /// Grants not ended (active, in force or not yet started), read through the index of open
     /// records.
     fn open_grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError>;
+    /// The open grants that answer `lookup`, read through the index of open grants (kept in
+    /// the same transaction as every write).
+    fn open_grants_by(&self, lookup: &GrantLookup) -> Result<Vec<Versioned<Grant>>, StoreError>;
     /// Applies `txn` atomically and durably, with the indexes; returns the new revision.
     fn commit(&self, txn: Txn) -> Result<u64, StoreError>;
     /// Deletes closed records whose retention started before `before_ms` (see

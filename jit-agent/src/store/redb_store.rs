@@ -20,6 +20,8 @@ const OPEN_REQUESTS: TableDefinition<&str, ()> = TableDefinition::new("open_requ
 const OPEN_GRANTS: TableDefinition<&str, ()> = TableDefinition::new("open_grants");
 /// Index of closed records by closing time (`super::closed_key`).
 const CLOSED: TableDefinition<&str, ()> = TableDefinition::new("closed");
+/// Index of open grants by what they open and when they end (`super::grant_index_entries`).
+const GRANT_INDEX: TableDefinition<&str, ()> = TableDefinition::new("open_grant_index");
 
 const REVISION: &str = "revision";
 const NEXT_SERVICE_ID: &str = "next_service_id";
@@ -28,6 +30,10 @@ const NEXT_IDENTITY_ID: &str = "next_identity_id";
 /// by a binary that does not keep them (before them, or a downgrade): its indexes are rebuilt
 /// on open.
 const INDEXED_REVISION: &str = "indexed_revision";
+/// The set of indexes the file holds; a file of an earlier set is indexed again on open.
+const INDEX_VERSION: &str = "index_version";
+/// 1: open and closed records; 2: also open grants by key, expiry and issue.
+const INDEXES: u64 = 2;
 
 /// redb-backed [`Store`].
 pub struct RedbStore {
@@ -55,6 +61,7 @@ impl RedbStore {
         tx.open_table(OPEN_REQUESTS).map_err(backend)?;
         tx.open_table(OPEN_GRANTS).map_err(backend)?;
         tx.open_table(CLOSED).map_err(backend)?;
+        tx.open_table(GRANT_INDEX).map_err(backend)?;
         index_once(&tx)?;
         tx.commit().map_err(backend)?;
         let (changes, _) = broadcast::channel(4096);
@@ -139,10 +146,11 @@ fn index_once(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .get(INDEXED_REVISION)
         .map_err(backend)?
         .map(|v| v.value());
-    if indexed.is_some() && indexed == revision {
+    let version = meta.get(INDEX_VERSION).map_err(backend)?.map(|v| v.value());
+    if indexed.is_some() && indexed == revision && version == Some(INDEXES) {
         return Ok(());
     }
-    for table in [OPEN_REQUESTS, OPEN_GRANTS, CLOSED] {
+    for table in [OPEN_REQUESTS, OPEN_GRANTS, CLOSED, GRANT_INDEX] {
         tx.delete_table(table).map_err(backend)?;
         tx.open_table(table).map_err(backend)?;
     }
@@ -170,15 +178,41 @@ fn index_once(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         );
     }
     for record in &records {
-        index(tx, record)?;
+        index(tx, record, None)?;
     }
     meta.insert(INDEXED_REVISION, revision.unwrap_or(0))
         .map_err(backend)?;
+    meta.insert(INDEX_VERSION, INDEXES).map_err(backend)?;
     Ok(())
 }
 
-/// Keeps the indexes of `record` (as it is being written) in `tx`.
-fn index(tx: &redb::WriteTransaction, record: &Record) -> Result<(), StoreError> {
+/// Keeps the indexes of `record` (as it is being written over `old`, if it replaces one that
+/// decodes) in `tx`.
+fn index(
+    tx: &redb::WriteTransaction,
+    record: &Record,
+    old: Option<&Record>,
+) -> Result<(), StoreError> {
+    if let Record::Grant(g) = record {
+        let mut by = tx.open_table(GRANT_INDEX).map_err(backend)?;
+        let entries = super::grant_index_entries(g);
+        // Entries of the record replaced that this one does not have (a grant's keys never
+        // change, but an index must not trust that).
+        if let Some(Record::Grant(was)) = old {
+            for (entry, _) in super::grant_index_entries(was) {
+                if !entries.iter().any(|(e, there)| *there && *e == entry) {
+                    by.remove(entry.as_str()).map_err(backend)?;
+                }
+            }
+        }
+        for (entry, there) in &entries {
+            if *there {
+                by.insert(entry.as_str(), ()).map_err(backend)?;
+            } else {
+                by.remove(entry.as_str()).map_err(backend)?;
+            }
+        }
+    }
     let (table, id) = match record {
         Record::Request(r) => (OPEN_REQUESTS, r.id.as_str()),
         Record::Grant(g) => (OPEN_GRANTS, g.id.as_str()),
@@ -249,6 +283,39 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// The open grants the index of open grants finds for `lookup`, read in one transaction.
+    fn grants_by(&self, lookup: &super::GrantLookup) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let by = tx.open_table(GRANT_INDEX).map_err(backend)?;
+        let grants = tx.open_table(GRANTS).map_err(backend)?;
+        let (start, end) = lookup.range();
+        let mut out: Vec<Versioned<Grant>> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for item in by
+            .range::<&str>(start.as_str()..end.as_str())
+            .map_err(backend)?
+        {
+            let (k, _) = item.map_err(backend)?;
+            let Some(id) = super::indexed_grant(k.value()) else {
+                continue;
+            };
+            let Some(v) = grants.get(id.as_str()).map_err(backend)? else {
+                continue;
+            };
+            match decode::<Grant>(&id, v.value()) {
+                // A grant bound to two hosts is found once per host.
+                Ok(g) if super::answers(lookup, &g.value) && seen.insert(id.clone()) => out.push(g),
+                Ok(_) => {}
+                Err(e) => {
+                    super::report_corrupt(&self.corrupt, &format!("{}/{id}", GRANTS.name()), &e);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Store for RedbStore {
     fn request(&self, id: &str) -> Result<Option<Versioned<Request>>, StoreError> {
         self.get(REQUESTS, id)
@@ -277,6 +344,13 @@ impl Store for RedbStore {
         let mut open: Vec<Versioned<Grant>> = self.open_of(OPEN_GRANTS, GRANTS)?;
         open.retain(|g| Record::Grant(g.value.clone()).is_open());
         Ok(open)
+    }
+
+    fn open_grants_by(
+        &self,
+        lookup: &super::GrantLookup,
+    ) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        self.grants_by(lookup)
     }
 
     fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
@@ -373,7 +447,8 @@ impl Store for RedbStore {
                 .map_or(0, |v| v.value())
                 + 1;
             for record in &txn.puts {
-                index(&tx, record)?;
+                let old = stored(&requests, &grants, &record.key())?.ok().flatten();
+                index(&tx, record, old.as_ref())?;
                 match record {
                     Record::Request(r) => {
                         requests
