@@ -6,14 +6,17 @@
 //! Serialisation: every write takes the map lock *before* it reads the store, so a write always
 //! reflects a store state at least as new as the one any earlier write saw. A grant enforced
 //! while it is being revoked therefore cannot be written back after the revoke's delete: whichever
-//! write comes second reads the revoked record.
+//! write comes second reads the revoked record. The one exception, a reconciliation while the
+//! node serves ([`KernelSync::catch_up`]), reads everything without the lock and then settles
+//! each key that differs under the lock only if the key is untouched since and the grant to
+//! write is still in force when read again under the lock (see `settle_grants`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -109,6 +112,8 @@ pub struct KernelSync<S: Store> {
     failures: AtomicU64,
     /// Wakes the reconciliation loop early (a kernel write failed).
     wake: tokio::sync::Notify,
+    /// A kernel write failed since the identity-grant counts were last checked.
+    recount_due: AtomicBool,
     /// The names behind the ids written so far (see `kernel_names`).
     names: Mutex<KernelNames>,
     /// Grants already reported as impossible to put in kernel form.
@@ -224,6 +229,7 @@ impl<S: Store> KernelSync<S> {
             reconciliations: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            recount_due: AtomicBool::new(true),
             names: Mutex::new(KernelNames::default()),
             bad_grants: Mutex::new(BTreeSet::new()),
             ended_tx,
@@ -360,22 +366,33 @@ impl<S: Store> KernelSync<S> {
     /// Asks the reconciliation loop to run now (a kernel write failed and must be retried).
     pub fn request_reconcile(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        self.recount_due.store(true, Ordering::Relaxed);
         self.wake.notify_one();
     }
 
-    /// Reconciles every `every`, and at once when asked to; after a failure, again and again
-    /// (every 200 ms) until a reconciliation succeeds, so a failed delete is retried until the
-    /// kernel entry is gone.
+    /// Reconciles every `every` (or, when a reconciliation takes longer than a tenth of that,
+    /// ten times as long as the last one took: with a million grants a pass takes seconds, and
+    /// the node's CPU is for its work), and at once when asked to; after a failure, again and
+    /// again (every 200 ms) until a reconciliation succeeds, so a failed delete is retried
+    /// until the kernel entry is gone.
     pub async fn reconcile_loop(self: Arc<Self>, every: std::time::Duration) {
         let mut retry = false;
+        let mut took = std::time::Duration::ZERO;
         loop {
-            let wait = if retry { RECONCILE_RETRY } else { every };
+            let wait = if retry {
+                RECONCILE_RETRY
+            } else {
+                every.max(took.saturating_mul(10))
+            };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.wake.notified() => {}
             }
             let me = Arc::clone(&self);
-            match tokio::task::spawn_blocking(move || me.reconcile()).await {
+            let started = std::time::Instant::now();
+            let done = tokio::task::spawn_blocking(move || me.reconcile()).await;
+            took = started.elapsed();
+            match done {
                 Ok(Ok(_)) => retry = false,
                 Ok(Err(e)) => {
                     tracing::error!("reconciliation failed: {e}; retrying");
@@ -428,17 +445,33 @@ impl<S: Store> KernelSync<S> {
 
     /// The kernel entries the store wants for `grants`: per key, the live grant that lasts
     /// longest. Grants of services not configured here are not this node's.
-    fn wanted(&self, grants: &[Grant]) -> Result<BTreeMap<GrantKeyOrd, GrantEntry>, SyncError> {
+    fn wanted<'a>(
+        &self,
+        grants: &'a [Grant],
+    ) -> Result<BTreeMap<GrantKeyOrd, GrantEntry>, SyncError> {
         let now = now_ms();
         let boot_now = datapath::boottime_ns()?;
         let mut wanted: BTreeMap<GrantKeyOrd, GrantEntry> = BTreeMap::new();
+        // Numeric ids looked up once per name, not once per grant.
+        let mut ids: HashMap<(IdKind, &str), u32> = HashMap::new();
         for g in grants {
             // A grant whose audit record is not durable yet is not the kernel's.
             if !g.is_unended(now) || !g.issued || !self.cfg.services.contains_key(&g.service) {
                 continue;
             }
-            let identity_id = self.identity_id(&g.identity)?;
-            let service_id = self.service_id(&g.service)?;
+            let mut id_of = |kind: IdKind, name: &'a str| -> Result<u32, StoreError> {
+                if let Some(id) = ids.get(&(kind, name)) {
+                    return Ok(*id);
+                }
+                let id = match kind {
+                    IdKind::Identity => self.identity_id(name)?,
+                    IdKind::Service => self.service_id(name)?,
+                };
+                ids.insert((kind, name), id);
+                Ok(id)
+            };
+            let identity_id = id_of(IdKind::Identity, &g.identity)?;
+            let service_id = id_of(IdKind::Service, &g.service)?;
             // A grant that cannot be put in kernel form opens nothing; it is reported (log,
             // failure count) every time, never passed over in silence, and stops no other grant.
             let (scopes, grant_id) = match scopes(g).and_then(|s| Ok((s, numeric_grant_id(&g.id)?)))
@@ -535,7 +568,114 @@ impl<S: Store> KernelSync<S> {
         Ok(repairs)
     }
 
-    /// A reconciliation on a timer or after a failure: [`Self::resync`], counted.
+    /// [`Self::resync`] without holding the map lock over the reads of every grant: services and
+    /// identity bindings under the lock (a few entries), grants by [`Self::settle_grants`].
+    /// What runs while the node serves: grants and revokes never wait for a full read.
+    pub fn catch_up(&self) -> Result<Repairs, SyncError> {
+        let mut repairs = Repairs::default();
+        let (services, identities) = {
+            let mut maps = self.maps();
+            (
+                self.sync_services_locked(&mut maps),
+                self.sync_identities_locked(&mut maps),
+            )
+        };
+        let grants = self.settle_grants();
+        let mut first_error = None;
+        for phase in [services, identities, grants] {
+            match phase {
+                Ok(r) => {
+                    repairs.written += r.written;
+                    repairs.deleted += r.deleted;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(repairs),
+        }
+    }
+
+    /// Grants, as [`Self::sync_grants_locked`] brings them in line, but with the store and the
+    /// kernel read without the map lock (with a million grants each read takes seconds). Each
+    /// key where they differ is then settled under the lock, in short batches, and only if
+    /// nothing touched it since the reads:
+    /// - a kernel entry that changed since was written by a sync that read the store later:
+    ///   left as it is;
+    /// - a grant about to be written is read again and must still be in force and issued: a
+    ///   revoke that landed after the reads has taken its entry, or will take it once it has the
+    ///   lock, and is never undone;
+    /// - an entry about to be deleted belongs to no grant in force at the reads; a grant that
+    ///   came after has its own sync, which writes it back after this one.
+    fn settle_grants(&self) -> Result<Repairs, SyncError> {
+        /// Keys settled per hold of the lock.
+        const BATCH: usize = 256;
+        let grants: Vec<Grant> = self
+            .store
+            .open_grants()?
+            .into_iter()
+            .map(|g| g.value)
+            .collect();
+        let wanted = self.wanted(&grants)?;
+        drop(grants);
+        let reader = self.maps().grants_reader()?;
+        let held: BTreeMap<GrantKeyOrd, GrantEntry> = reader
+            .grants()?
+            .into_iter()
+            .map(|e| (GrantKeyOrd(e.key()), e))
+            .collect();
+        // Deletes first, as in a full resync.
+        let mut todo: Vec<(GrantKey, Option<GrantEntry>, Option<GrantEntry>)> = held
+            .iter()
+            .filter(|(k, _)| !wanted.contains_key(k))
+            .map(|(k, h)| (k.0, Some(*h), None))
+            .collect();
+        for (k, w) in &wanted {
+            let h = held.get(k);
+            if !h.is_some_and(|h| same_grant(h, w)) {
+                todo.push((k.0, h.copied(), Some(*w)));
+            }
+        }
+        drop((held, wanted));
+        let mut repairs = Repairs::default();
+        let now = now_ms();
+        for batch in todo.chunks(BATCH) {
+            let mut maps = self.maps();
+            for (key, was, want) in batch {
+                if !same_entry(maps.grant(key)?.as_ref(), was.as_ref()) {
+                    continue;
+                }
+                match want {
+                    None => {
+                        self.take(&mut maps, key)?;
+                        repairs.deleted += 1;
+                    }
+                    Some(entry) => {
+                        let still = self
+                            .store
+                            .grant(&grant_id_of(entry.grant_id))?
+                            .is_some_and(|g| g.value.is_unended(now) && g.value.issued);
+                        if still {
+                            self.put(&mut maps, *entry)?;
+                            repairs.written += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // The per-service counts of identity grants: checked when something was repaired or
+        // a write failed since the last check (a count drifts only through those).
+        if repairs.total() > 0 || self.recount_due.swap(false, Ordering::Relaxed) {
+            let fixed = self.maps().recount_identity_grants()?;
+            repairs.written += u64::from(fixed);
+        }
+        Ok(repairs)
+    }
+
+    /// A reconciliation on a timer or after a failure: [`Self::catch_up`], counted.
     pub fn reconcile(&self) -> Result<Repairs, SyncError> {
         self.reconciliations.fetch_add(1, Ordering::Relaxed);
         // The address follower may have missed a change (or stopped): read them again.
@@ -545,7 +685,7 @@ impl<S: Store> KernelSync<S> {
             }
             Err(e) => tracing::error!("re-reading the node's addresses: {e}"),
         }
-        match self.resync() {
+        match self.catch_up() {
             Ok(r) => {
                 if r.total() > 0 {
                     self.repairs.fetch_add(r.total(), Ordering::Relaxed);
@@ -725,7 +865,7 @@ impl<S: Store> KernelSync<S> {
         let mut rx = self.store.subscribe();
         // Anything committed before we subscribed is covered by this full read.
         let me = Arc::clone(&self);
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.resync()).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || me.catch_up()).await {
             tracing::error!("kernel resync failed: {e}; reconciling again");
             self.request_reconcile();
         }
@@ -811,6 +951,22 @@ impl Ord for GrantKeyOrd {
 /// back would make the same grant look longer: for the same grant the kernel's window is only
 /// ever narrowed, never widened (a later start or an earlier end is rewritten; anything within
 /// 5 ms, or wider, is not).
+/// Whether two reads of one key found the same entry (its usage aside: traffic moves it).
+fn same_entry(a: Option<&GrantEntry>, b: Option<&GrantEntry>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.grant_id == b.grant_id
+                && a.identity_id == b.identity_id
+                && a.service_id == b.service_id
+                && a.scope == b.scope
+                && a.not_before_ns == b.not_before_ns
+                && a.expires_at_ns == b.expires_at_ns
+        }
+        _ => false,
+    }
+}
+
 fn same_grant(held: &GrantEntry, wanted: &GrantEntry) -> bool {
     const SLACK_NS: u64 = 5_000_000;
     held.grant_id == wanted.grant_id

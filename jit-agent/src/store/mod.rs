@@ -121,7 +121,7 @@ impl Txn {
 }
 
 /// Kinds of numeric ids the kernel needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IdKind {
     /// Service ids (below `jit_common::MAX_SERVICES`).
     Service,
