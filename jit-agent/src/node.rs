@@ -392,6 +392,17 @@ impl<S: Store> Node<S> {
             self.notify(Event::RequestDenied, caller, r);
         }
         let revoked = ended.grants;
+        // The kernel first: the durable commit is done, and the audit record and the notices
+        // must not hold up the first dropped packet.
+        let mut pending = Vec::new();
+        let mut last_error = String::new();
+        for g in &revoked {
+            if let Err(e) = self.sync.sync_grant(g) {
+                tracing::error!(grant_id = %g.id, "deleting the kernel entry of a revoked grant: {e}");
+                pending.push(g.id.clone());
+                last_error = e.to_string();
+            }
+        }
         for g in &revoked {
             tracing::info!(
                 grant_id = %g.id,
@@ -405,15 +416,6 @@ impl<S: Store> Node<S> {
                 reason: reason.to_string(),
                 grant: self.grant_message(g),
             });
-        }
-        let mut pending = Vec::new();
-        let mut last_error = String::new();
-        for g in &revoked {
-            if let Err(e) = self.sync.sync_grant(g) {
-                tracing::error!(grant_id = %g.id, "deleting the kernel entry of a revoked grant: {e}");
-                pending.push(g.id.clone());
-                last_error = e.to_string();
-            }
         }
         if self.notifier.is_enabled() {
             for g in &revoked {
