@@ -283,7 +283,11 @@ impl<S: Store> KernelSync<S> {
 
     /// Removes the entry under `key`, handing its usage to the node.
     fn take(&self, maps: &mut GateMaps, key: &GrantKey) -> Result<(), SyncError> {
-        match maps.take_grant(key)? {
+        let taken = maps.take_grant(key).inspect_err(|_| {
+            // It may have failed between the entry and its service's count.
+            self.recount_due.store(true, Ordering::Relaxed);
+        })?;
+        match taken {
             Some(Some(e)) => self.report_ended(&e),
             Some(None) => tracing::error!(
                 service_id = key.service_id,
@@ -296,7 +300,11 @@ impl<S: Store> KernelSync<S> {
 
     /// Writes `entry`, handing the usage of any other grant's entry it replaces to the node.
     fn put(&self, maps: &mut GateMaps, entry: GrantEntry) -> Result<(), SyncError> {
-        if let Some(replaced) = maps.put_grant(entry)? {
+        let replaced = maps.put_grant(entry).inspect_err(|_| {
+            // It may have failed between the entry and its service's count.
+            self.recount_due.store(true, Ordering::Relaxed);
+        })?;
+        if let Some(replaced) = replaced {
             self.report_ended(&replaced);
         }
         Ok(())
@@ -563,6 +571,7 @@ impl<S: Store> KernelSync<S> {
                 repairs.written += 1;
             }
         }
+        self.recount_due.store(false, Ordering::Relaxed);
         let fixed = maps.recount_identity_grants()?;
         repairs.written += u64::from(fixed);
         Ok(repairs)
@@ -599,20 +608,31 @@ impl<S: Store> KernelSync<S> {
         }
     }
 
-    /// Grants, as [`Self::sync_grants_locked`] brings them in line, but with the store and the
-    /// kernel read without the map lock (with a million grants each read takes seconds). Each
-    /// key where they differ is then settled under the lock, in short batches, and only if
+    /// Grants, as [`Self::sync_grants_locked`] brings them in line, but with the kernel and then
+    /// the store read without the map lock (with a million grants each read takes seconds).
+    /// Each key where they differ is then settled under the lock, in short batches, and only if
     /// nothing touched it since the reads:
-    /// - a kernel entry that changed since was written by a sync that read the store later:
-    ///   left as it is;
+    /// - a kernel entry that changed since the kernel read was written by a sync that read the
+    ///   store later: left as it is;
     /// - a grant about to be written is read again and must still be in force and issued: a
     ///   revoke that landed after the reads has taken its entry, or will take it once it has the
     ///   lock, and is never undone;
     /// - an entry about to be deleted belongs to no grant in force at the reads; a grant that
     ///   came after has its own sync, which writes it back after this one.
     fn settle_grants(&self) -> Result<Repairs, SyncError> {
-        /// Keys settled per hold of the lock.
-        const BATCH: usize = 256;
+        /// Keys settled per hold of the lock (each write reads its grant again under it).
+        const BATCH: usize = 32;
+        // The kernel first, then the store: every sync that wrote an entry before the kernel
+        // read had read the store before this read of it, so the store read here is at least
+        // as new as what the kernel read shows; a sync that writes after the kernel read
+        // changes the entry, which the settling sees and leaves alone.
+        let reader = self.maps().grants_reader()?;
+        let held: BTreeMap<GrantKeyOrd, GrantEntry> = reader
+            .grants()?
+            .into_iter()
+            .map(|e| (GrantKeyOrd(e.key()), e))
+            .collect();
+        drop(reader);
         let grants: Vec<Grant> = self
             .store
             .open_grants()?
@@ -621,12 +641,6 @@ impl<S: Store> KernelSync<S> {
             .collect();
         let wanted = self.wanted(&grants)?;
         drop(grants);
-        let reader = self.maps().grants_reader()?;
-        let held: BTreeMap<GrantKeyOrd, GrantEntry> = reader
-            .grants()?
-            .into_iter()
-            .map(|e| (GrantKeyOrd(e.key()), e))
-            .collect();
         // Deletes first, as in a full resync.
         let mut todo: Vec<(GrantKey, Option<GrantEntry>, Option<GrantEntry>)> = held
             .iter()
@@ -666,9 +680,9 @@ impl<S: Store> KernelSync<S> {
                 }
             }
         }
-        // The per-service counts of identity grants: checked when something was repaired or
-        // a write failed since the last check (a count drifts only through those).
-        if repairs.total() > 0 || self.recount_due.swap(false, Ordering::Relaxed) {
+        // The per-service counts of identity grants: every write keeps them, so they are
+        // checked (a walk of the whole map under the lock) only after a write failed.
+        if self.recount_due.swap(false, Ordering::Relaxed) {
             let fixed = self.maps().recount_identity_grants()?;
             repairs.written += u64::from(fixed);
         }
@@ -797,8 +811,15 @@ impl<S: Store> KernelSync<S> {
             .map(|s| grant_key(s, identity_id, service_id))
             .collect();
         let mut maps = self.maps();
-        // The grants behind these keys alone, through the store's index of open grants.
+        // The grants behind these keys alone, through the store's index of open grants, and
+        // the grant itself as stored now (found even when the index lags its record: one
+        // written by an agent that does not keep the index, until it is repaired).
         let mut grants: Vec<Grant> = Vec::new();
+        if let Some(g) = self.store.grant(&grant.id)?
+            && g.value.state == crate::model::GrantState::Active
+        {
+            grants.push(g.value);
+        }
         for lookup in lookups(grant) {
             for g in self.store.open_grants_by(&lookup)? {
                 if !grants.iter().any(|h| h.id == g.value.id) {
@@ -946,11 +967,6 @@ impl Ord for GrantKeyOrd {
     }
 }
 
-/// Whether the kernel's entry may stay as it is. The store's times are wall-clock and the
-/// kernel's are `CLOCK_BOOTTIME`, so a conversion drifts between two reads, and a wall clock set
-/// back would make the same grant look longer: for the same grant the kernel's window is only
-/// ever narrowed, never widened (a later start or an earlier end is rewritten; anything within
-/// 5 ms, or wider, is not).
 /// Whether two reads of one key found the same entry (its usage aside: traffic moves it).
 fn same_entry(a: Option<&GrantEntry>, b: Option<&GrantEntry>) -> bool {
     match (a, b) {
@@ -967,6 +983,11 @@ fn same_entry(a: Option<&GrantEntry>, b: Option<&GrantEntry>) -> bool {
     }
 }
 
+/// Whether the kernel's entry may stay as it is. The store's times are wall-clock and the
+/// kernel's are `CLOCK_BOOTTIME`, so a conversion drifts between two reads, and a wall clock set
+/// back would make the same grant look longer: for the same grant the kernel's window is only
+/// ever narrowed, never widened (a later start or an earlier end is rewritten; anything within
+/// 5 ms, or wider, is not).
 fn same_grant(held: &GrantEntry, wanted: &GrantEntry) -> bool {
     const SLACK_NS: u64 = 5_000_000;
     held.grant_id == wanted.grant_id

@@ -910,6 +910,12 @@ fn requests_and_sweeps_never_list_every_open_grant() {
         .request_access(&u("u2"), "boundauto", "5m", &at("10.9.0.7".into()))
         .expect_err("taken");
     assert!(err.to_string().contains("spiffe://t.test/u3"), "{err}");
+    // Through another service too: an address carries one identity's grants, whatever the
+    // service.
+    let err = engine
+        .request_access(&u("u2"), "bound", "5m", &at("10.9.0.8".into()))
+        .expect_err("taken through another service");
+    assert!(err.to_string().contains("spiffe://t.test/u3"), "{err}");
     // A free one is granted; one waiting for approval is checked again when approved.
     engine
         .request_access(&u("u2"), "boundauto", "5m", &at("10.9.5.1".into()))

@@ -382,14 +382,25 @@ fn an_undecodable_record_stops_no_other_grant() {
     assert_eq!(w.store.corrupt_records(), vec![format!("grants/{damaged}")]);
 }
 
-/// A store that revokes one grant right after the next listing of open grants: what a revoke
-/// landing between a reconciliation's reads and its writes looks like, every time.
-struct RevokeAfterListing {
+/// Something that happens right after the next listing of open grants (a reconciliation's
+/// read of the store).
+type Hook = Box<dyn FnOnce(&RedbStore) + Send>;
+
+/// A store that runs a hook right after the next listing of open grants: what a revoke, or a
+/// grant's own sync, landing between a reconciliation's reads and its writes looks like, every
+/// time.
+struct AfterListing {
     inner: RedbStore,
-    victim: std::sync::Mutex<Option<String>>,
+    hook: std::sync::Mutex<Option<Hook>>,
 }
 
-impl Store for RevokeAfterListing {
+impl AfterListing {
+    fn after_next_listing(&self, hook: impl FnOnce(&RedbStore) + Send + 'static) {
+        *self.hook.lock().expect("lock") = Some(Box::new(hook));
+    }
+}
+
+impl Store for AfterListing {
     fn request(&self, id: &str) -> Result<Option<Versioned<Request>>, StoreError> {
         self.inner.request(id)
     }
@@ -407,13 +418,9 @@ impl Store for RevokeAfterListing {
     }
     fn open_grants(&self) -> Result<Vec<Versioned<Grant>>, StoreError> {
         let listed = self.inner.open_grants()?;
-        let victim = self.victim.lock().expect("lock").take();
-        if let Some(id) = victim {
-            let v = self.inner.grant(&id)?.expect("the victim exists");
-            let mut g = v.value;
-            g.state = GrantState::Revoked;
-            g.ended_ms = jit_agent::model::now_ms();
-            self.inner.commit(Txn::put(Record::Grant(g), v.revision))?;
+        let hook = self.hook.lock().expect("lock").take();
+        if let Some(hook) = hook {
+            hook(&self.inner);
         }
         Ok(listed)
     }
@@ -449,12 +456,12 @@ fn a_reconciliation_never_writes_back_a_grant_revoked_after_its_reads() {
     let dir = TempDir::new("jit-ks-");
     let gate = TestGate::load();
     let cfg = fixtures::config_in(dir.path(), CONFIG);
-    let store = Arc::new(RevokeAfterListing {
+    let store = Arc::new(AfterListing {
         inner: RedbStore::open(&dir.path().join("s.redb")).expect("store"),
-        victim: std::sync::Mutex::new(None),
+        hook: std::sync::Mutex::new(None),
     });
     let now = jit_agent::model::now_ms();
-    let grant = |id: &str, source: &str| Grant {
+    let grant = move |id: &str, source: &str| Grant {
         id: id.into(),
         request_id: format!("req-{id}"),
         identity: "spiffe://t.test/ci".into(),
@@ -480,7 +487,17 @@ fn a_reconciliation_never_writes_back_a_grant_revoked_after_its_reads() {
     ] {
         store.commit(Txn::put(Record::Grant(g), 0)).expect("commit");
     }
-    *store.victim.lock().expect("lock") = Some("grant-00000000000a".into());
+    store.after_next_listing(|s| {
+        let v = s
+            .grant("grant-00000000000a")
+            .expect("read")
+            .expect("the grant exists");
+        let mut g = v.value;
+        g.state = GrantState::Revoked;
+        g.ended_ms = jit_agent::model::now_ms();
+        s.commit(Txn::put(Record::Grant(g), v.revision))
+            .expect("revoke");
+    });
     let repairs = sync.reconcile().expect("reconcile");
     assert_eq!(repairs.written, 1, "{repairs:?}");
     let web = |src: &str| Packet::tcp(ip(src), ip("10.99.0.1"), 443).build();
@@ -501,4 +518,72 @@ fn a_reconciliation_never_writes_back_a_grant_revoked_after_its_reads() {
             .state,
         GrantState::Revoked
     );
+}
+
+/// A grant stored and enforced by its own sync while a reconciliation reads (after its read of
+/// the kernel, or around its read of the store) keeps its kernel entry: the reconciliation never
+/// takes an entry written by a sync newer than its reads.
+#[test]
+#[ignore = "needs root"]
+fn a_reconciliation_never_takes_a_grant_enforced_during_its_reads() {
+    if !require_root() {
+        return;
+    }
+    let dir = TempDir::new("jit-ks-");
+    let gate = TestGate::load();
+    let cfg = fixtures::config_in(dir.path(), CONFIG);
+    let store = Arc::new(AfterListing {
+        inner: RedbStore::open(&dir.path().join("s.redb")).expect("store"),
+        hook: std::sync::Mutex::new(None),
+    });
+    let maps = GateMaps::open(gate.pin_dir()).expect("maps");
+    let sync = KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps);
+    sync.resync().expect("services and bindings");
+    let service_id = store.numeric_id(IdKind::Service, "web").expect("id");
+    let identity_id = store
+        .numeric_id(IdKind::Identity, "spiffe://t.test/ci")
+        .expect("id");
+    let pin_dir = gate.pin_dir().to_path_buf();
+    // Right after the reconciliation lists the store: a grant is stored, issued, and its own
+    // sync writes its entry (what `Node::enforce` does).
+    store.after_next_listing(move |s| {
+        let now = jit_agent::model::now_ms();
+        let g = Grant {
+            id: "grant-00000000000c".into(),
+            request_id: "req-c".into(),
+            identity: "spiffe://t.test/ci".into(),
+            service: "web".into(),
+            not_before_ms: now - 1_000,
+            expires_ms: now + 600_000,
+            state: GrantState::Active,
+            revoked_by: String::new(),
+            revoke_reason: String::new(),
+            ended_ms: 0,
+            extra_sources: vec!["10.7.2.1/32".into()],
+            break_glass: false,
+            issued: true,
+            usage: None,
+        };
+        s.commit(Txn::put(Record::Grant(g), 0)).expect("commit");
+        let boot = boottime_ns().expect("clock");
+        let mut maps = GateMaps::open(&pin_dir).expect("maps");
+        maps.put_grant(fixtures::grant_between(
+            GrantScope::Host(ip("10.7.2.1")),
+            identity_id,
+            service_id,
+            0xc,
+            boot - 1_000_000_000,
+            boot + 600_000_000_000,
+        ))
+        .expect("the grant's own sync");
+    });
+    sync.reconcile().expect("reconcile");
+    let web = Packet::tcp(ip("10.7.2.1"), ip("10.99.0.1"), 443).build();
+    assert!(
+        gate.passes(&web),
+        "a reconciliation took a grant enforced during its reads"
+    );
+    // And the next one agrees with the kernel.
+    assert_eq!(sync.reconcile().expect("reconcile").total(), 0);
+    assert!(gate.passes(&web));
 }

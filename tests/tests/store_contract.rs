@@ -878,7 +878,8 @@ fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
 }
 
 /// A redb file of the previous layout (open and closed records indexed, up to date, but no
-/// index of open grants) gets that index when it opens: its grants are found by lookup.
+/// index of open grants) gets that index when it opens: its grants are found by lookup; and
+/// again after a rollback to that layout's binary wrote to it.
 #[test]
 fn a_redb_file_from_before_the_grant_index_is_indexed_on_open() {
     let dir = TempDir::new("jit-store-");
@@ -917,6 +918,46 @@ fn a_redb_file_from_before_the_grant_index_is_indexed_on_open() {
     assert_eq!(found.len(), 1, "a grant of the earlier layout is not found");
     assert_eq!(found[0].revision, 3);
     assert_eq!(s.open_grants().expect("open").len(), 1);
+    drop(s);
+
+    // A rollback to that earlier binary commits a grant (its record, its open entry, the
+    // revisions: nothing of the grant index), then this version opens the file again.
+    {
+        let db = ::redb::Database::create(&path).expect("redb");
+        let tx = db.begin_write().expect("write");
+        {
+            let mut t = tx
+                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("grants"))
+                .expect("grants");
+            let mut g = grant("grant-rollback");
+            g.expires_ms = i64::MAX / 2;
+            let body = serde_json::json!({ "value": g, "revision": 9 });
+            t.insert("grant-rollback", body.to_string().as_bytes())
+                .expect("insert");
+            let mut open = tx
+                .open_table(::redb::TableDefinition::<&str, ()>::new("open_grants"))
+                .expect("open index");
+            open.insert("grant-rollback", ()).expect("insert");
+            let mut meta = tx
+                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
+                .expect("meta");
+            meta.insert("revision", 9).expect("revision");
+            meta.insert("indexed_revision", 9).expect("indexed");
+        }
+        tx.commit().expect("commit");
+    }
+    let s = RedbStore::open(&path).expect("open");
+    let found = s
+        .open_grants_by(&GrantLookup::Identity {
+            service: "db".into(),
+            identity: "spiffe://t.test/u1".into(),
+        })
+        .expect("lookup");
+    assert_eq!(
+        found.len(),
+        2,
+        "a grant written after a rollback is not found: {found:?}"
+    );
 }
 
 /// The same for etcd: records written under the prefix before the indexes are indexed when an

@@ -869,7 +869,6 @@ fn absent_is_false(result: std::result::Result<(), MapError>, map: &'static str)
     }
 }
 
-/// A grants map entry in the agent's terms.
 /// Every entry of a grants map, ordered by service, scope and identity.
 fn all_grants(map: &HashMap<MapData, GrantKey, GrantValue>) -> Result<Vec<GrantEntry>> {
     let mut out = Vec::new();
@@ -896,6 +895,7 @@ impl GrantsReader {
     }
 }
 
+/// A grants map entry in the agent's terms.
 fn entry_of(k: &GrantKey, v: &GrantValue) -> GrantEntry {
     let scope = match k.kind {
         GRANT_KIND_HOST => GrantScope::Host(addr_from_source(k.source)),

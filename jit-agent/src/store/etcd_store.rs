@@ -95,8 +95,9 @@ const OPEN: &str = "open/";
 /// Index of closed records by closing time: `closed/<ms>/<table><id>`, empty values.
 const CLOSED: &str = "closed/";
 /// Index of open grants by what they open and when they end (`super::grant_index_entries`):
-/// `grantindex/<entry>`, empty values, kept like `open/`.
-const GRANT_INDEX: &str = "grantindex/";
+/// `grantindex1/<entry>`, empty values, kept like `open/`. The number is the entries' format:
+/// an agent checks and repairs only its own format's entries, never another version's.
+const GRANT_INDEX: &str = "grantindex1/";
 const OPEN_REQUESTS: &str = "open/requests/";
 const OPEN_GRANTS: &str = "open/grants/";
 /// Records read per transaction when following the open index.

@@ -331,6 +331,15 @@ fn bound_host(source: &str) -> Option<IpAddr> {
 /// bound hosts, expiry) and from whether it is open and issued, so a write puts the ones that
 /// are there and deletes the others without reading what it replaces.
 fn grant_index_entries(g: &Grant) -> Vec<(String, bool)> {
+    // Each entry once (two sources may name one host: an etcd transaction takes a key once).
+    let mut seen = std::collections::BTreeSet::new();
+    grant_index_candidates(g)
+        .into_iter()
+        .filter(|(entry, _)| seen.insert(entry.clone()))
+        .collect()
+}
+
+fn grant_index_candidates(g: &Grant) -> Vec<(String, bool)> {
     let open = g.state == crate::model::GrantState::Active;
     let id = escape(&g.id);
     let mut out = vec![

@@ -30,10 +30,9 @@ const NEXT_IDENTITY_ID: &str = "next_identity_id";
 /// by a binary that does not keep them (before them, or a downgrade): its indexes are rebuilt
 /// on open.
 const INDEXED_REVISION: &str = "indexed_revision";
-/// The set of indexes the file holds; a file of an earlier set is indexed again on open.
-const INDEX_VERSION: &str = "index_version";
-/// 1: open and closed records; 2: also open grants by key, expiry and issue.
-const INDEXES: u64 = 2;
+/// The revision the index of open grants was last kept at: written by binaries that keep it,
+/// so a file written since by one that does not (before it, or a downgrade) is indexed again.
+const GRANTS_INDEXED_REVISION: &str = "grants_indexed_revision";
 
 /// redb-backed [`Store`].
 pub struct RedbStore {
@@ -146,8 +145,11 @@ fn index_once(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .get(INDEXED_REVISION)
         .map_err(backend)?
         .map(|v| v.value());
-    let version = meta.get(INDEX_VERSION).map_err(backend)?.map(|v| v.value());
-    if indexed.is_some() && indexed == revision && version == Some(INDEXES) {
+    let grants_indexed = meta
+        .get(GRANTS_INDEXED_REVISION)
+        .map_err(backend)?
+        .map(|v| v.value());
+    if indexed.is_some() && indexed == revision && grants_indexed == revision {
         return Ok(());
     }
     for table in [OPEN_REQUESTS, OPEN_GRANTS, CLOSED, GRANT_INDEX] {
@@ -182,7 +184,8 @@ fn index_once(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     }
     meta.insert(INDEXED_REVISION, revision.unwrap_or(0))
         .map_err(backend)?;
-    meta.insert(INDEX_VERSION, INDEXES).map_err(backend)?;
+    meta.insert(GRANTS_INDEXED_REVISION, revision.unwrap_or(0))
+        .map_err(backend)?;
     Ok(())
 }
 
@@ -464,6 +467,8 @@ impl Store for RedbStore {
             }
             meta.insert(REVISION, revision).map_err(backend)?;
             meta.insert(INDEXED_REVISION, revision).map_err(backend)?;
+            meta.insert(GRANTS_INDEXED_REVISION, revision)
+                .map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
         for record in txn.puts {
