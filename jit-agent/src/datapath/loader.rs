@@ -449,18 +449,24 @@ impl Gate {
             path: links_dir.clone(),
             source,
         })?;
+        // Where the new link is pinned: beside a pinned link that cannot be updated, first.
+        let mut pin_at = pin_path.clone();
         if pin_path.exists() {
             match self.replace_in_link(iface, mode, kind, &pin_path) {
                 Ok(()) => return Ok(pin_path),
                 Err(e) => {
-                    // A link whose interface went away cannot be updated and enforces nothing:
-                    // drop its pin and attach afresh.
-                    tracing::warn!("{e}; attaching a new link instead");
-                    std::fs::remove_file(&pin_path).map_err(|source| DatapathError::Io {
-                        action: "removing the stale link pin",
-                        path: pin_path.clone(),
-                        source,
-                    })?;
+                    // Most likely a link whose interface went away (it enforces nothing). Its
+                    // pin is replaced only once a new link is attached: a link that still gates
+                    // the device is never given up for nothing (fail closed).
+                    tracing::warn!("{e}; attaching a new link in its place");
+                    pin_at = PathBuf::from(format!("{}.new", pin_path.display()));
+                    if pin_at.exists() {
+                        std::fs::remove_file(&pin_at).map_err(|source| DatapathError::Io {
+                            action: "removing a leftover pin",
+                            path: pin_at.clone(),
+                            source,
+                        })?;
+                    }
                 }
             }
         }
@@ -509,10 +515,18 @@ impl Gate {
                 })?
             }
         };
-        fd_link.pin(&pin_path).map_err(|e| DatapathError::Link {
-            action: format!("pinning {}", pin_path.display()),
+        fd_link.pin(&pin_at).map_err(|e| DatapathError::Link {
+            action: format!("pinning {}", pin_at.display()),
             reason: error_chain(&e),
         })?;
+        if pin_at != pin_path {
+            // Over the old pin in one step: the old link goes with its last reference.
+            std::fs::rename(&pin_at, &pin_path).map_err(|source| DatapathError::Io {
+                action: "moving the new link's pin over the old one",
+                path: pin_path.clone(),
+                source,
+            })?;
+        }
         Ok(pin_path)
     }
 

@@ -581,20 +581,21 @@ fn system_reading(s: &System<'_>) -> String {
     out.push_str(&format!(
         "- **At scale.** {n} live grants, each its own kernel entry: a start reconciles them \
          into the kernel in {r1:.2} s; a restart after a kill -9 finds them in the pinned maps \
-         and reconciles in {r2:.2} s ({w2} written). The agent answers only after {s1:.1} s \
-         (start) and {s2:.1} s (restart): the rest of its start with this many live records \
-         is not profiled yet. The kernel maps take {maps:.0} MiB in all; the agent's \
-         resident memory is {rss:.0} MiB (peak {hwm:.0} MiB), about {per:.1} KiB per grant: \
-         the embedded store's page cache (redb caches up to 1 GiB of its {db:.0} MiB file) and \
-         the reconciliation's copy of every live grant, which the allocator keeps. What would \
-         shrink it: a bounded store cache and reconciling in pages of grants rather than all \
-         at once. **Requests do not scale with live grants yet:** with them live, an \
-         auto-approved `RequestAccess` of the same service took {req:.0} ms (a few ms with \
-         none): issuing a grant puts its kernel entry in line by reading every open grant \
-         (`KernelSync::sync_grant`, to find the longest live grant per kernel key), and \
-         revocations and address checks scan the open grants too. Ended grants cost nothing \
-         (the open index, above); live ones need an index of open grants by kernel key \
-         (service and identity, service and bound address) in both stores.\n",
+         and reconciles in {r2:.2} s ({w2} written). The agent answers `jitctl status` only \
+         after {s1:.1} s (start) and {s2:.1} s (restart): the reconciliation, then the \
+         catch-up that follows it in the background (another read of every grant, without \
+         the map lock), and the status call's own counts, which read every live grant and every \
+         kernel entry. The kernel maps take {maps:.0} MiB in all; the agent's resident memory \
+         is {rss:.0} MiB (peak {hwm:.0} MiB), about {per:.1} KiB per grant: the embedded \
+         store's page cache (redb caches up to 1 GiB of its {db:.0} MiB file, which redb grows \
+         by doubling) and the reconciliation's copy of every live grant, which the allocator \
+         keeps. What would shrink it: a bounded store cache and reconciling in pages of grants \
+         rather than all at once. With them live, an auto-approved `RequestAccess` of the same \
+         service takes {req:.1} ms, as with none: issuing a grant, binding an address, the \
+         sweep and the unissued check find the grants they need through the stores' index of \
+         open grants (by service and identity, bound host, expiry, issue), and the periodic \
+         reconciliation reads without holding up grants and revokes and waits ten times as \
+         long as its last pass took.\n",
         req = sc.request_ms,
         n = sc.grants,
         r1 = sc.first_reconcile_s,
