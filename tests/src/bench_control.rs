@@ -70,6 +70,9 @@ pub struct Figures {
     /// A durable write on the agent's file system (200 bytes, then `fsync`): what each of the
     /// store commit and the audit record waits for.
     pub fsync: Vec<Duration>,
+    /// One store commit of one grant (the embedded store, the agent's file system): what a
+    /// grant waits for twice before the kernel may hold it.
+    pub store_commit: Vec<Duration>,
 }
 
 /// How much to measure.
@@ -464,6 +467,22 @@ pub fn run(plan: Plan) -> Figures {
             f.sync_data().expect("fsync");
             figures.fsync.push(t.elapsed());
         }
+        let _ = std::fs::remove_file(path);
+    }
+    // A commit of the embedded store there, one grant each.
+    {
+        let path = b.node.dir.path().join("commit-probe.redb");
+        let store = RedbStore::open(&path).expect("probe store");
+        let now = jit_agent::model::now_ms();
+        for i in 0..plan.samples.min(100) {
+            let (_, grant) = ended_pair(i, now);
+            let t = Instant::now();
+            store
+                .commit(Txn::put(Record::Grant(grant), 0))
+                .expect("probe commit");
+            figures.store_commit.push(t.elapsed());
+        }
+        drop(store);
         let _ = std::fs::remove_file(path);
     }
     // Warm up the connections and the agent.
