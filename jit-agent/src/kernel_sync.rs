@@ -114,6 +114,9 @@ pub struct KernelSync<S: Store> {
     wake: tokio::sync::Notify,
     /// A kernel write failed since the identity-grant counts were last checked.
     recount_due: AtomicBool,
+    /// Single-grant syncs (grants, revokes) waiting for the map lock: a reconciliation settling
+    /// in batches lets them in between its batches.
+    waiting: AtomicU64,
     /// The names behind the ids written so far (see `kernel_names`).
     names: Mutex<KernelNames>,
     /// Grants already reported as impossible to put in kernel form.
@@ -230,6 +233,7 @@ impl<S: Store> KernelSync<S> {
             failures: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             recount_due: AtomicBool::new(true),
+            waiting: AtomicU64::new(0),
             names: Mutex::new(KernelNames::default()),
             bad_grants: Mutex::new(BTreeSet::new()),
             ended_tx,
@@ -286,6 +290,7 @@ impl<S: Store> KernelSync<S> {
         let taken = maps.take_grant(key).inspect_err(|_| {
             // It may have failed between the entry and its service's count.
             self.recount_due.store(true, Ordering::Relaxed);
+            self.wake.notify_one();
         })?;
         match taken {
             Some(Some(e)) => self.report_ended(&e),
@@ -303,6 +308,7 @@ impl<S: Store> KernelSync<S> {
         let replaced = maps.put_grant(entry).inspect_err(|_| {
             // It may have failed between the entry and its service's count.
             self.recount_due.store(true, Ordering::Relaxed);
+            self.wake.notify_one();
         })?;
         if let Some(replaced) = replaced {
             self.report_ended(&replaced);
@@ -572,7 +578,9 @@ impl<S: Store> KernelSync<S> {
             }
         }
         self.recount_due.store(false, Ordering::Relaxed);
-        let fixed = maps.recount_identity_grants()?;
+        let fixed = maps.recount_identity_grants().inspect_err(|_| {
+            self.recount_due.store(true, Ordering::Relaxed);
+        })?;
         repairs.written += u64::from(fixed);
         Ok(repairs)
     }
@@ -657,6 +665,15 @@ impl<S: Store> KernelSync<S> {
         let mut repairs = Repairs::default();
         let now = now_ms();
         for batch in todo.chunks(BATCH) {
+            // A grant or a revoke waiting for the lock goes first (a mutex is not fair: the
+            // settling would take it back at once); bounded, so a stream of them cannot stall
+            // the settling for long.
+            for _ in 0..200 {
+                if self.waiting.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
             let mut maps = self.maps();
             for (key, was, want) in batch {
                 if !same_entry(maps.grant(key)?.as_ref(), was.as_ref()) {
@@ -683,7 +700,9 @@ impl<S: Store> KernelSync<S> {
         // The per-service counts of identity grants: every write keeps them, so they are
         // checked (a walk of the whole map under the lock) only after a write failed.
         if self.recount_due.swap(false, Ordering::Relaxed) {
-            let fixed = self.maps().recount_identity_grants()?;
+            let fixed = self.maps().recount_identity_grants().inspect_err(|_| {
+                self.recount_due.store(true, Ordering::Relaxed);
+            })?;
             repairs.written += u64::from(fixed);
         }
         Ok(repairs)
@@ -810,7 +829,9 @@ impl<S: Store> KernelSync<S> {
             .into_iter()
             .map(|s| grant_key(s, identity_id, service_id))
             .collect();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         let mut maps = self.maps();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
         // The grants behind these keys alone, through the store's index of open grants, and
         // the grant itself as stored now (found even when the index lags its record: one
         // written by an agent that does not keep the index, until it is repaired).
@@ -943,7 +964,14 @@ impl<S: Store> KernelSync<S> {
     /// read takes seconds, and grants and revokes must not wait for a status).
     pub fn kernel_grants(&self) -> Result<usize, SyncError> {
         let reader = self.maps().grants_reader()?;
-        Ok(reader.grants()?.len())
+        // A walk without the lock may meet a key twice (it starts over when its place is
+        // deleted): distinct keys.
+        let keys: BTreeSet<GrantKeyOrd> = reader
+            .grants()?
+            .iter()
+            .map(|e| GrantKeyOrd(e.key()))
+            .collect();
+        Ok(keys.len())
     }
 }
 

@@ -451,6 +451,24 @@ impl Gate {
         })?;
         // Where the new link is pinned: beside a pinned link that cannot be updated, first.
         let mut pin_at = pin_path.clone();
+        let beside = PathBuf::from(format!("{}.new", pin_path.display()));
+        if beside.exists() {
+            // An agent stopped between pinning a new link and moving it over the old pin: that
+            // link gates the device; it takes the old pin's place.
+            if self.replace_in_link(iface, mode, kind, &beside).is_ok() {
+                std::fs::rename(&beside, &pin_path).map_err(|source| DatapathError::Io {
+                    action: "moving the new link's pin over the old one",
+                    path: pin_path.clone(),
+                    source,
+                })?;
+                return Ok(pin_path);
+            }
+            std::fs::remove_file(&beside).map_err(|source| DatapathError::Io {
+                action: "removing a leftover pin",
+                path: beside.clone(),
+                source,
+            })?;
+        }
         if pin_path.exists() {
             match self.replace_in_link(iface, mode, kind, &pin_path) {
                 Ok(()) => return Ok(pin_path),
@@ -459,14 +477,7 @@ impl Gate {
                     // pin is replaced only once a new link is attached: a link that still gates
                     // the device is never given up for nothing (fail closed).
                     tracing::warn!("{e}; attaching a new link in its place");
-                    pin_at = PathBuf::from(format!("{}.new", pin_path.display()));
-                    if pin_at.exists() {
-                        std::fs::remove_file(&pin_at).map_err(|source| DatapathError::Io {
-                            action: "removing a leftover pin",
-                            path: pin_at.clone(),
-                            source,
-                        })?;
-                    }
+                    pin_at = beside;
                 }
             }
         }
@@ -881,7 +892,13 @@ pub fn attachments(pin_dir: &Path) -> Result<Vec<Attachment>> {
                 path: dir.clone(),
                 source,
             })?;
-            let iface = entry.file_name().to_string_lossy().replace(':', ".");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // A pin name never holds a '.' (an interface's is written as ':'): a link pinned
+            // beside another while it takes its place, not an interface of its own.
+            if name.contains('.') {
+                continue;
+            }
+            let iface = name.replace(':', ".");
             let info = PinnedLink::from_pin(entry.path())
                 .ok()
                 .and_then(|l| FdLink::from(l).info().ok());

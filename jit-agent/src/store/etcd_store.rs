@@ -82,6 +82,10 @@ pub struct EtcdStore {
     corrupt: Arc<Mutex<BTreeSet<String>>>,
     /// Numeric ids already known: an id, once allocated, never changes.
     ids: Mutex<HashMap<(u8, String), u32>>,
+    /// The indexes were checked against every record since this agent connected. Until then
+    /// lookups in the index of open grants read every open grant instead: records written
+    /// without their entries (by an earlier version) are never missed.
+    verified: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const REQUESTS: &str = "requests/";
@@ -251,6 +255,7 @@ impl EtcdStore {
             changes,
             corrupt: Arc::new(Mutex::new(BTreeSet::new())),
             ids: Mutex::new(HashMap::new()),
+            verified: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         // Fail now, not at the first request, when the cluster cannot be read; and learn the
         // revision the change stream starts after.
@@ -267,14 +272,24 @@ impl EtcdStore {
         })?;
         {
             let (mut kv, prefix) = (store.kv.clone(), store.opts.prefix.clone());
+            let verified = Arc::clone(&store.verified);
             store.runtime().spawn(async move {
-                match verify_indexes(&mut kv, &prefix).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!("store: repaired the indexes of {n} record(s)"),
-                    Err(e) => tracing::warn!(
-                        "store: checking the indexes failed ({e}); records written without them \
-                         (by an earlier version) are indexed as they change"
-                    ),
+                // Until it succeeds: lookups read every open grant meanwhile.
+                loop {
+                    match verify_indexes(&mut kv, &prefix).await {
+                        Ok(n) => {
+                            verified.store(true, std::sync::atomic::Ordering::Release);
+                            if n > 0 {
+                                tracing::info!("store: repaired the indexes of {n} record(s)");
+                            }
+                            return;
+                        }
+                        Err(e) => tracing::warn!(
+                            "store: checking the indexes failed ({e}); trying again in 30 s \
+                             (meanwhile lookups read every open grant)"
+                        ),
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
                 }
             });
         }
@@ -426,6 +441,11 @@ impl EtcdStore {
 
     /// The open grants the index of open grants finds for `lookup`.
     fn grants_by(&self, lookup: &super::GrantLookup) -> Result<Vec<Versioned<Grant>>, StoreError> {
+        if !self.verified.load(std::sync::atomic::Ordering::Acquire) {
+            let mut open: Vec<Versioned<Grant>> = self.through_index(OPEN_GRANTS, GRANTS)?;
+            open.retain(|g| super::answers(lookup, &g.value));
+            return Ok(open);
+        }
         let corrupt = Arc::clone(&self.corrupt);
         let (start, end) = lookup.range();
         let found = self.call(move |mut kv, prefix| {
