@@ -524,28 +524,12 @@ impl<S: Store> KernelSync<S> {
     /// Revoked and expired grants are never written back.
     pub fn resync(&self) -> Result<Repairs, SyncError> {
         let mut maps = self.maps();
-        let mut repairs = Repairs::default();
         // Every phase runs even when an earlier one fails (a full services map must not keep a
         // revoked grant in the kernel); the first error is returned after all have run.
         let services = self.sync_services_locked(&mut maps);
         let identities = self.sync_identities_locked(&mut maps);
         let grants = self.sync_grants_locked(&mut maps);
-        let mut first_error = None;
-        for phase in [services, identities, grants] {
-            match phase {
-                Ok(r) => {
-                    repairs.written += r.written;
-                    repairs.deleted += r.deleted;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(repairs),
-        }
+        all_phases([services, identities, grants])
     }
 
     /// Grants: the kernel holds exactly the store's grants that are live or yet to start (the
@@ -589,7 +573,6 @@ impl<S: Store> KernelSync<S> {
     /// identity bindings under the lock (a few entries), grants by [`Self::settle_grants`].
     /// What runs while the node serves: grants and revokes never wait for a full read.
     pub fn catch_up(&self) -> Result<Repairs, SyncError> {
-        let mut repairs = Repairs::default();
         let (services, identities) = {
             let mut maps = self.maps();
             (
@@ -598,22 +581,7 @@ impl<S: Store> KernelSync<S> {
             )
         };
         let grants = self.settle_grants();
-        let mut first_error = None;
-        for phase in [services, identities, grants] {
-            match phase {
-                Ok(r) => {
-                    repairs.written += r.written;
-                    repairs.deleted += r.deleted;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(repairs),
-        }
+        all_phases([services, identities, grants])
     }
 
     /// Grants, as [`Self::sync_grants_locked`] brings them in line, but with the kernel and then
@@ -994,6 +962,29 @@ impl PartialOrd for GrantKeyOrd {
 impl Ord for GrantKeyOrd {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.tuple().cmp(&other.tuple())
+    }
+}
+
+/// The repairs of phases that all ran, added up; the first error if any failed.
+fn all_phases<const N: usize>(
+    phases: [Result<Repairs, SyncError>; N],
+) -> Result<Repairs, SyncError> {
+    let mut repairs = Repairs::default();
+    let mut first_error = None;
+    for phase in phases {
+        match phase {
+            Ok(r) => {
+                repairs.written += r.written;
+                repairs.deleted += r.deleted;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(repairs),
     }
 }
 

@@ -386,6 +386,27 @@ fn an_undecodable_record_stops_no_other_grant() {
 /// read of the store).
 type Hook = Box<dyn FnOnce(&RedbStore) + Send>;
 
+/// A live, issued grant of `ci` for `web`, bound to `source`, for ten minutes from now.
+fn web_grant(id: &str, source: &str) -> Grant {
+    let now = jit_agent::model::now_ms();
+    Grant {
+        id: id.into(),
+        request_id: format!("req-{id}"),
+        identity: "spiffe://t.test/ci".into(),
+        service: "web".into(),
+        not_before_ms: now - 1_000,
+        expires_ms: now + 600_000,
+        state: GrantState::Active,
+        revoked_by: String::new(),
+        revoke_reason: String::new(),
+        ended_ms: 0,
+        extra_sources: vec![source.into()],
+        break_glass: false,
+        issued: true,
+        usage: None,
+    }
+}
+
 /// A store that runs a hook right after the next listing of open grants: what a revoke, or a
 /// grant's own sync, landing between a reconciliation's reads and its writes looks like, every
 /// time.
@@ -460,30 +481,13 @@ fn a_reconciliation_never_writes_back_a_grant_revoked_after_its_reads() {
         inner: RedbStore::open(&dir.path().join("s.redb")).expect("store"),
         hook: std::sync::Mutex::new(None),
     });
-    let now = jit_agent::model::now_ms();
-    let grant = move |id: &str, source: &str| Grant {
-        id: id.into(),
-        request_id: format!("req-{id}"),
-        identity: "spiffe://t.test/ci".into(),
-        service: "web".into(),
-        not_before_ms: now - 1_000,
-        expires_ms: now + 600_000,
-        state: GrantState::Active,
-        revoked_by: String::new(),
-        revoke_reason: String::new(),
-        ended_ms: 0,
-        extra_sources: vec![source.into()],
-        break_glass: false,
-        issued: true,
-        usage: None,
-    };
     let maps = GateMaps::open(gate.pin_dir()).expect("maps");
     let sync = KernelSync::new(Arc::clone(&store), Arc::clone(&cfg), maps);
     sync.resync().expect("services and bindings");
     // Stored while nothing follows the store: the kernel does not have them yet.
     for g in [
-        grant("grant-00000000000a", "10.7.1.1/32"),
-        grant("grant-00000000000b", "10.7.1.2/32"),
+        web_grant("grant-00000000000a", "10.7.1.1/32"),
+        web_grant("grant-00000000000b", "10.7.1.2/32"),
     ] {
         store.commit(Txn::put(Record::Grant(g), 0)).expect("commit");
     }
@@ -547,23 +551,7 @@ fn a_reconciliation_never_takes_a_grant_enforced_during_its_reads() {
     // Right after the reconciliation lists the store: a grant is stored, issued, and its own
     // sync writes its entry (what `Node::enforce` does).
     store.after_next_listing(move |s| {
-        let now = jit_agent::model::now_ms();
-        let g = Grant {
-            id: "grant-00000000000c".into(),
-            request_id: "req-c".into(),
-            identity: "spiffe://t.test/ci".into(),
-            service: "web".into(),
-            not_before_ms: now - 1_000,
-            expires_ms: now + 600_000,
-            state: GrantState::Active,
-            revoked_by: String::new(),
-            revoke_reason: String::new(),
-            ended_ms: 0,
-            extra_sources: vec!["10.7.2.1/32".into()],
-            break_glass: false,
-            issued: true,
-            usage: None,
-        };
+        let g = web_grant("grant-00000000000c", "10.7.2.1/32");
         s.commit(Txn::put(Record::Grant(g), 0)).expect("commit");
         let boot = boottime_ns().expect("clock");
         let mut maps = GateMaps::open(&pin_dir).expect("maps");

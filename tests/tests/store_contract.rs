@@ -877,6 +877,32 @@ fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
     assert_eq!(open[0].value.id, "req-downgrade");
 }
 
+/// Commits an open grant into the redb file at `path` as the binary before the index of open
+/// grants does: the record, its open entry, `revision` and `indexed_revision`, nothing else.
+fn write_as_before_the_grant_index(path: &std::path::Path, id: &str, revision: u64) {
+    let db = ::redb::Database::create(path).expect("redb");
+    let tx = db.begin_write().expect("write");
+    {
+        let mut t = tx
+            .open_table(::redb::TableDefinition::<&str, &[u8]>::new("grants"))
+            .expect("grants");
+        let mut g = grant(id);
+        g.expires_ms = i64::MAX / 2;
+        let body = serde_json::json!({ "value": g, "revision": revision });
+        t.insert(id, body.to_string().as_bytes()).expect("insert");
+        let mut open = tx
+            .open_table(::redb::TableDefinition::<&str, ()>::new("open_grants"))
+            .expect("open index");
+        open.insert(id, ()).expect("insert");
+        let mut meta = tx
+            .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
+            .expect("meta");
+        meta.insert("revision", revision).expect("revision");
+        meta.insert("indexed_revision", revision).expect("indexed");
+    }
+    tx.commit().expect("commit");
+}
+
 /// A redb file of the previous layout (open and closed records indexed, up to date, but no
 /// index of open grants) gets that index when it opens: its grants are found by lookup; and
 /// again after a rollback to that layout's binary wrote to it.
@@ -884,30 +910,7 @@ fn a_redb_file_from_before_the_indexes_is_indexed_on_open() {
 fn a_redb_file_from_before_the_grant_index_is_indexed_on_open() {
     let dir = TempDir::new("jit-store-");
     let path = dir.path().join("s.redb");
-    {
-        let db = ::redb::Database::create(&path).expect("redb");
-        let tx = db.begin_write().expect("write");
-        {
-            let mut t = tx
-                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("grants"))
-                .expect("grants");
-            let mut g = grant("grant-v1");
-            g.expires_ms = i64::MAX / 2;
-            let body = serde_json::json!({ "value": g, "revision": 3 });
-            t.insert("grant-v1", body.to_string().as_bytes())
-                .expect("insert");
-            let mut open = tx
-                .open_table(::redb::TableDefinition::<&str, ()>::new("open_grants"))
-                .expect("open index");
-            open.insert("grant-v1", ()).expect("insert");
-            let mut meta = tx
-                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
-                .expect("meta");
-            meta.insert("revision", 3).expect("revision");
-            meta.insert("indexed_revision", 3).expect("indexed");
-        }
-        tx.commit().expect("commit");
-    }
+    write_as_before_the_grant_index(&path, "grant-v1", 3);
     let s = RedbStore::open(&path).expect("open");
     let found = s
         .open_grants_by(&GrantLookup::Identity {
@@ -922,30 +925,7 @@ fn a_redb_file_from_before_the_grant_index_is_indexed_on_open() {
 
     // A rollback to that earlier binary commits a grant (its record, its open entry, the
     // revisions: nothing of the grant index), then this version opens the file again.
-    {
-        let db = ::redb::Database::create(&path).expect("redb");
-        let tx = db.begin_write().expect("write");
-        {
-            let mut t = tx
-                .open_table(::redb::TableDefinition::<&str, &[u8]>::new("grants"))
-                .expect("grants");
-            let mut g = grant("grant-rollback");
-            g.expires_ms = i64::MAX / 2;
-            let body = serde_json::json!({ "value": g, "revision": 9 });
-            t.insert("grant-rollback", body.to_string().as_bytes())
-                .expect("insert");
-            let mut open = tx
-                .open_table(::redb::TableDefinition::<&str, ()>::new("open_grants"))
-                .expect("open index");
-            open.insert("grant-rollback", ()).expect("insert");
-            let mut meta = tx
-                .open_table(::redb::TableDefinition::<&str, u64>::new("meta"))
-                .expect("meta");
-            meta.insert("revision", 9).expect("revision");
-            meta.insert("indexed_revision", 9).expect("indexed");
-        }
-        tx.commit().expect("commit");
-    }
+    write_as_before_the_grant_index(&path, "grant-rollback", 9);
     let s = RedbStore::open(&path).expect("open");
     let found = s
         .open_grants_by(&GrantLookup::Identity {
